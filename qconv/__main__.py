@@ -1,0 +1,5 @@
+"""Allow ``python -m qconv``."""
+
+from qconv.cli import main
+
+main()

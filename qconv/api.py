@@ -1,0 +1,192 @@
+"""The Python API behind every CLI command.
+
+Each function takes paths and plain options, does the work, and returns a result object with
+``to_dict()``; the CLI only parses flags and prints. Errors are :class:`qconv.errors.QconvError`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qconv.atomic import check_output
+from qconv.checkpoint import ModelSource, open_model
+from qconv.checkpoint.hf_writer import parse_dtype, parse_size, write_hf_checkpoint
+from qconv.errors import InvalidOption
+from qconv.progress import progress
+from qconv.textdata import load_text
+
+
+@dataclass
+class ConvertResult:
+    input: str
+    output: str
+    format: str
+    dtype: str | None
+    tensors: int
+    bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def convert(
+    src: Path | str,
+    out: Path | str,
+    dtype: str | None = None,
+    max_shard_size: str = "5GB",
+    force: bool = False,
+    quiet: bool = True,
+) -> ConvertResult:
+    """Convert a model (HF dir or GGUF) to an HF safetensors checkpoint directory."""
+    t0 = time.perf_counter()
+    torch_dtype = parse_dtype(dtype) if dtype else None
+    shard_bytes = parse_size(max_shard_size)
+    out = Path(out)
+    if out.suffix.lower() == ".gguf":
+        raise InvalidOption("GGUF export is not available yet: write an HF directory (no .gguf suffix)", out)
+    check_output(out, force)
+    with open_model(src) as source:
+        names = source.tensor_names()
+        with progress("converting", len(names), quiet) as advance:
+            write_hf_checkpoint(source, out, torch_dtype, shard_bytes, force, on_tensor=lambda _: advance())
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return ConvertResult(str(src), str(out), "safetensors", dtype, len(names), size, time.perf_counter() - t0)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu|cuda|auto`` -> torch.device, refusing cuda where there is none."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidOption("--device cuda: no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise InvalidOption(f"unknown device {device!r} (valid: cpu, cuda, auto)")
+    return torch.device(device)
+
+
+def load_runner(source: ModelSource, device: str = "auto", dtype: str = "f32") -> torch.nn.Module:
+    """The reference decoder for ``source`` on ``device``."""
+    from qconv.model.decoder import load_model
+
+    return load_model(source, device=resolve_device(device), dtype=parse_dtype(dtype))
+
+
+@dataclass
+class GenerateResult:
+    prompt: str
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    tokens_per_second: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def generate_text(
+    model_path: Path | str,
+    prompt: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool = False,
+    device: str = "auto",
+    dtype: str = "f32",
+    on_text: Callable[[str], None] | None = None,
+) -> GenerateResult:
+    """Generate a continuation of ``prompt``; ``on_text`` receives text as it is decoded."""
+    from qconv.model.generate import generate
+
+    if max_new_tokens < 1:
+        raise InvalidOption("--max-new-tokens must be at least 1")
+    with open_model(model_path) as source:
+        tok = source.tokenizer()
+        model = load_runner(source, device, dtype)
+    text_in = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+    ids = tok.encode(text_in, add_special_tokens=not chat)
+    if not ids:
+        raise InvalidOption("the prompt is empty and the tokenizer adds no BOS token: give a non-empty --prompt")
+    out: list[int] = []
+    shown = ""
+
+    def on_token(tid: int) -> None:
+        nonlocal shown
+        out.append(tid)
+        text = tok.decode(out)
+        if on_text and not text.endswith("\ufffd"):  # wait for complete UTF-8 sequences
+            on_text(text[len(shown):])
+            shown = text
+
+    t0 = time.perf_counter()
+    generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+             seed=seed, eos_ids=tuple(tok.eos_ids), on_token=on_token)
+    dt = time.perf_counter() - t0
+    return GenerateResult(prompt, tok.decode(out), len(ids), len(out), dt, len(out) / dt if dt else 0.0)
+
+
+def _eval_ids(source: ModelSource, text_path: Path | str, text_field: str, ctx: int,
+              max_windows: int | None) -> tuple[list[int], int]:
+    """Tokenize the evaluation text once; return the ids and the number of windows scored.
+
+    Validates ctx/max_windows against the text before any model is loaded.
+    """
+    from qconv.model.perplexity import windows
+
+    ids = source.tokenizer().encode(load_text(text_path, text_field))
+    return ids, len(windows(ids, ctx, max_windows))
+
+
+def perplexity(
+    model_path: Path | str,
+    text_path: Path | str,
+    ctx: int = 2048,
+    max_windows: int | None = None,
+    text_field: str = "text",
+    device: str = "auto",
+    dtype: str = "f32",
+    quiet: bool = True,
+) -> Any:
+    """GPTQ-protocol perplexity of a model on a text file."""
+    from qconv.model.perplexity import perplexity as ppl
+
+    with open_model(model_path) as source:
+        ids, n_windows = _eval_ids(source, text_path, text_field, ctx, max_windows)
+        model = load_runner(source, device, dtype)
+    with progress("perplexity", n_windows, quiet) as advance:
+        return ppl(model, ids, ctx=ctx, max_windows=max_windows, on_window=lambda *_: advance())
+
+
+def compare(
+    base_path: Path | str,
+    other_path: Path | str,
+    text_path: Path | str,
+    ctx: int = 2048,
+    max_windows: int | None = None,
+    text_field: str = "text",
+    device: str = "auto",
+    dtype: str = "f32",
+    quiet: bool = True,
+) -> Any:
+    """PPL of both models, KL(base||other), top-1 agreement and max |dlogit| on one text."""
+    from qconv.model.compare import compare as cmp
+
+    with open_model(base_path) as base_src, open_model(other_path) as other_src:
+        if base_src.config.vocab_size != other_src.config.vocab_size:
+            raise InvalidOption(
+                f"vocabularies differ ({base_src.config.vocab_size} vs {other_src.config.vocab_size} tokens)", other_path
+            )
+        ids, n_windows = _eval_ids(base_src, text_path, text_field, ctx, max_windows)
+        base = load_runner(base_src, device, dtype)
+        other = load_runner(other_src, device, dtype)
+    with progress("comparing", n_windows, quiet) as advance:
+        return cmp(base, other, ids, ctx=ctx, max_windows=max_windows, on_window=lambda *_: advance())

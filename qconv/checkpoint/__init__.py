@@ -1,0 +1,43 @@
+"""Checkpoint I/O: read any supported model file as a :class:`ModelSource`, write HF checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qconv.checkpoint.config import ModelConfig, load_config
+from qconv.checkpoint.source import ModelSource
+from qconv.errors import InputNotFound, InvalidOption
+
+GGUF_MAGIC = b"GGUF"
+
+__all__ = ["ModelConfig", "ModelSource", "load_config", "open_model", "is_gguf"]
+
+
+def is_gguf(path: Path) -> bool:
+    """True for a file that is (or claims to be, by suffix) GGUF."""
+    if path.suffix.lower() == ".gguf":
+        return True
+    with path.open("rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def open_model(path: Path | str) -> ModelSource:
+    """Open an HF checkpoint directory or a GGUF file, validating it against its config."""
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFound("no such file or directory", path)
+    if path.is_dir():
+        if not any(path.iterdir()):
+            raise InputNotFound("directory is empty", path)
+        from qconv.checkpoint.hf import HFSource
+
+        return HFSource(path)
+    if path.stat().st_size == 0:
+        raise InputNotFound("file is empty", path)
+    if is_gguf(path):
+        from qconv.checkpoint.gguf_source import GGUFSource
+
+        return GGUFSource(path)
+    if path.suffix == ".safetensors":
+        raise InvalidOption("pass the checkpoint directory (with config.json), not a .safetensors file", path)
+    raise InvalidOption("not a model: expected an HF checkpoint directory or a .gguf file", path)

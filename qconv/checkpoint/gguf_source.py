@@ -1,0 +1,197 @@
+"""GGUF import: a llama-arch (or qwen2) GGUF file seen as an HF checkpoint.
+
+Metadata becomes a :class:`ModelConfig`, ``blk.N.*`` names become HF names, every tensor
+type gguf-py can dequantize is dequantized to float32 on access (one tensor at a time, from
+gguf-py's memory map), and the Q/K row permutation that llama.cpp's converter applies for its
+interleaved RoPE is undone, so the result is exactly what transformers' GGUF loader builds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qconv.checkpoint.config import ModelConfig, RopeScaling
+from qconv.checkpoint.source import ModelSource
+from qconv.errors import CheckpointMismatch, CorruptFile, UnsupportedModel
+
+#: general.architecture values qconv imports -> HF model_type.
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+
+#: GGUF tensor name stem -> HF name stem (per layer part after ``blk.N.``).
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """HF tensor name for a GGUF tensor name, or None for tensors HF has no slot for
+    (``rope_freqs.weight`` is folded into the config instead)."""
+    m = _BLK.match(gguf_name)
+    if m:
+        stem = _LAYER_NAMES.get(m.group(2))
+        return f"model.layers.{m.group(1)}.{stem}.{m.group(3)}" if stem else None
+    stem, _, kind = gguf_name.rpartition(".")
+    return f"{_GLOBAL_NAMES[stem]}.{kind}" if stem in _GLOBAL_NAMES else None
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K permutation (pairs (2i, 2i+1) back to HF's rotate-half halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _f32(v: Any) -> float:
+    """GGUF stores floats as f32; print them as the decimal the model author wrote."""
+    return float(str(np.float32(v)))
+
+
+def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int) -> RopeScaling:
+    """Recover Llama-3 rope scaling parameters from a ``rope_freqs`` factor tensor.
+
+    GGUF stores the per-frequency factors, not the four parameters; we search the values
+    published checkpoints use and accept only an exact reproduction.
+    """
+    factor = float(factors.max())
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    for orig in (8192, 4096, 2048, 16384, 32768):
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
+            smooth = (orig / wavelen - low) / (high - low)
+            expect = np.where(
+                wavelen < orig / high, 1.0,
+                np.where(wavelen > orig / low, factor, 1.0 / ((1 - smooth) / factor + smooth)),
+            )
+            if np.allclose(expect, factors, rtol=1e-4):
+                return RopeScaling("llama3", factor, low, high, orig)
+    raise UnsupportedModel("rope_freqs.weight does not match any llama3 rope scaling qconv knows")
+
+
+class GGUFSource(ModelSource):
+    """A GGUF file, read through gguf-py's memory-mapped reader."""
+
+    format = "gguf"
+
+    def __init__(self, path: Path | str) -> None:
+        import gguf
+
+        self.path = Path(path)
+        try:
+            self.reader = gguf.GGUFReader(str(self.path))
+            self.meta: dict[str, Any] = {k: f.contents() for k, f in self.reader.fields.items()}
+        except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on bad files
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CorruptFile(f"not a readable GGUF file ({msg})", self.path) from None
+        self._tensors = {t.name: t for t in self.reader.tensors}
+        self.config = self._config()
+        self._names = self._validate()
+
+    def _key(self, key: str, default: Any = None) -> Any:
+        arch = self.meta["general.architecture"]
+        value = self.meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise CorruptFile(f"GGUF metadata key {arch}.{key} is missing", self.path)
+        return value
+
+    def _config(self) -> ModelConfig:
+        arch = self.meta.get("general.architecture")
+        if arch not in GGUF_ARCHS:
+            raise UnsupportedModel(
+                f"unsupported GGUF architecture {arch} (supported: {', '.join(GGUF_ARCHS)})", self.path
+            )
+        hidden, heads = int(self._key("embedding_length")), int(self._key("attention.head_count"))
+        head_dim = int(self.meta.get(f"{arch}.attention.key_length") or hidden // heads)
+        theta = _f32(self._key("rope.freq_base", 10000.0))
+        scaling = None
+        if "rope_freqs.weight" in self._tensors:
+            scaling = _llama3_scaling(self._array("rope_freqs.weight").astype(np.float64), theta, head_dim)
+        elif self.meta.get(f"{arch}.rope.scaling.type") == "linear":
+            scaling = RopeScaling("linear", _f32(self._key("rope.scaling.factor")))
+        embd = self._tensors.get("token_embd.weight")
+        if embd is None:
+            raise CheckpointMismatch("tensor token_embd.weight is missing", self.path)
+        tok_ids = {k: self.meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos")}
+        return ModelConfig(
+            model_type=GGUF_ARCHS[arch],
+            hidden_size=hidden,
+            intermediate_size=int(self._key("feed_forward_length")),
+            num_layers=int(self._key("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(self.meta.get(f"{arch}.attention.head_count_kv") or heads),
+            head_dim=head_dim,
+            vocab_size=int(embd.shape[1]),
+            rms_norm_eps=_f32(self._key("attention.layer_norm_rms_epsilon")),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(self._key("context_length", 2048)),
+            tie_word_embeddings="output.weight" not in self._tensors,
+            qkv_bias="blk.0.attn_q.bias" in self._tensors,
+            torch_dtype="float32",
+            bos_token_id=tok_ids["bos"],
+            eos_token_id=tok_ids["eos"],
+        )
+
+    def _validate(self) -> list[str]:
+        self._gguf_of = {h: g for g in self._tensors if (h := hf_name(g)) is not None}
+        expected = self.config.expected_shapes()
+        for name, shape in expected.items():
+            g = self._gguf_of.get(name)
+            if g is None:
+                raise CheckpointMismatch(f"tensor for {name} is missing", self.path)
+            actual = tuple(int(d) for d in reversed(self._tensors[g].shape.tolist()))
+            if actual != shape:
+                raise CheckpointMismatch(f"tensor {g} has shape {list(actual)}, metadata implies {list(shape)}", self.path)
+        return list(expected)
+
+    def _array(self, gguf_name: str) -> np.ndarray:
+        """Dequantized float32 array in numpy (HF) axis order."""
+        from gguf.quants import dequantize
+
+        t = self._tensors[gguf_name]
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        try:
+            w = np.ascontiguousarray(dequantize(t.data, t.tensor_type).reshape(shape), dtype=np.float32)
+            return w if w.flags.writeable else w.copy()  # F32 tensors come back as a read-only memmap view
+        except NotImplementedError:
+            raise UnsupportedModel(f"tensor {gguf_name}: type {t.tensor_type.name} cannot be dequantized", self.path) from None
+        except (ValueError, IndexError) as e:
+            raise CorruptFile(f"tensor {gguf_name} data is truncated or corrupt ({e})", self.path) from None
+
+    def tensor_names(self) -> list[str]:
+        return list(self._names)
+
+    def gguf_type_of(self, name: str) -> str:
+        """GGML type name (``Q4_1``, ``F32``, ...) of the tensor behind an HF name."""
+        return self._tensors[self._gguf_of[name]].tensor_type.name
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        w = self._array(self._gguf_of[name])
+        if self.config.model_type == "llama":
+            if ".q_proj." in name:
+                w = unpermute_rows(w, self.config.num_heads)
+            elif ".k_proj." in name:
+                w = unpermute_rows(w, self.config.num_kv_heads)
+        return torch.from_numpy(np.ascontiguousarray(w))
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        from qconv.checkpoint.gguf_vocab import tokenizer_files_from_gguf
+
+        return tokenizer_files_from_gguf(self.meta)
+
+    def close(self) -> None:
+        self._tensors.clear()

@@ -1,0 +1,57 @@
+"""ModelSource: the one interface every reader (HF safetensors, GGUF) offers.
+
+Consumers (runner, writers, the quantization pipeline) see HF tensor names and torch tensors,
+whatever the file format. Access is lazy and per tensor, so a pipeline can hold one decoder
+layer at a time; :meth:`ModelSource.layer` is the unit that pipeline streams.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+from qconv.checkpoint.config import ModelConfig
+from qconv.checkpoint.tokenizer import Tokenizer
+
+
+class ModelSource(ABC):
+    """A readable model checkpoint. Subclasses: :class:`~qconv.checkpoint.hf.HFSource`,
+    :class:`~qconv.checkpoint.gguf_source.GGUFSource`."""
+
+    path: Path
+    config: ModelConfig
+    #: Format tag for messages and ``inspect``: "safetensors" or "gguf".
+    format: str
+
+    @abstractmethod
+    def tensor_names(self) -> list[str]:
+        """HF names of every tensor, in checkpoint order."""
+
+    @abstractmethod
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """One tensor by HF name, materialized (dequantized for GGUF) in its natural dtype."""
+
+    @abstractmethod
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """HF tokenizer side files (``tokenizer.json``, ``tokenizer_config.json``, ...)."""
+
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer; raises MissingTokenizer if it has none."""
+        return Tokenizer.from_files(self.tokenizer_files(), self.path)
+
+    def layer(self, index: int) -> dict[str, torch.Tensor]:
+        """All tensors of decoder layer ``index``, keyed by the name inside the layer
+        (``self_attn.q_proj.weight``)."""
+        prefix = f"model.layers.{index}."
+        return {n[len(prefix):]: self.get_tensor(n) for n in self.tensor_names() if n.startswith(prefix)}
+
+    def close(self) -> None:
+        """Release file handles/maps. Safe to call twice."""
+
+    def __enter__(self) -> "ModelSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

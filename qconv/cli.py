@@ -1,0 +1,234 @@
+"""The ``qconv`` command line: parse flags, call :mod:`qconv.api`, print.
+
+Contract for scripts: exit 0 on success, 2 on bad input or usage, 1 on an internal failure,
+130 when interrupted; ``--json`` prints exactly one JSON object on stdout; progress bars go to
+stderr and only when it is a terminal; nothing ever prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from qconv import __version__
+from qconv.errors import InvalidOption, QconvError
+
+app = typer.Typer(
+    name="qconv",
+    help="Quantize and convert large language models (HF safetensors, GGUF) and check them with a reference runner.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+JsonOpt = typer.Option(False, "--json", help="Print one machine-readable JSON object on stdout.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or informational output.")
+ForceOpt = typer.Option(False, "--force", "-f", help="Overwrite the output if it exists.")
+DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
+DtypeOpt = typer.Option("f32", "--dtype", help="Compute dtype of the runner: f32, f16 or bf16.")
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"qconv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """qconv: quantize and convert LLMs."""
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="Input model: HF checkpoint directory or .gguf file."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output HF checkpoint directory."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Re-type weights: f32, f16 or bf16 (default: keep)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB."),
+    force: bool = ForceOpt,
+    json_out: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Change a model's format or dtype without quantizing.
+
+    Examples:
+
+      qconv convert SmolLM2.Q4_1.gguf -o smollm2-hf          # GGUF -> HF (dequantized f32)
+
+      qconv convert model-dir -o model-bf16 --dtype bf16 --max-shard-size 2GB
+    """
+    from qconv import api
+
+    result = api.convert(src, output, dtype=dtype, max_shard_size=max_shard_size, force=force, quiet=quiet or json_out)
+    if json_out:
+        _print_json(result.to_dict())
+    elif not quiet:
+        _console().print(
+            f"wrote [bold]{result.output}[/] ({result.tensors} tensors, {result.bytes / 1e6:.1f} MB) in {result.seconds:.1f}s"
+        )
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="HF checkpoint directory, .safetensors or .gguf file."),
+    json_out: bool = JsonOpt,
+    tensors: bool = typer.Option(False, "--tensors", help="List every tensor (default: a summary by type)."),
+) -> None:
+    """Show architecture, parameter count, tensor types and bits per weight.
+
+    Examples:
+
+      qconv inspect model.gguf
+
+      qconv inspect model-dir --json | jq .bits_per_weight
+    """
+    from qconv.inspect import inspect_model
+
+    info = inspect_model(path)
+    if json_out:
+        _print_json(info.to_dict())
+        return
+    from rich.table import Table
+
+    console = _console()
+    console.print(
+        f"[bold]{info.path}[/]  format={info.format}  architecture={info.architecture}  "
+        f"parameters={info.parameters:,}  size={info.file_size:,} B  bits/weight={info.bits_per_weight:.3f}"
+    )
+    table = Table("tensor" if tensors else "type", "shape" if tensors else "parameters", "dtype" if tensors else "share")
+    if tensors:
+        for t in info.tensors:
+            table.add_row(t.name, "x".join(map(str, t.shape)), t.dtype)
+    else:
+        for dtype, n in sorted(info.dtype_counts().items(), key=lambda kv: -kv[1]):
+            table.add_row(dtype, f"{n:,}", f"{100 * n / max(info.parameters, 1):.1f}%")
+    console.print(table)
+
+
+@app.command()
+def run(
+    model: Path = typer.Argument(..., help="Model: HF checkpoint directory or .gguf file."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Generate a continuation of this text."),
+    ppl: Optional[Path] = typer.Option(None, "--ppl", help="Measure perplexity on this text file (txt/json/jsonl/parquet)."),
+    compare: Optional[Path] = typer.Option(None, "--compare", help="Compare MODEL (base) with this model on --text."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text file for --compare."),
+    text_field: str = typer.Option("text", "--text-field", help="Field holding the text in json/jsonl/parquet files."),
+    ctx: int = typer.Option(2048, "--ctx", help="Window length in tokens for --ppl/--compare."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Evaluate only the first N windows."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    json_out: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """The reference runner: generate text, measure perplexity, or compare two models.
+
+    Examples:
+
+      qconv run model-dir --prompt "The capital of France is" -n 16
+
+      qconv run model-dir --ppl wikitext-2-raw-test.txt --ctx 2048 --max-windows 20 --json
+
+      qconv run model-dir --compare model-q4.gguf --text wikitext-2-raw-test.txt
+    """
+    from qconv import api
+
+    modes = [m for m, v in (("--prompt", prompt), ("--ppl", ppl), ("--compare", compare)) if v is not None]
+    if len(modes) != 1:
+        raise InvalidOption("give exactly one of --prompt, --ppl, --compare")
+    quiet_work = quiet or json_out
+    if prompt is not None:
+        stream = None if quiet_work else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        if stream:
+            stream(prompt)
+        g = api.generate_text(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, device, dtype, stream)
+        if json_out:
+            _print_json(g.to_dict())
+        elif quiet:
+            sys.stdout.write(g.text + "\n")
+        else:
+            sys.stdout.write("\n")
+            _console().print(f"[dim]{g.new_tokens} tokens, {g.tokens_per_second:.1f} tok/s[/]", highlight=False)
+        return
+    if ppl is not None:
+        r = api.perplexity(model, ppl, ctx, max_windows, text_field, device, dtype, quiet_work)
+        if json_out:
+            _print_json(r.to_dict())
+        else:
+            sys.stdout.write(f"perplexity {r.ppl:.4f} over {r.n_tokens} tokens ({r.n_windows} windows of {ctx})\n")
+        return
+    if text is None:
+        raise InvalidOption("--compare needs --text FILE")
+    c = api.compare(model, compare, text, ctx, max_windows, text_field, device, dtype, quiet_work)
+    if json_out:
+        _print_json(c.to_dict())
+        return
+    from rich.table import Table
+
+    table = Table("metric", "value")
+    for k, v in c.to_dict().items():
+        table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    _console().print(table)
+
+
+_interrupted = False
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """SIGINT/SIGTERM: unwind (so atomic outputs are cleaned up), then exit 130."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app and map every outcome to an exit code.
+
+    Typer's standalone mode handles usage errors (exit 2) and --help; our errors and
+    interrupts are mapped here.
+    """
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        app(args=argv, prog_name="qconv")
+    except QconvError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(e.exit_code)
+    except SystemExit as e:
+        if _interrupted:
+            sys.stderr.write("error: interrupted\n")
+            sys.exit(130)
+        raise
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)
+    except Exception as e:  # anything else is our bug: say so in one line, traceback on request
+        if os.environ.get("QCONV_DEBUG"):
+            raise
+        sys.stderr.write(f"internal error: {type(e).__name__}: {e} (set QCONV_DEBUG=1 for a traceback)\n")
+        sys.exit(1)

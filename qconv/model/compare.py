@@ -1,0 +1,73 @@
+"""How far a converted/quantized model drifts from its base, token by token.
+
+Perplexity alone hides drift that happens to cancel out; KL(base‖other) over the full
+next-token distribution and top-1 agreement show it. Both models see the same GPTQ-protocol
+windows as :func:`qconv.model.perplexity.perplexity`, so the two perplexities reported here
+equal what that function gives for each model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from qconv.model.decoder import Transformer
+from qconv.model.perplexity import WindowCallback, nll_sum, score_window, windows
+
+
+@dataclass
+class CompareResult:
+    ppl_base: float
+    ppl_other: float
+    kl_mean: float
+    top1_agreement: float
+    max_abs_dlogit: float
+    n_tokens: int
+    n_windows: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def compare(
+    base: Transformer,
+    other: Transformer,
+    ids: list[int],
+    ctx: int = 2048,
+    max_windows: int | None = None,
+    on_window: WindowCallback | None = None,
+) -> CompareResult:
+    """Score ``other`` against ``base`` on the token stream ``ids``.
+
+    The models may sit on different devices; ``other``'s logits are moved to ``base``'s.
+    """
+    chunks = windows(ids, ctx, max_windows)
+    nll_base = nll_other = kl_sum = 0.0
+    agree = 0
+    max_dlogit = 0.0
+    for i, window in enumerate(chunks):
+        logits_base, targets = score_window(base, window)
+        logits_other = score_window(other, window)[0].to(logits_base.device)
+        lp_base, lp_other = logits_base.log_softmax(-1), logits_other.log_softmax(-1)
+        nll_base += nll_sum(lp_base, targets)
+        nll_other += nll_sum(lp_other, targets)
+        kl_per_token = (lp_base.exp() * (lp_base - lp_other)).sum(-1)
+        kl_sum += kl_per_token.double().sum().item()
+        agree += int((logits_base.argmax(-1) == logits_other.argmax(-1)).sum())
+        max_dlogit = max(max_dlogit, (logits_base - logits_other).abs().max().item())
+        if on_window is not None:
+            on_window(i + 1, len(chunks))
+    n = len(chunks) * (ctx - 1)
+    return CompareResult(
+        ppl_base=math.exp(nll_base / n),
+        ppl_other=math.exp(nll_other / n),
+        kl_mean=kl_sum / n,
+        top1_agreement=agree / n,
+        max_abs_dlogit=max_dlogit,
+        n_tokens=n,
+        n_windows=len(chunks),
+    )

@@ -1,0 +1,202 @@
+"""The reference runner's model: a plain-torch Llama/Mistral/Qwen2 decoder.
+
+It exists so qconv can measure what quantization did (perplexity, KL, generation) without
+depending on transformers at runtime, and so every input format (HF safetensors, GGUF,
+dequantized qconv outputs) runs through one small, readable implementation. Numerics follow
+transformers exactly where it matters for comparisons: RMSNorm in float32, RoPE inverse
+frequencies computed the same way (default, linear, llama3), HF's rotate_half layout.
+
+Module and parameter names mirror the HF checkpoint names minus the ``model.`` prefix, so
+:func:`load_model` is a direct name-for-name copy from any :class:`ModelSource`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qconv.checkpoint.config import ModelConfig
+from qconv.checkpoint.source import ModelSource
+from qconv.model.kv_cache import KVCache, causal_attention
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies ``[head_dim / 2]`` in float32, as transformers computes them.
+
+    Built on CPU explicitly so a model constructed on the meta device still gets real values.
+    """
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly between.
+    old_ctx = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_ctx / scaling.low_freq_factor
+    high_freq_wavelen = old_ctx / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_ctx / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF's RoPE pairing: dimension ``i`` rotates with ``i + D/2`` (not interleaved pairs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, H, T, D]`` by the per-position angles in ``cos``/``sin`` ``[T, D]``."""
+    return x * cos + rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back before the weight, as transformers does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention; past keys/values live in (and are attended by) the cache."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        h, q_out, kv_out = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(h, q_out, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, kv_out, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, kv_out, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_out, h, bias=config.o_bias)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            out = causal_attention(q, k, v)
+        else:
+            out = cache.attend(self.layer_idx, q, k, v, start_pos)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM for the Llama / Mistral / Qwen2 family, built from a :class:`ModelConfig`.
+
+    With tied embeddings there is no ``lm_head`` module: the output projection reads
+    ``embed_tokens.weight`` directly, so the tie survives weight loading by assignment.
+    ``inv_freq`` stays float32; :func:`load_model` never casts it to the weight dtype.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """Logits ``[B, T, V]`` (float32) for ``tokens`` ``[B, T]`` at positions ``start_pos..start_pos+T``.
+
+        Without a cache the T tokens attend only to each other; with one they also see the
+        ``start_pos`` positions already stored in it, and their keys/values are added to it.
+        """
+        positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
+        x = self.embed_tokens(tokens)
+        angles = positions.float()[:, None] * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, start_pos)
+        out_weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(x), out_weight).float()
+
+
+def load_model(
+    source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Transformer:
+    """Build a :class:`Transformer` from any model source, one decoder layer at a time.
+
+    The model is created on the meta device (no random init, no second copy of the weights)
+    and each parameter is replaced by the source tensor of the same HF name, converted to
+    ``dtype`` on ``device``. Anything that can serve HF-named tensors (a dequantizing reader,
+    an in-memory pipeline) feeds the runner through this one path.
+    """
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(source.config)
+
+    def assign(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        converted = {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
+        module.load_state_dict(converted, strict=True, assign=True)
+
+    assign(model.embed_tokens, {"weight": source.get_tensor("model.embed_tokens.weight")})
+    for i, layer in enumerate(model.layers):
+        assign(layer, source.layer(i))
+    assign(model.norm, {"weight": source.get_tensor("model.norm.weight")})
+    if model.lm_head is not None:
+        assign(model.lm_head, {"weight": source.get_tensor("lm_head.weight")})
+    return model.to(device).requires_grad_(False).eval()

@@ -1,0 +1,83 @@
+"""KV caches: where attention over past tokens happens during generation.
+
+The decoder never reads cached keys/values itself; it hands each layer's new ``k``/``v`` and
+its queries to :meth:`KVCache.attend`. That keeps the storage format private to the cache, so
+a quantized cache (int8, KIVI's packed 2/4-bit keys per channel and values per token with a
+full-precision residual window) can store however it likes and dequantize per block, or run a
+fused kernel, without the decoder knowing. :func:`causal_attention` is the shared math every
+cache ends in once it has full-precision keys and values.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+
+from qconv.checkpoint.config import ModelConfig
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention where the ``Tq`` queries are the last ``Tq`` of the ``Tk`` key positions.
+
+    Shapes: q ``[B, H, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` -> ``[B, H, Tq, D]``. KV heads are
+    repeated in HF's order (query head ``h`` uses kv head ``h // (H // Hkv)``).
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    tq, tk = q.shape[2], k.shape[2]
+    mask = None
+    if 1 < tq < tk:
+        # A chunk appended after cached history: SDPA's is_causal aligns the triangle top-left,
+        # which is wrong here, so each query sees all history plus the chunk up to itself.
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=tq > 1 and tq == tk)
+
+
+class KVCache(ABC):
+    """Per-layer key/value memory for incremental decoding, holding up to ``max_len`` positions."""
+
+    max_len: int
+
+    @abstractmethod
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int
+    ) -> torch.Tensor:
+        """Store ``k``/``v`` (``[B, Hkv, T, D]``, RoPE applied) at positions ``start_pos..start_pos+T``
+        of ``layer`` and return the causal attention of ``q`` (``[B, H, T, D]``) over positions
+        ``0..start_pos+T``."""
+
+    def _check_room(self, start_pos: int, length: int) -> int:
+        """End position of a write, or a clear error instead of a silent out-of-bounds slice."""
+        end = start_pos + length
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, write would end at {end}")
+        return end
+
+
+class FpKVCache(KVCache):
+    """Preallocated full-precision cache: one ``[B, Hkv, max_len, D]`` buffer per layer for k and v."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.max_len = max_len
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int
+    ) -> torch.Tensor:
+        end = self._check_room(start_pos, k.shape[2])
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end])

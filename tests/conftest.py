@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random HF checkpoints covering the architecture variants qconv supports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_ARCHS = ("llama", "mistral", "qwen2")
+
+
+def tiny_hf_config(arch: str, **overrides: object):
+    """A tiny transformers config for ``arch`` (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 300).
+
+    Each architecture exercises a different variant: llama has llama3 RoPE scaling and untied
+    embeddings, mistral a head_dim override (32 != 64 / 4) and tied embeddings, qwen2 q/k/v bias.
+    """
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if arch == "llama":
+        # original_max_position_embeddings=64 puts head_dim 16's frequencies in all three llama3
+        # bands (kept, smoothed, divided by factor).
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        kwargs = dict(common, rope_scaling=rope, rope_theta=10000.0, tie_word_embeddings=False)
+        return LlamaConfig(**{**kwargs, **overrides})
+    if arch == "mistral":
+        kwargs = dict(common, head_dim=32, tie_word_embeddings=True, sliding_window=None, rope_theta=1e6)
+        return MistralConfig(**{**kwargs, **overrides})
+    if arch == "qwen2":
+        kwargs = dict(common, tie_word_embeddings=False, rope_theta=1e6)
+        return Qwen2Config(**{**kwargs, **overrides})
+    raise ValueError(arch)
+
+
+def build_tiny_hf_model(arch: str, seed: int = 0, **overrides: object):
+    """A seeded random float32 model; every parameter (biases and norms too) is randomized so no
+    code path can pass by multiplying by a default one or adding a default zero."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(arch, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model_builder():
+    """:func:`build_tiny_hf_model`, for tests that need a variant ``tiny_model_dir`` lacks."""
+    return build_tiny_hf_model
+
+
+@pytest.fixture(scope="session", params=TINY_ARCHS)
+def tiny_model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An HF safetensors checkpoint directory (float32, no tokenizer) of a tiny random model."""
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    build_tiny_hf_model(request.param).save_pretrained(path)
+    return path

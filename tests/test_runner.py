@@ -1,0 +1,158 @@
+"""The reference runner against transformers on tiny random checkpoints of every supported family."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from qconv.checkpoint import open_model
+from qconv.errors import InvalidOption
+from qconv.model.compare import compare
+from qconv.model.decoder import Transformer, load_model
+from qconv.model.generate import generate
+from qconv.model.kv_cache import FpKVCache
+from qconv.model.perplexity import perplexity, windows
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 300
+CTX = 32
+
+
+def random_ids(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_dir: Path) -> Transformer:
+    with open_model(tiny_model_dir) as source:
+        return load_model(source)
+
+
+@torch.no_grad()
+def test_rope_inv_freq_matches_transformers(runner: Transformer, hf_model) -> None:
+    torch.testing.assert_close(runner.inv_freq, hf_model.model.rotary_emb.inv_freq, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_full_sequence_logits_match_transformers(runner: Transformer, hf_model) -> None:
+    tokens = random_ids(2 * 40).view(2, 40)
+    diff = (runner(tokens) - hf_model(tokens).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+@torch.no_grad()
+def test_cached_prefill_and_decode_match_transformers(runner: Transformer, hf_model) -> None:
+    tokens = random_ids(40)[None]
+    expected = hf_model(tokens).logits
+    cache = FpKVCache(runner.config, 1, 40)
+    # Prefill 30, a 3-token chunk after history (the explicit-mask path), then single tokens.
+    pieces = [(0, 30), (30, 33)] + [(p, p + 1) for p in range(33, 40)]
+    got = torch.cat([runner(tokens[:, a:b], cache, a) for a, b in pieces], dim=1)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_cache_overflow_is_an_error(runner: Transformer) -> None:
+    cache = FpKVCache(runner.config, 1, 8)
+    with pytest.raises(ValueError, match="holds 8 positions"):
+        runner(random_ids(9)[None], cache, 0)
+
+
+def test_greedy_generation_matches_transformers(runner: Transformer, hf_model) -> None:
+    prompt = random_ids(7, seed=3).tolist()
+    # An EOS id outside the vocabulary so neither side stops early.
+    hf_out = hf_model.generate(
+        torch.tensor([prompt]), do_sample=False, max_new_tokens=20, eos_token_id=VOCAB, pad_token_id=0
+    )[0, len(prompt):].tolist()
+    streamed: list[int] = []
+    ours = generate(runner, prompt, 20, on_token=streamed.append)
+    assert ours == hf_out
+    assert streamed == ours and len(ours) == 20
+
+
+def test_generation_stops_at_eos(runner: Transformer) -> None:
+    prompt = random_ids(7, seed=3).tolist()
+    greedy = generate(runner, prompt, 10)
+    eos = greedy[4]
+    assert generate(runner, prompt, 10, eos_ids=[eos]) == greedy[: greedy.index(eos) + 1]
+
+
+def test_sampling_is_seeded(runner: Transformer) -> None:
+    prompt = random_ids(5, seed=4).tolist()
+    first = generate(runner, prompt, 12, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    assert generate(runner, prompt, 12, temperature=1.0, top_k=50, top_p=0.9, seed=7) == first
+    assert generate(runner, prompt, 12, temperature=1.0, seed=8) != first
+    # top_k=1 leaves only the argmax, whatever the temperature.
+    assert generate(runner, prompt, 12, temperature=2.0, top_k=1, seed=9) == generate(runner, prompt, 12)
+
+
+@torch.no_grad()
+def test_perplexity_matches_transformers(runner: Transformer, hf_model) -> None:
+    ids = random_ids(3 * CTX + 11).tolist()  # the trailing 11 tokens are dropped
+    result = perplexity(runner, ids, ctx=CTX)
+    nll = 0.0
+    for i in range(3):
+        window = torch.tensor(ids[i * CTX : (i + 1) * CTX])[None]
+        logits = hf_model(window).logits[0, :-1]
+        nll += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").double().item()
+    expected = math.exp(nll / (3 * (CTX - 1)))
+    assert (result.n_windows, result.n_tokens) == (3, 3 * (CTX - 1))
+    assert abs(result.ppl - expected) / expected <= 1e-5
+    assert result.to_dict()["ppl"] == result.ppl
+
+
+def test_perplexity_window_limits(runner: Transformer) -> None:
+    ids = random_ids(3 * CTX).tolist()
+    seen: list[tuple[int, int]] = []
+    result = perplexity(runner, ids, ctx=CTX, max_windows=2, on_window=lambda d, t: seen.append((d, t)))
+    assert result.n_windows == 2 and seen == [(1, 2), (2, 2)]
+    with pytest.raises(InvalidOption, match="fewer than one window"):
+        perplexity(runner, ids[: CTX - 1], ctx=CTX)
+
+
+def test_windows_drop_partial_tail() -> None:
+    w = windows(list(range(10)), ctx=4)
+    assert w.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_compare_with_itself_is_exact(runner: Transformer) -> None:
+    ids = random_ids(2 * CTX).tolist()
+    result = compare(runner, runner, ids, ctx=CTX)
+    assert result.kl_mean == 0.0
+    assert result.top1_agreement == 1.0
+    assert result.max_abs_dlogit == 0.0
+    assert result.ppl_base == result.ppl_other == perplexity(runner, ids, ctx=CTX).ppl
+    assert result.n_tokens == 2 * (CTX - 1)
+
+
+def test_compare_detects_perturbation(runner: Transformer, tiny_model_dir: Path) -> None:
+    with open_model(tiny_model_dir) as source:
+        other = load_model(source)
+    with torch.no_grad():
+        w = other.layers[0].mlp.down_proj.weight
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    ids = random_ids(2 * CTX).tolist()
+    result = compare(runner, other, ids, ctx=CTX)
+    assert result.kl_mean > 0.0 and result.max_abs_dlogit > 0.0
+    assert result.ppl_base == perplexity(runner, ids, ctx=CTX).ppl
+    assert result.ppl_other == pytest.approx(perplexity(other, ids, ctx=CTX).ppl, rel=1e-12)
+
+
+@torch.no_grad()
+def test_linear_rope_scaling_and_attention_bias(tmp_path: Path, tiny_hf_model_builder) -> None:
+    """Variants no shared fixture covers: linear RoPE scaling and Llama's attention_bias (o_proj bias)."""
+    hf = tiny_hf_model_builder("llama", rope_scaling={"rope_type": "linear", "factor": 4.0}, attention_bias=True)
+    hf.save_pretrained(tmp_path)
+    with open_model(tmp_path) as source:
+        assert source.config.o_bias
+        model = load_model(source)
+    tokens = random_ids(40)[None]
+    assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
