@@ -16,7 +16,7 @@ import torch
 
 from qconv import api
 from qconv.checkpoint import open_model
-from qconv.checkpoint.gguf_source import unpermute_rows
+from qconv.checkpoint.gguf_names import permute_rows, unpermute_rows
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "stories260K.gguf"
 needs_stories = pytest.mark.skipif(not STORIES.is_file(), reason="../shared/data/stories260K.gguf not present")
@@ -30,11 +30,6 @@ def _transformers_gguf(directory: Path, name: str) -> torch.nn.Module:
     if cfg.pad_token_id is not None and cfg.pad_token_id >= cfg.vocab_size:
         cfg.pad_token_id = None
     return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, config=cfg, dtype=torch.float32).eval()
-
-
-def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp converter's Q/K permutation (the inverse of qconv's unpermute_rows)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_gguf(path: Path, model: torch.nn.Module, arch: str, qtype: gguf.GGMLQuantizationType) -> None:

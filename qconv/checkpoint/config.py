@@ -37,6 +37,18 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
 
+    def llama3_factors(self, theta: float, head_dim: int) -> "np.ndarray":
+        """Per-frequency divisors of Llama 3 scaling (what GGUF stores as ``rope_freqs.weight``):
+        1 for high frequencies, ``factor`` for low ones, a smooth blend between."""
+        import numpy as np
+
+        inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        wavelen = 2 * np.pi / inv_freq
+        orig, low, high = self.original_max_position_embeddings, self.low_freq_factor, self.high_freq_factor
+        smooth = (orig / wavelen - low) / (high - low)
+        blended = 1.0 / ((1 - smooth) / self.factor + smooth)
+        return np.where(wavelen < orig / high, 1.0, np.where(wavelen > orig / low, self.factor, blended))
+
     def to_hf(self) -> dict[str, Any]:
         """The ``rope_scaling`` dict transformers reads."""
         d: dict[str, Any] = {"rope_type": self.rope_type, "factor": self.factor}

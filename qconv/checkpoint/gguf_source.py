@@ -8,8 +8,6 @@ interleaved RoPE is undone, so the result is exactly what transformers' GGUF loa
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,44 +15,12 @@ import numpy as np
 import torch
 
 from qconv.checkpoint.config import ModelConfig, RopeScaling
+from qconv.checkpoint.gguf_names import hf_name, qk_heads, unpermute_rows
 from qconv.checkpoint.source import ModelSource
 from qconv.errors import CheckpointMismatch, CorruptFile, UnsupportedModel
 
 #: general.architecture values qconv imports -> HF model_type.
 GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
-
-#: GGUF tensor name stem -> HF name stem (per layer part after ``blk.N.``).
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
-
-
-def hf_name(gguf_name: str) -> str | None:
-    """HF tensor name for a GGUF tensor name, or None for tensors HF has no slot for
-    (``rope_freqs.weight`` is folded into the config instead)."""
-    m = _BLK.match(gguf_name)
-    if m:
-        stem = _LAYER_NAMES.get(m.group(2))
-        return f"model.layers.{m.group(1)}.{stem}.{m.group(3)}" if stem else None
-    stem, _, kind = gguf_name.rpartition(".")
-    return f"{_GLOBAL_NAMES[stem]}.{kind}" if stem in _GLOBAL_NAMES else None
-
-
-def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K permutation (pairs (2i, 2i+1) back to HF's rotate-half halves)."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
 
 def _f32(v: Any) -> float:
     """GGUF stores floats as f32; print them as the decimal the model author wrote."""
@@ -64,21 +30,15 @@ def _f32(v: Any) -> float:
 def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int) -> RopeScaling:
     """Recover Llama-3 rope scaling parameters from a ``rope_freqs`` factor tensor.
 
-    GGUF stores the per-frequency factors, not the four parameters; we search the values
-    published checkpoints use and accept only an exact reproduction.
+    GGUF stores the per-frequency factors, not the four parameters; we try the values
+    published checkpoints use and accept only one that reproduces the tensor.
     """
     factor = float(factors.max())
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * math.pi / inv_freq
     for orig in (8192, 4096, 2048, 16384, 32768):
         for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
-            smooth = (orig / wavelen - low) / (high - low)
-            expect = np.where(
-                wavelen < orig / high, 1.0,
-                np.where(wavelen > orig / low, factor, 1.0 / ((1 - smooth) / factor + smooth)),
-            )
-            if np.allclose(expect, factors, rtol=1e-4):
-                return RopeScaling("llama3", factor, low, high, orig)
+            candidate = RopeScaling("llama3", factor, low, high, orig)
+            if np.allclose(candidate.llama3_factors(theta, head_dim), factors, rtol=1e-4):
+                return candidate
     raise UnsupportedModel("rope_freqs.weight does not match any llama3 rope scaling qconv knows")
 
 
@@ -181,11 +141,9 @@ class GGUFSource(ModelSource):
 
     def get_tensor(self, name: str) -> torch.Tensor:
         w = self._array(self._gguf_of[name])
-        if self.config.model_type == "llama":
-            if ".q_proj." in name:
-                w = unpermute_rows(w, self.config.num_heads)
-            elif ".k_proj." in name:
-                w = unpermute_rows(w, self.config.num_kv_heads)
+        heads = qk_heads(name, self.config.num_heads, self.config.num_kv_heads)
+        if heads and self.config.model_type == "llama":
+            w = unpermute_rows(w, heads)
         return torch.from_numpy(np.ascontiguousarray(w))
 
     def tokenizer_files(self) -> dict[str, bytes]:
