@@ -1,0 +1,1 @@
+"""Quantization algorithms used by qconv (pure array-in / array-out functions, no I/O)."""

@@ -1,0 +1,176 @@
+"""The 32-element "legacy" ggml types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
+
+Reproduces ``quantize_row_{q8_0,q4_0,q4_1,q5_0,q5_1}_ref`` from llama.cpp's ggml-quants.c (the
+path ``ggml_quantize_chunk`` takes without an importance matrix; ``quantize_q8_0`` always takes it).
+Each function maps float32 blocks ``[nb, 32]`` to the packed block bytes ``[nb, block_bytes]``.
+
+The per-block reductions (max, min) run on a transposed ``[32, nb]`` copy, where numpy reduces over
+the outer axis much faster than over 32-element rows; the per-element arithmetic runs in the
+original layout so the packed bytes need no transposition. None of these types needs an ordered
+float sum, only exact per-element arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._common import F32, fp16_bits, quiet, scratch, signed_absmax
+
+
+def _transposed(x: np.ndarray) -> np.ndarray:
+    XT = scratch("LX", (x.shape[1], x.shape[0]))
+    np.copyto(XT, x.T)
+    return XT
+
+
+def _inv(d: np.ndarray) -> np.ndarray:
+    """``d ? 1.0f/d : 0.0f`` in float32."""
+    inv = np.divide(F32(1.0), d, dtype=F32)
+    inv[d == 0] = 0
+    return inv
+
+
+def _signed_absmax0(XT: np.ndarray) -> np.ndarray:
+    """Per block (column), the value with the largest magnitude, the first one on ties.
+
+    Like the C loop (``if (amax < fabsf(v)) {amax = fabsf(v); max = v;}`` from ``max = 0.0f``),
+    an all-zero block yields +0.0 whatever the signs of its zeros.
+    """
+    amax, mx = signed_absmax(XT, axis=0)
+    mx[amax == 0] = 0
+    return mx
+
+
+def _first_extreme(XT: np.ndarray, ext: np.ndarray) -> np.ndarray:
+    """The C running ``if (v < min) min = v`` loop keeps the *first* element equal to the extreme;
+    that only differs from numpy's min/max for the sign of a zero (which reaches the fp16 ``m``
+    field of Q4_1/Q5_1 and the sign of ``d``), so fix up the blocks whose extreme is 0."""
+    z = np.flatnonzero(ext == 0)
+    if z.size:
+        sub = XT[:, z]
+        ext[z] = sub[(sub == 0).argmax(axis=0), np.arange(z.size)]
+    return ext
+
+
+def _cast_i8(v: np.ndarray) -> np.ndarray:
+    """C float -> int8_t conversion: truncation toward zero; on x86 (cvttss2si) NaN/inf/huge
+    values become INT_MIN, whose low byte is 0 -- reproduced by going through int32."""
+    return v.astype(np.int32).astype(np.int8)
+
+
+def _min_i8(q: np.ndarray, hi: int) -> None:
+    """In-place ``q = MIN(hi, q)`` (numpy is much faster against an array than a scalar)."""
+    np.minimum(q, scratch("min_i8", q.shape, fill=hi, dtype=np.int8), out=q)
+
+
+_LO_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+
+
+def _put_nibbles(out: np.ndarray, col: int, q: np.ndarray) -> None:
+    """``qs[j] = q[j] & 0xF | (q[j + 16] & 0xF) << 4`` into bytes ``col:col+16`` of each block.
+
+    Done on 8-byte words: word w of a block holds quants 8w..8w+7, so words 0-1 are the low
+    halves and words 2-3 the high halves of the 16 output bytes.
+    """
+    w = q.view("<u8")  # [nb, 4]
+    nib = w[:, 2:4] << np.uint64(4)
+    nib &= ~_LO_NIBBLES
+    nib |= w[:, 0:2] & _LO_NIBBLES
+    out[:, col:col + 16] = nib.view(np.uint8)
+
+
+_BITGATHER = np.uint64(0x0102040810204080)
+
+
+def _put_high_bits(out: np.ndarray, col: int, q: np.ndarray) -> None:
+    """Bit 4 of quant j in bit j of a little-endian uint32 at bytes ``col:col+4`` of each block."""
+    h = ((q >> 4) & 1).view("<u8")  # [nb, 4]: 8 bytes of 0/1 each
+    # multiplying gathers byte k's bit into bit 56+k; the top byte is the packed byte
+    out[:, col:col + 4] = ((h * _BITGATHER) >> np.uint64(56)).astype(np.uint8)
+
+
+_HALF_DOWN = np.nextafter(F32(0.5), F32(0.0))  # 0.49999997f
+
+
+@quiet
+def q8_0(x: np.ndarray, out: np.ndarray) -> None:
+    XT = _transposed(x)
+    amax = np.maximum(XT.max(axis=0), np.negative(XT.min(axis=0)))
+    amax += F32(0.0)  # MAX(0.0f, fabsf(v)) is never -0.0
+    d = np.divide(amax, F32(127.0), dtype=F32)
+    v = np.multiply(x, _inv(d)[:, None], dtype=F32)
+    # C roundf (half away from zero): trunc(v + copysign(0.49999997f, v)) is exact for
+    # |v| < 2**22, and here |v| <= 127 * (1 + 2**-23) (or inf/NaN when 1/d overflows, where the
+    # casts give the same bytes as C's on x86).
+    v += np.copysign(_HALF_DOWN, v)
+    out[:, 2:34] = _cast_i8(v).view(np.uint8)
+    out[:, 0:2] = fp16_bits(d).view(np.uint8).reshape(-1, 2)
+
+
+def _symmetric(x: np.ndarray, nmax: int, bias: float) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0/Q5_0: ``d = max / -nmax``; ``q = MIN(2*nmax-1, (int8_t)(x*id + bias))``."""
+    mx = _signed_absmax0(_transposed(x))
+    d = np.divide(mx, F32(-nmax), dtype=F32)
+    v = np.multiply(x, _inv(d)[:, None], dtype=F32)
+    v += F32(bias)
+    q = _cast_i8(v)
+    _min_i8(q, 2 * nmax - 1)  # MIN(15 or 31, (int8_t)(.)), then stored as uint8
+    return d, q.view(np.uint8)
+
+
+@quiet
+def q4_0(x: np.ndarray, out: np.ndarray) -> None:
+    d, q = _symmetric(x, 8, 8.5)
+    out[:, 0:2] = fp16_bits(d).view(np.uint8).reshape(-1, 2)
+    _put_nibbles(out, 2, q)
+
+
+@quiet
+def q5_0(x: np.ndarray, out: np.ndarray) -> None:
+    d, q = _symmetric(x, 16, 16.5)
+    out[:, 0:2] = fp16_bits(d).view(np.uint8).reshape(-1, 2)
+    _put_high_bits(out, 2, q)
+    _put_nibbles(out, 6, q)
+
+
+def _affine(x: np.ndarray, nmax: int, clamp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1/Q5_1: ``d = (max - min) / nmax``; ``q = (uint8)((x - min)*id + 0.5f)``, and for
+    Q4_1 ``MIN(15, (int8_t)(.))`` (kept for fidelity; it cannot bind for finite input)."""
+    XT = _transposed(x)
+    mn = _first_extreme(XT, XT.min(axis=0))
+    mx = _first_extreme(XT, XT.max(axis=0))
+    d = np.divide(mx - mn, F32(nmax), dtype=F32)
+    v = np.subtract(x, mn[:, None], dtype=F32)
+    v *= _inv(d)[:, None]
+    v += F32(0.5)
+    q = _cast_i8(v)
+    if clamp:
+        _min_i8(q, nmax)
+    return d, mn, q.view(np.uint8)
+
+
+@quiet
+def q4_1(x: np.ndarray, out: np.ndarray) -> None:
+    d, mn, q = _affine(x, 15, True)
+    out[:, 0:2] = fp16_bits(d).view(np.uint8).reshape(-1, 2)
+    out[:, 2:4] = fp16_bits(mn).view(np.uint8).reshape(-1, 2)
+    _put_nibbles(out, 4, q)
+
+
+@quiet
+def q5_1(x: np.ndarray, out: np.ndarray) -> None:
+    d, mn, q = _affine(x, 31, False)
+    out[:, 0:2] = fp16_bits(d).view(np.uint8).reshape(-1, 2)
+    out[:, 2:4] = fp16_bits(mn).view(np.uint8).reshape(-1, 2)
+    _put_high_bits(out, 4, q)
+    _put_nibbles(out, 8, q)
+
+
+#: qtype name -> block function ``fn(x_blocks [nb, 32] float32, out [nb, block_bytes] uint8)``
+LEGACY = {
+    "Q8_0": q8_0,
+    "Q4_0": q4_0,
+    "Q4_1": q4_1,
+    "Q5_0": q5_0,
+    "Q5_1": q5_1,
+}

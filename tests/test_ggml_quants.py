@@ -1,0 +1,256 @@
+"""qconv.quant.ggml checked byte for byte against llama.cpp's own quantizer.
+
+The oracle is libggml as shipped by llama-cpp-python: ``ggml_quantize_chunk(type, src, dst, 0,
+nrows, n_per_row, imatrix=NULL)`` is exactly what ``llama-quantize`` runs without an imatrix.
+Those tests skip when llama_cpp is not importable; the round-trip tests always run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qconv.quant import ggml
+from qconv.quant.ggml._common import nearest_int, roundf, seq_sum
+
+QTYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
+
+# qconv reproduces the x86-64 build of libggml, whose C code is compiled without FMA contraction.
+# Compilers for other targets (aarch64 gcc/clang) may fuse ``a*b - c*d`` into FMAs, which moves
+# the last bit of a few K-quant scales; there we only require near-total agreement.
+STRICT = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+# ------------------------------------------------------------------------------------ oracle
+
+@pytest.fixture(scope="module")
+def libggml():
+    try:
+        import llama_cpp
+    except Exception as exc:  # noqa: BLE001 - any import failure means "no oracle"
+        pytest.skip(f"llama_cpp (llama-cpp-python) not importable, no libggml oracle: {exc}")
+    libdir = Path(llama_cpp.__file__).resolve().parent / "lib"
+    cands = sorted(libdir.glob("libggml-base.*")) + sorted(libdir.glob("libggml.*"))
+    lib = None
+    for path in cands:
+        try:
+            cand = ctypes.CDLL(str(path))
+            cand.ggml_quantize_chunk  # noqa: B018 - symbol probe
+        except (OSError, AttributeError):
+            continue
+        lib = cand
+        break
+    if lib is None:
+        pytest.skip(f"no libggml with ggml_quantize_chunk under {libdir}")
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_init.restype = None
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    return lib
+
+
+def ggml_ref(lib, x: np.ndarray, qtype: str) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, n = x.shape
+    qk, nbytes = ggml.block_size(qtype)
+    out = np.zeros((rows, n // qk * nbytes), dtype=np.uint8)
+    t = int(GGMLQuantizationType[qtype])
+    lib.ggml_quantize_init(t)
+    written = lib.ggml_quantize_chunk(t, x.ctypes.data, out.ctypes.data, 0, rows, n, None)
+    assert written == out.size
+    return out
+
+
+def ggml_deq(lib, data: np.ndarray, qtype: str, n: int) -> np.ndarray:
+    fn = getattr(lib, f"dequantize_row_{qtype.lower().replace('_k', '_K')}")
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    fn.restype = None
+    data = np.ascontiguousarray(data)
+    out = np.empty((data.shape[0], n), dtype=np.float32)
+    fn(data.ctypes.data, out.ctypes.data, out.size)
+    return out
+
+
+# ------------------------------------------------------------------------------------ data
+
+def datasets(rows: int, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs that exercise every branch of the reference code."""
+    rng = np.random.default_rng(seed)
+    g: dict[str, np.ndarray] = {}
+    g["normal"] = rng.standard_normal((rows, n))
+    w = rng.standard_normal((rows, n)).astype(np.float32) * 0.02  # bf16-rounded weights: many ties
+    g["bf16"] = (w.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    o = rng.standard_normal((rows, n))
+    o[rng.random((rows, n)) < 0.01] *= 100.0
+    g["outliers"] = o
+    g["heavy_tail"] = rng.standard_cauchy((rows, n))
+    z = rng.standard_normal((rows, n))
+    z[::2] = 0.0
+    g["zero_rows"] = z
+    g["const_rows"] = np.ones((rows, n)) * rng.standard_normal((rows, 1))
+    g["tiny"] = rng.standard_normal((rows, n)) * 1e-20
+    g["subnormal"] = rng.standard_normal((rows, n)) * 1e-39
+    g["large"] = rng.standard_normal((rows, n)) * 3e4  # fp16 scales near overflow
+    g["fp16_overflow"] = rng.standard_normal((rows, n)) * 1e9  # d, dmin become fp16 inf
+    g["f32_overflow"] = rng.standard_normal((rows, n)) * 1e30  # x*x overflows: NaN scales
+    # a few ulps of the smallest subnormal: scales round badly (or overflow when inverted)
+    g["denormal"] = rng.integers(-40, 41, (rows, n)).astype(np.float32) * np.float32(1.4e-45)
+    mag = np.abs(rng.standard_normal((rows, n // 32, 32)))
+    sign = np.where(rng.random((rows, n // 32, 1)) < 0.5, 1.0, -1.0)
+    g["posneg_blocks"] = (mag * sign).reshape(rows, n)
+    # sub-blocks of wildly different scales: some get 6-bit scale 0 (the d == 0 path)
+    sc = np.exp(rng.uniform(-14, 0, (rows, n // 16, 1)))
+    g["mixed_scales"] = (rng.standard_normal((rows, n // 16, 16)) * sc).reshape(rows, n)
+    g["shifted"] = (rng.standard_normal((rows, n // 32, 32)) + rng.uniform(-40, 40, (rows, n // 32, 1))).reshape(rows, n)
+    sp = rng.standard_normal((rows, n))
+    sp[rng.random((rows, n)) < 0.7] = 0.0
+    g["sparse"] = sp
+    nz = rng.standard_normal((rows, n))
+    nz[rng.random((rows, n)) < 0.3] = -0.0
+    g["neg_zero"] = nz
+    g["signed_zeros"] = np.where(rng.random((rows, n)) < 0.5, -0.0, 0.0)
+    g["integers"] = rng.integers(-8, 9, (rows, n)).astype(np.float64)  # exact rounding ties
+    g["halves"] = rng.integers(-40, 41, (rows, n)) / 2.0
+    g["uniform_pos"] = rng.uniform(0.0, 1.0, (rows, n))
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in g.items()}
+
+
+def _mismatches(a: np.ndarray, b: np.ndarray, qtype: str) -> int:
+    """Number of blocks whose bytes differ (0 required on x86-64, < 1% elsewhere)."""
+    nbytes = ggml.block_size(qtype)[1]
+    bad = int((a.reshape(-1, nbytes) != b.reshape(-1, nbytes)).any(axis=1).sum())
+    if not STRICT and bad * 100 < a.size // nbytes:
+        return 0
+    return bad
+
+
+# ------------------------------------------------------------------------------------ byte equality
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("shape", [(6, 512), (3, 1536)])
+def test_bytes_match_libggml(libggml, qtype, shape):
+    failures = []
+    for name, x in datasets(*shape, seed=shape[1]).items():
+        ours = ggml.quantize(x, qtype)
+        ref = ggml_ref(libggml, x, qtype)
+        assert ours.shape == ref.shape and ours.dtype == np.uint8
+        bad = _mismatches(ours, ref, qtype)
+        if bad:
+            failures.append(f"{name}: {bad} blocks differ")
+    assert not failures, f"{qtype} {shape}: " + "; ".join(failures)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_bytes_match_libggml_large_random(libggml, qtype):
+    """Many blocks of realistic weights, split over chunks and threads."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((96, 2048)) * 0.03).astype(np.float32)
+    x[:, rng.integers(0, 2048, 8)] *= 20.0  # outlier columns
+    ref = ggml_ref(libggml, x, qtype)
+    assert _mismatches(ggml.quantize(x, qtype, threads=2), ref, qtype) == 0
+    assert _mismatches(ggml.quantize(x[:5], qtype, threads=1), ref[:5], qtype) == 0
+
+
+@pytest.mark.parametrize("qtype", ("Q8_0", "Q5_0", "Q4_1"))
+def test_legacy_odd_row_length(libggml, qtype):
+    x = datasets(4, 96, seed=3)["normal"]
+    assert _mismatches(ggml.quantize(x, qtype), ggml_ref(libggml, x, qtype), qtype) == 0
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dequantize_matches_libggml(libggml, qtype):
+    x = datasets(4, 512, seed=11)["outliers"]
+    q = ggml.quantize(x, qtype)
+    np.testing.assert_array_equal(ggml.dequantize(q, qtype, 512), ggml_deq(libggml, q, qtype, 512))
+
+
+# ------------------------------------------------------------------------------------ round trip (no oracle)
+
+# rough upper bounds on RMSE / RMS(x) for gaussian data
+_REL_ERR = {"Q8_0": 0.01, "Q4_0": 0.15, "Q4_1": 0.13, "Q5_0": 0.07, "Q5_1": 0.06,
+            "Q4_K": 0.12, "Q5_K": 0.06, "Q6_K": 0.03}
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_roundtrip_error_small(qtype):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((16, 1024)) * 0.05).astype(np.float32)
+    q = ggml.quantize(x, qtype)
+    qk, nbytes = ggml.block_size(qtype)
+    assert q.shape == (16, 1024 // qk * nbytes) and q.dtype == np.uint8
+    y = ggml.dequantize(q, qtype, 1024)
+    assert y.shape == x.shape and y.dtype == np.float32
+    np.testing.assert_array_equal(y, gguf_dequantize(q, GGMLQuantizationType[qtype]).reshape(16, 1024))
+    rel = np.sqrt(np.mean((y - x) ** 2)) / np.sqrt(np.mean(x ** 2))
+    assert rel < _REL_ERR[qtype], rel
+    # degenerate inputs decode to (nearly) themselves
+    z = np.zeros((2, 256), np.float32)
+    assert not ggml.dequantize(ggml.quantize(z, qtype), qtype, 256).any()
+    c = np.full((2, 256), 0.25, np.float32)
+    np.testing.assert_allclose(ggml.dequantize(ggml.quantize(c, qtype), qtype, 256), c, rtol=2e-2)
+
+
+def test_kquant_error_not_worse_than_plain_rounding():
+    """The Q4_K scale search must beat naive min/max rounding on the same 6-bit grid layout."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((8, 1024)).astype(np.float32)
+    err_k = np.mean((ggml.dequantize(ggml.quantize(x, "Q4_K"), "Q4_K", 1024) - x) ** 2)
+    err_41 = np.mean((ggml.dequantize(ggml.quantize(x, "Q4_1"), "Q4_1", 1024) - x) ** 2)
+    assert err_k < err_41
+
+
+# ------------------------------------------------------------------------------------ API and helpers
+
+def test_api_shapes_and_errors():
+    from gguf import GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES
+
+    for qt in QTYPES:
+        assert ggml.block_size(qt) == tuple(GGML_QUANT_SIZES[GGMLQuantizationType[qt]])
+    x = np.random.default_rng(0).standard_normal(512).astype(np.float32)
+    a = ggml.quantize(x, "Q4_K")
+    assert a.shape == (1, 288)
+    np.testing.assert_array_equal(a, ggml.quantize(x[None], GGMLQuantizationType.Q4_K))
+    np.testing.assert_array_equal(a, ggml.quantize(x[None].astype(np.float64), "q4_k"))
+    assert ggml.quantize(np.zeros((0, 256), np.float32), "Q6_K").shape == (0, 210)
+    with pytest.raises(ValueError):
+        ggml.quantize(np.zeros((2, 100), np.float32), "Q4_K")
+    with pytest.raises(ValueError):
+        ggml.quantize(np.zeros((2, 256), np.float32), "Q2_K")
+    with pytest.raises(ValueError):
+        ggml.dequantize(np.zeros((2, 100), np.uint8), "Q4_K", 256)
+
+
+@pytest.mark.parametrize("qtype", KQUANTS)
+def test_threads_and_chunking_do_not_change_bytes(qtype):
+    x = datasets(40, 1024, seed=5)["outliers"]
+    one = ggml.quantize(x, qtype, threads=1)
+    np.testing.assert_array_equal(one, ggml.quantize(x, qtype, threads=3))
+    np.testing.assert_array_equal(one[7:9], ggml.quantize(x[7:9], qtype))
+
+
+def test_seq_sum_is_sequential_float32():
+    rng = np.random.default_rng(3)
+    for S in (1, 2, 3, 17, 1000):
+        a = (rng.standard_normal((32, S)) * np.exp(rng.standard_normal((32, S)) * 6)).astype(np.float32)
+        acc = a[0].copy()
+        for i in range(1, 32):
+            acc = (acc + a[i]).astype(np.float32)
+        np.testing.assert_array_equal(seq_sum(np.ascontiguousarray(a)), acc)
+
+
+def test_rounding_helpers():
+    v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997, 4194303.0, -3.7], np.float32)
+    np.testing.assert_array_equal(nearest_int(v), [0, 2, 2, 0, -2, -2, 0, 4194303, -4])   # half-even
+    np.testing.assert_array_equal(roundf(v), [1, 2, 3, -1, -2, -3, 0, 4194303, -4])        # half-away
