@@ -43,16 +43,30 @@ def convert(
     max_shard_size: str = "5GB",
     force: bool = False,
     quiet: bool = True,
-) -> ConvertResult:
-    """Convert a model (HF dir or GGUF) to an HF safetensors checkpoint directory."""
+    gguf_type: str | None = None,
+    tokenizer_pre: str | None = None,
+) -> Any:
+    """Convert a model (HF dir or GGUF) to an HF checkpoint directory or, when ``out`` ends in
+    ``.gguf`` or ``gguf_type`` is given, to a GGUF file of that type (default f16)."""
     t0 = time.perf_counter()
-    torch_dtype = parse_dtype(dtype) if dtype else None
-    shard_bytes = parse_size(max_shard_size)
     out = Path(out)
-    if out.suffix.lower() == ".gguf":
-        raise InvalidOption("GGUF export is not available yet: write an HF directory (no .gguf suffix)", out)
+    to_gguf = out.suffix.lower() == ".gguf" or gguf_type is not None
+    if to_gguf:
+        from qconv.formats.gguf_types import file_type
+
+        if dtype is not None:
+            raise InvalidOption("--dtype applies to HF output; for GGUF output use --type")
+        ft = file_type(gguf_type or "f16")
+    else:
+        torch_dtype = parse_dtype(dtype) if dtype else None
+        shard_bytes = parse_size(max_shard_size)
     check_output(out, force)
     with open_model(src) as source:
+        if to_gguf:
+            from qconv.formats.gguf_writer import plan_tensors, write_gguf
+
+            with progress(f"writing {ft.name}", len(plan_tensors(source.config, ft)), quiet) as advance:
+                return write_gguf(source, out, ft, force, tokenizer_pre, on_tensor=lambda _: advance())
         names = source.tensor_names()
         with progress("converting", len(names), quiet) as advance:
             write_hf_checkpoint(source, out, torch_dtype, shard_bytes, force, on_tensor=lambda _: advance())

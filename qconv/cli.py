@@ -62,8 +62,14 @@ def _root(
 @app.command()
 def convert(
     src: Path = typer.Argument(..., help="Input model: HF checkpoint directory or .gguf file."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output HF checkpoint directory."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Re-type weights: f32, f16 or bf16 (default: keep)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output: HF checkpoint directory, or a .gguf file."),
+    gguf_type: Optional[str] = typer.Option(
+        None, "--type", "-t",
+        help="GGUF type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (default f16).",
+    ),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="HF output: re-type weights to f32, f16 or bf16 (default: keep)."),
+    tokenizer_pre: Optional[str] = typer.Option(
+        None, "--tokenizer-pre", help="GGUF output: llama.cpp pre-tokenizer name when it cannot be detected."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB."),
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
@@ -76,10 +82,13 @@ def convert(
       qconv convert SmolLM2.Q4_1.gguf -o smollm2-hf          # GGUF -> HF (dequantized f32)
 
       qconv convert model-dir -o model-bf16 --dtype bf16 --max-shard-size 2GB
+
+      qconv convert model-dir -o model-Q4_K_M.gguf --type q4_k_m    # HF -> GGUF, as llama-quantize would
     """
     from qconv import api
 
-    result = api.convert(src, output, dtype=dtype, max_shard_size=max_shard_size, force=force, quiet=quiet or json_out)
+    result = api.convert(src, output, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                         quiet=quiet or json_out, gguf_type=gguf_type, tokenizer_pre=tokenizer_pre)
     if json_out:
         _print_json(result.to_dict())
     elif not quiet:

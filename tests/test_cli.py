@@ -152,6 +152,17 @@ def test_bad_inputs(model_dir: Path, tmp_path: Path) -> None:
         assert not list(tmp_path.glob(".out.qconv-tmp-*")), path
 
 
+def test_gguf_output_errors(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.gguf"
+    assert_user_error(qconv("convert", model_dir, "-o", out, "--type", "q9_k"), "unknown GGUF type", "q4_k_m")
+    # no tokenizer: llama.cpp cannot load a GGUF without a vocabulary
+    assert_user_error(qconv("convert", model_dir, "-o", out, "--type", "q8_0"), "tokenizer")
+    assert not out.exists()
+    out.write_bytes(b"keep")
+    assert_user_error(qconv("convert", model_dir, "-o", out, "--type", "q8_0"), "--force")
+    assert out.read_bytes() == b"keep"
+
+
 def test_missing_tokenizer(model_dir: Path) -> None:
     assert_user_error(qconv("run", model_dir, "--prompt", "hi", "--device", "cpu"), "tokenizer")
 

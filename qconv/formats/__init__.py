@@ -1,0 +1,1 @@
+"""Output formats qconv writes (GGUF and its tokenizer metadata, quantization file types)."""

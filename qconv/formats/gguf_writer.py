@@ -1,0 +1,159 @@
+"""GGUF export: any :class:`ModelSource` -> a GGUF file llama.cpp loads.
+
+Streaming: the tensor table is planned from the config alone (names, shapes, per-tensor types,
+byte sizes), the header is written, then tensors are read, converted/quantized and appended one
+at a time, so peak memory is one tensor plus its encoded bytes. The file is written to a temp
+path and renamed. Tensor order and per-tensor types follow llama-quantize, and the block
+quantizers reproduce its bytes, so a qconv Q4_K_M file equals llama.cpp's own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from qconv.atomic import atomic_output
+from qconv.checkpoint.config import ModelConfig
+from qconv.checkpoint.gguf_names import gguf_name, permute_rows, qk_heads
+from qconv.checkpoint.source import ModelSource
+from qconv.formats.gguf_tokenizer import gguf_tokenizer_metadata
+from qconv.formats.gguf_types import FileType, llama_cpp_order, tensor_types
+from qconv.quant import ggml
+
+#: qconv model_type -> GGUF general.architecture (Mistral runs as llama in llama.cpp).
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+
+
+@dataclass
+class PlannedTensor:
+    """One tensor of the output file: where it comes from and how it is stored."""
+
+    name: str
+    hf_name: str | None  # None for tensors computed from the config (rope_freqs)
+    shape: tuple[int, ...]
+    type: T
+
+    @property
+    def nbytes(self) -> int:
+        elems, size = gguf.GGML_QUANT_SIZES[self.type]
+        return int(np.prod(self.shape)) // elems * size
+
+
+@dataclass
+class GGUFExportResult:
+    input: str
+    output: str
+    file_type: str
+    tensors: int
+    bytes: int
+    seconds: float
+    type_counts: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_tensors(config: ModelConfig, ft: FileType) -> list[PlannedTensor]:
+    """Every output tensor in llama.cpp's order, with its GGML type."""
+    shapes: dict[str, tuple[tuple[int, ...], str | None]] = {
+        gguf_name(hf): (shape, hf) for hf, shape in config.expected_shapes().items()
+    }
+    if config.rope_scaling is not None and config.rope_scaling.rope_type == "llama3":
+        shapes["rope_freqs.weight"] = ((config.head_dim // 2,), None)
+    order = llama_cpp_order(list(shapes))
+    types = tensor_types([(n, shapes[n][0]) for n in order], ft, config.num_layers,
+                         is_70b=GGUF_ARCH[config.model_type] == "llama" and config.num_layers == 80
+                         and config.num_heads != config.num_kv_heads)
+    return [PlannedTensor(n, shapes[n][1], shapes[n][0], types[n]) for n in order]
+
+
+def _add_model_metadata(w: gguf.GGUFWriter, config: ModelConfig, ft: FileType, name: str) -> None:
+    """Architecture keys llama.cpp reads (see llama-model.cpp) plus ``general.*``."""
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_file_type(ft.ftype)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_heads)
+    w.add_head_count_kv(config.num_kv_heads)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_rope_dimension_count(config.head_dim)
+    if config.head_dim != config.hidden_size // config.num_heads:
+        w.add_key_length(config.head_dim)
+        w.add_value_length(config.head_dim)
+    w.add_vocab_size(config.vocab_size)
+    if config.rope_scaling is not None and config.rope_scaling.rope_type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(config.rope_scaling.factor)
+
+
+def _encode(x: np.ndarray, t: T) -> np.ndarray:
+    """float32 array (HF layout) -> the bytes (or float array) stored for type ``t``."""
+    if t == T.F32:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if t == T.F16:
+        return x.astype(np.float16)
+    if t == T.BF16:
+        return gguf.quants.quantize(x, T.BF16)
+    return ggml.quantize(x.reshape(-1, x.shape[-1]), t)
+
+
+def _tensor_data(source: ModelSource, p: PlannedTensor, permute: bool) -> np.ndarray:
+    config = source.config
+    if p.hf_name is None:  # rope_freqs: computed, never stored in HF checkpoints
+        assert config.rope_scaling is not None
+        return config.rope_scaling.llama3_factors(config.rope_theta, config.head_dim).astype(np.float32)
+    x = source.get_tensor(p.hf_name).float().numpy()
+    heads = qk_heads(p.hf_name, config.num_heads, config.num_kv_heads)
+    if permute and heads:
+        x = permute_rows(x, heads)
+    return x
+
+
+def write_gguf(
+    source: ModelSource,
+    out: Path | str,
+    ft: FileType,
+    force: bool = False,
+    tokenizer_pre: str | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> GGUFExportResult:
+    """Write ``source`` as a GGUF file of file type ``ft``."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    config = source.config
+    arch = GGUF_ARCH[config.model_type]
+    plan = plan_tensors(config, ft)
+    tok_meta = gguf_tokenizer_metadata(source.tokenizer_files(), config.vocab_size, tokenizer_pre)
+    with atomic_output(out, force=force) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        _add_model_metadata(w, config, ft, out.stem)
+        for key, (value, vtype) in tok_meta.items():
+            w.add_key_value(key, value, vtype)
+        for p in plan:
+            w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for p in plan:
+            data = _encode(_tensor_data(source, p, permute=arch == "llama"), p.type)
+            w.write_tensor_data(data)
+            if on_tensor:
+                on_tensor(p.name)
+        w.close()
+    counts: dict[str, int] = {}
+    for p in plan:
+        counts[p.type.name] = counts.get(p.type.name, 0) + 1
+    return GGUFExportResult(str(source.path), str(out), ft.name, len(plan), out.stat().st_size,
+                            time.perf_counter() - t0, counts)
