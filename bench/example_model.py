@@ -11,6 +11,7 @@ Benchmarks import :func:`example_model`; ``--demo`` runs the end-to-end job ``ma
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -49,19 +50,37 @@ def example_model(cache: Path) -> Path:
     return hf_dir
 
 
+def _ppl(model: Path, eval_text: Path, windows: int) -> float:
+    out = subprocess.run([*QCONV, "run", str(model), "--ppl", str(eval_text), "--ctx", "2048",
+                          "--max-windows", str(windows), "--json", "--device", "cpu"],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["ppl"]
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
+
+
 def demo(cache: Path, eval_text: Path | None, windows: int) -> None:
-    """The main job end to end: fetch, convert, inspect, generate, perplexity."""
+    """The main job end to end: fetch, convert, inspect, generate, export GGUF, compare perplexity."""
     model = example_model(cache)
     print(f"== example model: {model}", flush=True)
     subprocess.run([*QCONV, "inspect", str(model)], check=True)
     print("== greedy generation", flush=True)
     subprocess.run([*QCONV, "run", str(model), "--prompt", "The capital of France is", "-n", "16"], check=True)
-    if eval_text and eval_text.is_file():
-        print(f"== perplexity on {eval_text.name}, ctx 2048, first {windows} windows", flush=True)
-        subprocess.run([*QCONV, "run", str(model), "--ppl", str(eval_text), "--ctx", "2048",
-                        "--max-windows", str(windows)], check=True)
-    else:
+    outputs = [("original (f32 HF)", model)]
+    for gguf_type in ("q8_0", "q4_k_m"):
+        out = cache / f"SmolLM2-135M-Instruct.{gguf_type.upper()}.gguf"
+        print(f"== export {gguf_type} GGUF -> {out}", flush=True)
+        subprocess.run([*QCONV, "convert", str(model), "-o", str(out), "--type", gguf_type, "--force"], check=True)
+        outputs.append((gguf_type, out))
+    if not (eval_text and eval_text.is_file()):
         print("== no evaluation text found; skipping perplexity", flush=True)
+        return
+    print(f"== perplexity (qconv runner) on {eval_text.name}, ctx 2048, first {windows} windows", flush=True)
+    print("| model | size (bytes) | PPL |\n|---|---|---|")
+    for name, path in outputs:
+        print(f"| {name} | {_size(path):,} | {_ppl(path, eval_text, windows):.3f} |", flush=True)
 
 
 def main() -> None:
