@@ -86,10 +86,17 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_runner(source: ModelSource, device: str = "auto", dtype: str = "f32") -> torch.nn.Module:
-    """The reference decoder for ``source`` on ``device``."""
+    """The reference decoder for ``source`` on ``device``. W8A8 checkpoints get their per-token
+    int8 activation quantization emulated, so measured quality is what an int8 kernel gives."""
     from qconv.model.decoder import load_model
 
-    return load_model(source, device=resolve_device(device), dtype=parse_dtype(dtype))
+    model = load_model(source, device=resolve_device(device), dtype=parse_dtype(dtype))
+    act_schemes = getattr(source, "activation_schemes", None)
+    if act_schemes is not None and act_schemes():
+        from qconv.model.act_quant import apply_activation_quant
+
+        apply_activation_quant(model, act_schemes())
+    return model
 
 
 @dataclass
@@ -100,6 +107,7 @@ class GenerateResult:
     new_tokens: int
     seconds: float
     tokens_per_second: float
+    kv_cache: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,13 +125,24 @@ def generate_text(
     device: str = "auto",
     dtype: str = "f32",
     on_text: Callable[[str], None] | None = None,
+    kv_cache: str | None = None,
+    kv_bits: int | None = None,
+    kv_group: int | None = None,
+    kv_residual: int | None = None,
 ) -> GenerateResult:
-    """Generate a continuation of ``prompt``; ``on_text`` receives text as it is decoded."""
+    """Generate a continuation of ``prompt``; ``on_text`` receives text as it is decoded.
+
+    ``kv_cache`` (``fp``, ``int8``, ``kivi`` with ``kv_bits``/``kv_group``/``kv_residual``)
+    picks the KV cache and adds what it held to the result; default: the plain fp cache.
+    """
     from qconv.model.generate import generate
 
     if max_new_tokens < 1:
         raise InvalidOption("--max-new-tokens must be at least 1")
+    spec = _kv_spec(kv_cache, kv_bits, kv_group, kv_residual)
     with open_model(model_path) as source:
+        if spec is not None:
+            spec.check(source.config)
         tok = source.tokenizer()
         model = load_runner(source, device, dtype)
     text_in = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
@@ -141,11 +160,24 @@ def generate_text(
             on_text(text[len(shown):])
             shown = text
 
+    cache = None if spec is None else spec.make(model.config, 1, len(ids) + max_new_tokens, model.device, model.dtype)
     t0 = time.perf_counter()
     generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-             seed=seed, eos_ids=tuple(tok.eos_ids), on_token=on_token)
+             seed=seed, eos_ids=tuple(tok.eos_ids), on_token=on_token, cache=cache)
     dt = time.perf_counter() - t0
-    return GenerateResult(prompt, tok.decode(out), len(ids), len(out), dt, len(out) / dt if dt else 0.0)
+    report = None if cache is None else spec.report(cache)
+    return GenerateResult(prompt, tok.decode(out), len(ids), len(out), dt, len(out) / dt if dt else 0.0, report)
+
+
+def _kv_spec(mode: str | None, bits: int | None, group: int | None, residual: int | None) -> Any:
+    """The validated KV cache choice, or None for the runner's default full-precision path."""
+    from qconv.model.kv_spec import KVCacheSpec
+
+    if mode is None:
+        if (bits, group, residual) != (None, None, None):
+            raise InvalidOption("--kv-bits/--kv-group/--kv-residual need --kv-cache kivi")
+        return None
+    return KVCacheSpec.from_options(mode, bits, group, residual)
 
 
 def _eval_ids(source: ModelSource, text_path: Path | str, text_field: str, ctx: int,
@@ -169,15 +201,23 @@ def perplexity(
     device: str = "auto",
     dtype: str = "f32",
     quiet: bool = True,
+    kv_cache: str | None = None,
+    kv_bits: int | None = None,
+    kv_group: int | None = None,
+    kv_residual: int | None = None,
 ) -> Any:
-    """GPTQ-protocol perplexity of a model on a text file."""
+    """GPTQ-protocol perplexity of a model on a text file; with ``kv_cache``, the perplexity
+    token-by-token decoding through that cache gives, and the bytes it held."""
     from qconv.model.perplexity import perplexity as ppl
 
+    spec = _kv_spec(kv_cache, kv_bits, kv_group, kv_residual)
     with open_model(model_path) as source:
+        if spec is not None:
+            spec.check(source.config)
         ids, n_windows = _eval_ids(source, text_path, text_field, ctx, max_windows)
         model = load_runner(source, device, dtype)
     with progress("perplexity", n_windows, quiet) as advance:
-        return ppl(model, ids, ctx=ctx, max_windows=max_windows, on_window=lambda *_: advance())
+        return ppl(model, ids, ctx=ctx, max_windows=max_windows, on_window=lambda *_: advance(), kv_cache=spec)
 
 
 def compare(
@@ -190,11 +230,22 @@ def compare(
     device: str = "auto",
     dtype: str = "f32",
     quiet: bool = True,
+    kv_cache: str | None = None,
+    kv_bits: int | None = None,
+    kv_group: int | None = None,
+    kv_residual: int | None = None,
 ) -> Any:
-    """PPL of both models, KL(base||other), top-1 agreement and max |dlogit| on one text."""
+    """PPL of both models, KL(base||other), top-1 agreement and max |dlogit| on one text.
+
+    ``kv_cache`` runs ``other`` (only) through that KV cache: compare a model with itself to
+    measure the cache's cost alone.
+    """
     from qconv.model.compare import compare as cmp
 
+    spec = _kv_spec(kv_cache, kv_bits, kv_group, kv_residual)
     with open_model(base_path) as base_src, open_model(other_path) as other_src:
+        if spec is not None:
+            spec.check(other_src.config)
         if base_src.config.vocab_size != other_src.config.vocab_size:
             raise InvalidOption(
                 f"vocabularies differ ({base_src.config.vocab_size} vs {other_src.config.vocab_size} tokens)", other_path
@@ -203,4 +254,35 @@ def compare(
         base = load_runner(base_src, device, dtype)
         other = load_runner(other_src, device, dtype)
     with progress("comparing", n_windows, quiet) as advance:
-        return cmp(base, other, ids, ctx=ctx, max_windows=max_windows, on_window=lambda *_: advance())
+        return cmp(base, other, ids, ctx=ctx, max_windows=max_windows, on_window=lambda *_: advance(), kv_cache=spec)
+
+
+def calibrate(model_path: Path | str, data: str, out: Path | str, **options: Any) -> Any:
+    """Record activation statistics (see :func:`qconv.quant.calibrate.calibrate`)."""
+    from qconv.quant.calibrate import calibrate as run
+
+    return run(model_path, data, out, **options)
+
+
+def quantize(
+    model_path: Path | str,
+    out: Path | str,
+    recipe: Path | str | None = None,
+    method: str | None = None,
+    force: bool = False,
+    device: str = "cpu",
+    quiet: bool = True,
+    dry_run: bool = False,
+    **flags: Any,
+) -> Any:
+    """Quantize with a YAML recipe or a method name; ``flags`` (bits, group_size, symmetric, data,
+    samples, seqlen, seed, text_field, damp, act_order, alpha, mse; None = not given) override it."""
+    from qconv.quant.quantize import quantize_model
+    from qconv.quant.recipe import apply_flags, load_recipe, recipe_for_method
+
+    if (recipe is None) == (method is None):
+        raise InvalidOption("give exactly one of --recipe and --method")
+    base = load_recipe(recipe) if recipe is not None else recipe_for_method(str(method))
+    resolved = apply_flags(base, **flags)
+    return quantize_model(model_path, out, resolved, force=force, device=str(resolve_device(device)),
+                          quiet=quiet, dry_run=dry_run)

@@ -135,6 +135,98 @@ def inspect(
 
 
 @app.command()
+def calibrate(
+    model: Path = typer.Argument(..., help="Model: HF checkpoint directory or .gguf file."),
+    data: str = typer.Option(..., "--data", help="Calibration text: local txt/json/jsonl/parquet file or folder, "
+                             "or a datasets name (name:config:split) when online."),
+    output: Path = typer.Option(..., "--output", "-o", help="Statistics file (.safetensors, or .gguf with --format imatrix)."),
+    samples: int = typer.Option(128, "--samples", help="Number of calibration windows."),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per window."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the window offsets."),
+    text_field: str = typer.Option("text", "--text-field", help="Field holding the text in structured files."),
+    fmt: str = typer.Option("safetensors", "--format", help="safetensors (qconv statistics) or imatrix (llama.cpp)."),
+    device: str = DeviceOpt,
+    force: bool = ForceOpt,
+    json_out: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Run a model over calibration text and record per-channel input statistics of every Linear
+    (token count, sum of x^2 = llama.cpp's importance matrix, mean |x|, max |x|).
+
+    Examples:
+
+      qconv calibrate model-dir --data c4-sample.jsonl --samples 128 --seqlen 2048 -o stats.safetensors
+
+      qconv calibrate model-dir --data c4-sample.jsonl --format imatrix -o imatrix.gguf
+    """
+    from qconv import api
+
+    r = api.calibrate(model, data, output, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field,
+                      fmt=fmt, force=force, device=device, quiet=quiet or json_out)
+    if json_out:
+        _print_json(r.to_dict())
+    elif not quiet:
+        _console().print(f"wrote [bold]{r.output}[/] ({r.modules} modules, {r.tokens:,} tokens) in {r.seconds:.1f}s")
+
+
+@app.command()
+def quantize(
+    model: Path = typer.Argument(..., help="Model: HF checkpoint directory or .gguf file."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output checkpoint directory (compressed-tensors)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML recipe (see recipes/)."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="rtn, gptq, awq or smoothquant (instead of a recipe)."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits, 2..8."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Columns per scale; -1 = per channel."),
+    symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric grid."),
+    data: Optional[str] = typer.Option(None, "--data", help="Calibration text (file, folder or datasets name)."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Calibration seed."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Text field of structured calibration files."),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: activation order (static groups)."),
+    damp: Optional[float] = typer.Option(None, "--damp", help="GPTQ: relative Hessian dampening."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant: migration strength."),
+    mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="RTN: MSE clip search."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan and memory estimate; write nothing."),
+    device: str = DeviceOpt,
+    force: bool = ForceOpt,
+    json_out: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Quantize a model with RTN, GPTQ, AWQ or SmoothQuant into a compressed-tensors checkpoint
+    (loadable by vLLM and transformers). Flags override the recipe's fields.
+
+    Examples:
+
+      qconv quantize model-dir --recipe recipes/w4a16-gptq.yaml --data c4-sample.jsonl -o model-w4
+
+      qconv quantize model-dir --method awq --bits 4 --group-size 64 --data c4-sample.jsonl -o model-awq
+
+      qconv quantize model-dir --method rtn --bits 8 --group-size -1 --sym -o model-w8 --dry-run
+    """
+    from qconv import api
+
+    r = api.quantize(model, output, recipe=recipe, method=method, force=force, device=device,
+                     quiet=quiet or json_out, dry_run=dry_run, bits=bits, group_size=group_size, symmetric=symmetric,
+                     data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field,
+                     act_order=act_order, damp=damp, alpha=alpha, mse=mse)
+    if json_out:
+        _print_json(r.to_dict())
+        return
+    if quiet:
+        return
+    if r.dry_run:
+        mem = r.memory_estimate
+        _console().print(
+            f"plan: {r.quantized_modules} Linears with recipe {r.recipe['name']}; peak memory ~ "
+            f"{mem['total'] / 2**20:.0f} MiB = layer weights {mem['layer_weights'] / 2**20:.0f} + hidden states "
+            f"2 x samples x seqlen x hidden x 4 B = {mem['hidden_states'] / 2**20:.0f} + Hessians {mem['hessians'] / 2**20:.0f}"
+        )
+    else:
+        _console().print(f"wrote [bold]{r.output}[/] ({r.quantized_modules} quantized Linears) in {r.seconds:.1f}s")
+
+
+@app.command()
 def run(
     model: Path = typer.Argument(..., help="Model: HF checkpoint directory or .gguf file."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Generate a continuation of this text."),
@@ -150,6 +242,15 @@ def run(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
+    kv_cache: Optional[str] = typer.Option(
+        None, "--kv-cache",
+        help="KV cache: fp, int8 (per-token absmax) or kivi (keys per channel, values per token, fp residual); "
+             "reports the bytes it held. With --compare it applies to the compared model only.",
+    ),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="KIVI bits: 2, 4 or 8 (default 4)."),
+    kv_group: Optional[int] = typer.Option(None, "--kv-group", help="KIVI group size in tokens (keys) / channels (values) (default 32)."),
+    kv_residual: Optional[int] = typer.Option(
+        None, "--kv-residual", help="KIVI recent tokens kept in 16-bit, a multiple of --kv-group (default 128)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     json_out: bool = JsonOpt,
@@ -164,6 +265,8 @@ def run(
       qconv run model-dir --ppl wikitext-2-raw-test.txt --ctx 2048 --max-windows 20 --json
 
       qconv run model-dir --compare model-q4.gguf --text wikitext-2-raw-test.txt
+
+      qconv run model-dir --ppl wikitext-2-raw-test.txt --kv-cache kivi --kv-bits 2 --json   # KV cache cost
     """
     from qconv import api
 
@@ -171,11 +274,13 @@ def run(
     if len(modes) != 1:
         raise InvalidOption("give exactly one of --prompt, --ppl, --compare")
     quiet_work = quiet or json_out
+    kv = dict(kv_cache=kv_cache, kv_bits=kv_bits, kv_group=kv_group, kv_residual=kv_residual)
     if prompt is not None:
         stream = None if quiet_work else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         if stream:
             stream(prompt)
-        g = api.generate_text(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, device, dtype, stream)
+        g = api.generate_text(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, device, dtype, stream,
+                              **kv)
         if json_out:
             _print_json(g.to_dict())
         elif quiet:
@@ -183,17 +288,19 @@ def run(
         else:
             sys.stdout.write("\n")
             _console().print(f"[dim]{g.new_tokens} tokens, {g.tokens_per_second:.1f} tok/s[/]", highlight=False)
+            _print_kv(g.kv_cache)
         return
     if ppl is not None:
-        r = api.perplexity(model, ppl, ctx, max_windows, text_field, device, dtype, quiet_work)
+        r = api.perplexity(model, ppl, ctx, max_windows, text_field, device, dtype, quiet_work, **kv)
         if json_out:
             _print_json(r.to_dict())
         else:
             sys.stdout.write(f"perplexity {r.ppl:.4f} over {r.n_tokens} tokens ({r.n_windows} windows of {ctx})\n")
+            _print_kv(r.kv_cache)
         return
     if text is None:
         raise InvalidOption("--compare needs --text FILE")
-    c = api.compare(model, compare, text, ctx, max_windows, text_field, device, dtype, quiet_work)
+    c = api.compare(model, compare, text, ctx, max_windows, text_field, device, dtype, quiet_work, **kv)
     if json_out:
         _print_json(c.to_dict())
         return
@@ -201,8 +308,19 @@ def run(
 
     table = Table("metric", "value")
     for k, v in c.to_dict().items():
-        table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+        if k != "kv_cache":
+            table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
     _console().print(table)
+    _print_kv(c.kv_cache)
+
+
+def _print_kv(report: dict[str, Any] | None) -> None:
+    """One line on what the KV cache held, when one was chosen."""
+    if report:
+        sys.stdout.write(
+            f"KV cache {report['name']}: {report['bytes']:,} bytes for {report['tokens']} tokens "
+            f"({report['ratio']:.3f}x an fp16 cache)\n"
+        )
 
 
 _interrupted = False

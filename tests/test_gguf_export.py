@@ -13,7 +13,6 @@ ffn_down falls back to 32-block types), 4 layers (both "more bits" and plain lay
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 from pathlib import Path
 
@@ -25,26 +24,12 @@ import torch
 from qconv import api
 from qconv.checkpoint import open_model
 from qconv.formats.gguf_types import FILE_TYPES
+from tests_support import write_tokenizer
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
 
 QUANT_TYPES = [n for n, ft in FILE_TYPES.items() if ft.quantized]
 ARCHS = ("llama", "mistral", "qwen2")
-
-
-def _tokenizer_files(vocab_size: int) -> dict[str, bytes]:
-    """A small byte-level BPE (gpt-2 pre-tokenizer) trained on a fixed text: llama.cpp needs a vocab."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 8, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["Once upon a time there was a tiny model that could count 1 2 3 4 5. " * 50], trainer)
-    config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_bos_token": False,
-              "tokenizer_class": "PreTrainedTokenizerFast"}
-    return {"tokenizer.json": tok.to_str().encode(), "tokenizer_config.json": json.dumps(config).encode()}
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -69,8 +54,7 @@ def export_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
                 p.mul_(0.2)
         model.model.norm.weight.mul_(20.0)
     model.save_pretrained(path)
-    for name, data in _tokenizer_files(384).items():
-        (path / name).write_bytes(data)
+    write_tokenizer(path, 384)
     return path
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from qconv.checkpoint.config import ModelConfig, load_config
 from qconv.checkpoint.source import ModelSource
-from qconv.errors import InputNotFound, InvalidOption
+from qconv.errors import InputNotFound, InvalidOption, UnsupportedModel
 
 GGUF_MAGIC = b"GGUF"
 
@@ -22,15 +22,25 @@ def is_gguf(path: Path) -> bool:
 
 
 def open_model(path: Path | str) -> ModelSource:
-    """Open an HF checkpoint directory or a GGUF file, validating it against its config."""
+    """Open an HF checkpoint directory (plain or compressed-tensors) or a GGUF file, validating it
+    against its config. Other quantized HF checkpoints (GPTQ, AWQ, FP8, ...) are refused."""
     path = Path(path)
     if not path.exists():
         raise InputNotFound("no such file or directory", path)
     if path.is_dir():
         if not any(path.iterdir()):
             raise InputNotFound("directory is empty", path)
+        from qconv.checkpoint.compressed_source import CompressedTensorsSource, quantization_method
         from qconv.checkpoint.hf import HFSource
 
+        method = quantization_method(path)
+        if method == "compressed-tensors":
+            return CompressedTensorsSource(path)
+        if method is not None:
+            raise UnsupportedModel(
+                f"quantized checkpoint with quant_method {method!r} is not supported (qconv reads compressed-tensors)",
+                path,
+            )
         return HFSource(path)
     if path.stat().st_size == 0:
         raise InputNotFound("file is empty", path)

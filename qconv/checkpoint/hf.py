@@ -68,10 +68,15 @@ class HFSource(ModelSource):
         self._shard_of = shard_of
         self._names = self._validate()
 
+    def _stored_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensors the files must hold, with shapes. A plain checkpoint stores exactly the model's
+        tensors; subclasses storing another layout (packed quantized weights) override this."""
+        return self.config.expected_shapes()
+
     def _validate(self) -> list[str]:
-        """Check every expected tensor exists with the right shape; return names in order."""
-        expected = self.config.expected_shapes()
-        for name, shape in expected.items():
+        """Check every stored tensor exists with the right shape; return the model's tensor
+        names (what :meth:`get_tensor` serves) in order."""
+        for name, shape in self._stored_shapes().items():
             shard = self._shard_of.get(name)
             if shard is None or name not in self._handles[shard].keys():
                 raise CheckpointMismatch(f"tensor {name} is missing", self.path)
@@ -80,7 +85,7 @@ class HFSource(ModelSource):
                 raise CheckpointMismatch(
                     f"tensor {name} has shape {list(actual)}, config implies {list(shape)}", shard
                 )
-        return list(expected)
+        return list(self.config.expected_shapes())
 
     def tensor_names(self) -> list[str]:
         return list(self._names)

@@ -1,7 +1,9 @@
 """Write HF checkpoints: sharded safetensors + index + config + tokenizer files, atomically.
 
 Tensors are pulled from a :class:`ModelSource` one at a time and flushed shard by shard, so
-peak memory is one shard (``max_shard_size``) rather than the model.
+peak memory is one shard (``max_shard_size``) rather than the model. :class:`ShardWriter` and
+:func:`write_config_and_tokenizer` are the reusable halves (the compressed-tensors writer uses
+them too).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -48,6 +51,73 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+class ShardWriter:
+    """Streams named tensors into safetensors shards inside a directory being written.
+
+    Tensors are buffered until the next one would push the shard past ``max_shard_size``, then
+    flushed, so peak memory is one shard whatever the model size. :meth:`finish` gives the
+    shards their final HF names and writes the index. Used by every safetensors writer
+    (plain HF, compressed-tensors) so sharding and naming behave identically everywhere.
+    """
+
+    def __init__(self, directory: Path, max_shard_size: int) -> None:
+        self.directory = directory
+        self.max_shard_size = max_shard_size
+        self.total_size = 0
+        self._shards: list[list[str]] = []
+        self._current: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._names: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor (made contiguous); flushes the current shard first if it is full."""
+        if name in self._names:
+            raise ValueError(f"tensor {name} written twice")
+        self._names.add(name)
+        tensor = tensor.contiguous()
+        if self._current and self._size + _nbytes(tensor) > self.max_shard_size:
+            self._flush()
+        self._current[name] = tensor
+        self._size += _nbytes(tensor)
+        self.total_size += _nbytes(tensor)
+
+    def _flush(self) -> None:
+        if self._current:
+            path = self.directory / f"shard-{len(self._shards):05d}"
+            save_file(self._current, str(path), metadata={"format": "pt"})
+            self._shards.append(list(self._current))
+            self._current, self._size = {}, 0
+
+    def finish(self) -> dict[str, str]:
+        """Flush, rename shards to ``model.safetensors`` or ``model-0000i-of-0000n.safetensors``,
+        write the index when sharded; return the weight map (tensor name -> file name)."""
+        self._flush()
+        weight_map: dict[str, str] = {}
+        n = len(self._shards)
+        for i, shard_names in enumerate(self._shards):
+            final = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.directory / f"shard-{i:05d}").rename(self.directory / final)
+            weight_map.update(dict.fromkeys(shard_names, final))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+            (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return weight_map
+
+
+def write_config_and_tokenizer(
+    directory: Path, config: dict[str, Any], dtype: torch.dtype | None, tokenizer_files: dict[str, bytes]
+) -> None:
+    """Write ``config.json`` (``torch_dtype`` set to ``dtype``, the floating dtype of the stored
+    weights, when known) and the tokenizer side files: the non-tensor half of an HF checkpoint."""
+    config = dict(config)
+    config["torch_dtype"] = _DTYPE_NAMES.get(dtype, config.get("torch_dtype"))  # type: ignore[arg-type]
+    if "dtype" in config:
+        config["dtype"] = config["torch_dtype"]
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for fname, data in sorted(tokenizer_files.items()):
+        (directory / fname).write_bytes(data)
+
+
 def write_hf_checkpoint(
     source: ModelSource,
     out: Path | str,
@@ -61,50 +131,18 @@ def write_hf_checkpoint(
     ``dtype`` re-types floating tensors (None keeps each tensor's dtype).
     """
     out = Path(out)
-    names = source.tensor_names()
     with atomic_output(out, force=force, directory=True) as tmp:
-        shards: list[list[str]] = []
-        current: dict[str, torch.Tensor] = {}
-        size = total = 0
+        shards = ShardWriter(tmp, max_shard_size)
         out_dtype: torch.dtype | None = dtype
-
-        def flush() -> None:
-            nonlocal current, size
-            if current:
-                save_file(current, str(tmp / f"shard-{len(shards):05d}"), metadata={"format": "pt"})
-                shards.append(list(current))
-                current, size = {}, 0
-
-        for name in names:
+        for name in source.tensor_names():
             t = source.get_tensor(name)
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
-            t = t.contiguous()
             if out_dtype is None and t.is_floating_point():
                 out_dtype = t.dtype
-            if current and size + _nbytes(t) > max_shard_size:
-                flush()
-            current[name] = t
-            size += _nbytes(t)
-            total += _nbytes(t)
+            shards.add(name, t)
             if on_tensor:
                 on_tensor(name)
-        flush()
-
-        weight_map: dict[str, str] = {}
-        for i, shard_names in enumerate(shards):
-            final = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            (tmp / f"shard-{i:05d}").rename(tmp / final)
-            weight_map.update(dict.fromkeys(shard_names, final))
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-        config = source.config.to_hf_dict()
-        config["torch_dtype"] = _DTYPE_NAMES.get(out_dtype, config.get("torch_dtype"))
-        if "dtype" in config:
-            config["dtype"] = config["torch_dtype"]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for fname, data in source.tokenizer_files().items():
-            (tmp / fname).write_bytes(data)
+        shards.finish()
+        write_config_and_tokenizer(tmp, source.config.to_hf_dict(), out_dtype, source.tokenizer_files())
     return out

@@ -3,7 +3,8 @@
 Perplexity alone hides drift that happens to cancel out; KL(base‖other) over the full
 next-token distribution and top-1 agreement show it. Both models see the same GPTQ-protocol
 windows as :func:`qconv.model.perplexity.perplexity`, so the two perplexities reported here
-equal what that function gives for each model.
+equal what that function gives for each model. A KV cache spec applies to ``other`` only, so
+comparing a model with itself under ``--kv-cache`` measures what the cache alone costs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from qconv.model.decoder import Transformer
+from qconv.model.kv_spec import KVCacheSpec
 from qconv.model.perplexity import WindowCallback, nll_sum, score_window, windows
 
 
@@ -27,6 +29,7 @@ class CompareResult:
     max_abs_dlogit: float
     n_tokens: int
     n_windows: int
+    kv_cache: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,18 +43,24 @@ def compare(
     ctx: int = 2048,
     max_windows: int | None = None,
     on_window: WindowCallback | None = None,
+    kv_cache: KVCacheSpec | None = None,
 ) -> CompareResult:
     """Score ``other`` against ``base`` on the token stream ``ids``.
 
     The models may sit on different devices; ``other``'s logits are moved to ``base``'s.
+    ``kv_cache`` runs ``other`` through a fresh cache of that kind per window (``base`` never).
     """
     chunks = windows(ids, ctx, max_windows)
     nll_base = nll_other = kl_sum = 0.0
     agree = 0
     max_dlogit = 0.0
+    report = None
     for i, window in enumerate(chunks):
         logits_base, targets = score_window(base, window)
-        logits_other = score_window(other, window)[0].to(logits_base.device)
+        cache = None if kv_cache is None else kv_cache.make(other.config, 1, ctx, other.device, other.dtype)
+        logits_other = score_window(other, window, cache)[0].to(logits_base.device)
+        if cache is not None:
+            report = kv_cache.report(cache)
         lp_base, lp_other = logits_base.log_softmax(-1), logits_other.log_softmax(-1)
         nll_base += nll_sum(lp_base, targets)
         nll_other += nll_sum(lp_other, targets)
@@ -70,4 +79,5 @@ def compare(
         max_abs_dlogit=max_dlogit,
         n_tokens=n,
         n_windows=len(chunks),
+        kv_cache=report,
     )

@@ -11,6 +11,8 @@ cache ends in once it has full-precision keys and values.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +39,41 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=tq > 1 and tq == tk)
 
 
+@dataclass(frozen=True)
+class KVMemory:
+    """What a cache holds for ``tokens`` positions, against an fp16 cache of the same length.
+
+    ``bytes`` counts the storage of the positions held (packed codes, scales/zeros,
+    full-precision residual), not spare preallocated capacity, so runs of different lengths
+    compare fairly. ``fp16_bytes`` is ``2 (K and V) * layers * batch * kv_heads * tokens *
+    head_dim * 2``.
+    """
+
+    tokens: int
+    bytes: int
+    fp16_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes / self.fp16_bytes if self.fp16_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "bytes": self.bytes, "fp16_bytes": self.fp16_bytes, "ratio": self.ratio}
+
+
+def fp16_kv_bytes(config: ModelConfig, batch: int, tokens: int) -> int:
+    """Bytes an fp16 K+V cache needs for ``tokens`` positions: the reference every cache is compared with."""
+    return 2 * config.num_layers * batch * config.num_kv_heads * tokens * config.head_dim * 2
+
+
 class KVCache(ABC):
     """Per-layer key/value memory for incremental decoding, holding up to ``max_len`` positions."""
 
     max_len: int
+
+    @abstractmethod
+    def memory(self) -> KVMemory:
+        """Bytes held for the positions stored so far (see :class:`KVMemory`)."""
 
     @abstractmethod
     def attend(
@@ -70,6 +103,7 @@ class FpKVCache(KVCache):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.max_len = max_len
+        self.config, self.batch, self.length = config, batch, 0
         shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -80,4 +114,9 @@ class FpKVCache(KVCache):
         end = self._check_room(start_pos, k.shape[2])
         self.k[layer, :, :, start_pos:end] = k
         self.v[layer, :, :, start_pos:end] = v
+        self.length = max(self.length, end)
         return causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end])
+
+    def memory(self) -> KVMemory:
+        per_token = 2 * self.k[:, :, :, 0].numel() * self.k.element_size()
+        return KVMemory(self.length, per_token * self.length, fp16_kv_bytes(self.config, self.batch, self.length))

@@ -4,6 +4,11 @@ The protocol: tokenize the whole text once, cut it into ``len // ctx`` non-overl
 of ``ctx`` tokens (the last partial window is dropped), run each window from an empty context,
 and score every token after the first of each window. :func:`windows` and
 :func:`score_window` are shared with :mod:`qconv.model.compare`.
+
+With a KV cache spec, each window runs through a fresh cache of that kind in chunks of
+:data:`PREFILL_CHUNK` tokens. Every cache's ``attend`` treats a chunk exactly as that many
+single-token decoding steps, so the perplexity is the one token-by-token generation with that
+cache would produce, not an optimistic one where the window attends to unquantized keys/values.
 """
 
 from __future__ import annotations
@@ -17,9 +22,14 @@ import torch
 
 from qconv.errors import InvalidOption
 from qconv.model.decoder import Transformer
+from qconv.model.kv_cache import KVCache
+from qconv.model.kv_spec import KVCacheSpec
 
 #: ``on_window(done, total)``: progress after each evaluated window.
 WindowCallback = Callable[[int, int], None]
+#: Tokens per forward pass when a window runs through a KV cache; only bounds the memory of
+#: the attention scores (chunk x ctx), the result does not depend on it.
+PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -28,6 +38,7 @@ class PerplexityResult:
     nll_sum: float
     n_tokens: int
     n_windows: int
+    kv_cache: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,12 +58,19 @@ def windows(ids: list[int], ctx: int, max_windows: int | None = None) -> torch.T
     return torch.tensor(ids[: n * ctx], dtype=torch.long).view(n, ctx)
 
 
-def score_window(model: Transformer, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def score_window(
+    model: Transformer, window: torch.Tensor, cache: KVCache | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[ctx-1, V]`` (float32) for every scored position of one window, and the targets
-    ``[ctx-1]`` they predict (the window shifted by one)."""
-    window = window.to(model.device)
-    logits = model(window[None])[0, :-1]  # the last position predicts past the window
-    return logits, window[1:]
+    ``[ctx-1]`` they predict (the window shifted by one). With ``cache`` (empty, room for the
+    window) the window is fed through it in chunks of :data:`PREFILL_CHUNK` tokens."""
+    window = window.to(model.device)[None]
+    if cache is None:
+        logits = model(window)
+    else:
+        starts = range(0, window.shape[1], PREFILL_CHUNK)
+        logits = torch.cat([model(window[:, a: a + PREFILL_CHUNK], cache, a) for a in starts], dim=1)
+    return logits[0, :-1], window[0, 1:]  # the last position predicts past the window
 
 
 def nll_sum(logprobs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -67,14 +85,23 @@ def perplexity(
     ctx: int = 2048,
     max_windows: int | None = None,
     on_window: WindowCallback | None = None,
+    kv_cache: KVCacheSpec | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on the token stream ``ids`` (GPTQ protocol, see module docstring)."""
+    """Perplexity of ``model`` on the token stream ``ids`` (GPTQ protocol, see module docstring).
+
+    ``kv_cache`` runs every window through a fresh cache of that kind; the result then reports
+    the bytes that cache held at the end of a window.
+    """
     chunks = windows(ids, ctx, max_windows)
     total = 0.0
+    report = None
     for i, window in enumerate(chunks):
-        logits, targets = score_window(model, window)
+        cache = None if kv_cache is None else kv_cache.make(model.config, 1, ctx, model.device, model.dtype)
+        logits, targets = score_window(model, window, cache)
         total += nll_sum(logits.log_softmax(-1), targets)
+        if cache is not None:
+            report = kv_cache.report(cache)
         if on_window is not None:
             on_window(i + 1, len(chunks))
     n_tokens = len(chunks) * (ctx - 1)
-    return PerplexityResult(math.exp(total / n_tokens), total, n_tokens, len(chunks))
+    return PerplexityResult(math.exp(total / n_tokens), total, n_tokens, len(chunks), report)

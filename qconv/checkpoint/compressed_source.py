@@ -1,0 +1,287 @@
+"""Read compressed-tensors checkpoints (llm-compressor / qconv output) as a :class:`ModelSource`.
+
+The runner, writers and pipeline only ever see float weights under HF names, so this reader
+dequantizes each quantized Linear on demand (exactly: codes times scales in float32) and
+serves everything else as the plain HF reader does. The quantization itself stays available
+(:meth:`CompressedTensorsSource.quantized_weight`, :meth:`~CompressedTensorsSource.module_schemes`)
+for lossless re-export, and :meth:`~CompressedTensorsSource.activation_schemes` tells the runner
+which Linears quantize their inputs at run time (W8A8), so measured quality is what vLLM runs.
+
+Anything this reader cannot reproduce exactly (FP8/FP4 formats, static activation scales,
+act-order ``g_idx``, KV-cache or transform configs, sparsity) is refused with a one-line
+:class:`~qconv.errors.UnsupportedModel` rather than half-read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qconv.checkpoint.config import ModelConfig
+from qconv.checkpoint.hf import HFSource
+from qconv.errors import CheckpointMismatch, CorruptFile, InvalidOption, UnsupportedModel
+from qconv.formats.compressed_tensors import (
+    EMBEDDING,
+    INT_QUANTIZED,
+    MIXED,
+    NAIVE_QUANTIZED,
+    PACKED,
+    QUANT_METHOD,
+    ActivationScheme,
+    QuantizedWeight,
+    decompress,
+    linear_modules,
+    stored_shapes,
+)
+from qconv.quant.grid import WeightScheme
+
+#: Formats whose layout this reader decodes.
+READABLE_FORMATS = (PACKED, INT_QUANTIZED, NAIVE_QUANTIZED)
+_FLOAT_DTYPES = {"F32", "F16", "BF16"}
+
+
+def quantization_method(directory: Path) -> str | None:
+    """``quant_method`` of ``config.json["quantization_config"]``, or None when the directory has
+    no readable config or the model is not quantized (the HF reader then reports any problem)."""
+    try:
+        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if not qc:
+        return None
+    return str(qc.get("quant_method", "unknown")) if isinstance(qc, dict) else "unknown"
+
+
+@dataclass(frozen=True)
+class ModuleQuant:
+    """How one Linear is stored: its compressed-tensors format and weight/activation schemes."""
+
+    format: str
+    weights: WeightScheme
+    activations: ActivationScheme | None = None
+    #: ``strategy: tensor``: one scale for the whole matrix (read only; qconv writes group/channel).
+    tensor_strategy: bool = False
+
+
+def _unsupported(what: str, path: Path) -> UnsupportedModel:
+    return UnsupportedModel(f"compressed-tensors checkpoint with {what} is not supported", path)
+
+
+def _weight_scheme(args: dict[str, Any], path: Path) -> tuple[WeightScheme, bool]:
+    """A ``QuantizationArgs`` dict for weights -> (WeightScheme, tensor_strategy)."""
+    if args.get("type", "int") != "int":
+        raise _unsupported(f"{args.get('type')} (FP8/FP4) weights", path)
+    bits = int(args.get("num_bits", 8))
+    if not 2 <= bits <= 8:
+        raise _unsupported(f"{bits}-bit weights", path)
+    if args.get("dynamic"):
+        raise _unsupported("dynamic weight quantization", path)
+    if args.get("actorder") == "group" or args.get("actorder") is True:
+        raise _unsupported("act-order groups (g_idx)", path)
+    group_size = args.get("group_size")
+    strategy = args.get("strategy") or ("tensor" if group_size is None else "channel" if group_size == -1 else "group")
+    symmetric = bool(args.get("symmetric", True))
+    if strategy == "group" and isinstance(group_size, int) and group_size > 0:
+        return WeightScheme(bits, group_size, symmetric), False
+    if strategy in ("channel", "tensor"):
+        return WeightScheme(bits, -1, symmetric), strategy == "tensor"
+    raise _unsupported(f"weight strategy {strategy!r}", path)
+
+
+def _activation_scheme(args: dict[str, Any] | None, path: Path) -> ActivationScheme | None:
+    if args is None:
+        return None
+    kind = (args.get("num_bits", 8), args.get("type", "int"), args.get("symmetric", True),
+            args.get("strategy"), args.get("dynamic", False))
+    if kind != (8, "int", True, "token", True):
+        raise _unsupported(
+            "input activations other than dynamic symmetric per-token int8 "
+            f"(num_bits={kind[0]} type={kind[1]} symmetric={kind[2]} strategy={kind[3]} dynamic={kind[4]})", path
+        )
+    return ActivationScheme()
+
+
+def _rank(name: str, target: str) -> int | None:
+    """How specifically ``target`` selects Linear module ``name`` (compressed-tensors' rules:
+    exact name, then ``re:`` regex (``re.match``), then class name); None if it does not."""
+    if target == name:
+        return 0
+    if target.startswith("re:"):
+        return 1 if re.match(target[3:], name) else None
+    return 2 if target == "Linear" else None
+
+
+def resolve_modules(qcfg: Any, config: ModelConfig, path: Path) -> dict[str, ModuleQuant]:
+    """Validate a ``quantization_config`` and map every quantized Linear (HF module name) to how
+    it is stored. Raises UnsupportedModel for anything qconv cannot read exactly."""
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD:
+        raise _unsupported("a quantization_config that is not compressed-tensors", path)
+    status = qcfg.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise _unsupported(f"quantization_status {status!r} (only compressed checkpoints are read)", path)
+    fmt = qcfg.get("format")
+    if fmt not in READABLE_FORMATS and fmt != MIXED:
+        raise UnsupportedModel(
+            f"compressed-tensors format {fmt!r} is not supported (qconv reads {', '.join(READABLE_FORMATS)})", path
+        )
+    for key, what in (("kv_cache_scheme", "a KV-cache scheme"), ("sparsity_config", "sparsity"),
+                      ("transform_config", "transforms"), ("moe_sparsity_config", "expert sparsity")):
+        if qcfg.get(key):
+            raise _unsupported(what, path)
+    groups: list[tuple[str, list[str], ModuleQuant]] = []
+    for gname, group in (qcfg.get("config_groups") or {}).items():
+        if not isinstance(group, dict):
+            raise _unsupported(f"preset config group {gname!r}", path)
+        if group.get("output_activations") is not None:
+            raise _unsupported("output activation quantization", path)
+        if group.get("weights") is None:
+            raise _unsupported(f"config group {gname!r} without weight quantization", path)
+        weights, tensor_strategy = _weight_scheme(group["weights"], path)
+        act = _activation_scheme(group.get("input_activations"), path)
+        gfmt = group.get("format") or (fmt if fmt != MIXED else INT_QUANTIZED if act else PACKED)
+        if gfmt not in READABLE_FORMATS:
+            raise UnsupportedModel(
+                f"compressed-tensors format {gfmt!r} (group {gname}) is not supported "
+                f"(qconv reads {', '.join(READABLE_FORMATS)})", path
+            )
+        groups.append((gname, list(group.get("targets") or []), ModuleQuant(gfmt, weights, act, tensor_strategy)))
+    ignore = list(qcfg.get("ignore") or [])
+
+    def ignored(name: str, cls: str) -> bool:
+        return any(t == cls or _rank(name, t) in (0, 1) for t in ignore)
+
+    embed = EMBEDDING[: -len(".weight")]
+    if not ignored(embed, "Embedding") and any(
+        t == "Embedding" or _rank(embed, t) in (0, 1) for _, targets, _ in groups for t in targets
+    ):
+        raise _unsupported("quantized embeddings", path)
+    modules: dict[str, ModuleQuant] = {}
+    for name in linear_modules(config):
+        if ignored(name, "Linear"):
+            continue
+        ranked: list[tuple[int, str, ModuleQuant]] = []
+        for gname, targets, mq in groups:
+            ranks = [r for t in targets if (r := _rank(name, t)) is not None]
+            if ranks:
+                ranked.append((min(ranks), gname, mq))
+        if not ranked:
+            continue
+        best = min(r for r, _, _ in ranked)  # the most specific target wins, as in compressed-tensors
+        winners = [(g, mq) for r, g, mq in ranked if r == best]
+        if len(winners) > 1 and len({mq for _, mq in winners}) > 1:
+            raise _unsupported(f"module {name} matched by several config groups ({', '.join(g for g, _ in winners)})",
+                               path)
+        modules[name] = winners[0][1]
+    if not modules:
+        raise _unsupported("no quantized Linear modules (targets match nothing)", path)
+    return modules
+
+
+class CompressedTensorsSource(HFSource):
+    """A compressed-tensors checkpoint directory (``pack-quantized``, ``int-quantized``,
+    ``naive-quantized`` or a mix): serves dequantized float32 weights under the usual HF names.
+
+    ``config`` is the model's architecture without ``quantization_config`` (and without qconv's
+    ``qconv`` provenance key), so writing this source out as a plain HF checkpoint gives a
+    correct dense config; the originals are kept in :attr:`quantization_config` and
+    :attr:`qconv_metadata`.
+    """
+
+    format = "compressed-tensors"
+
+    def __init__(self, directory: Path | str) -> None:
+        self._modules: dict[str, ModuleQuant] = {}
+        super().__init__(directory)
+        raw = self.config.raw
+        self.quantization_config: dict[str, Any] = raw["quantization_config"]
+        self.qconv_metadata: dict[str, Any] | None = raw.get("qconv")
+        self.config = replace(self.config, raw={k: v for k, v in raw.items()
+                                                if k not in ("quantization_config", "qconv")})
+
+    # -- validation (called by HFSource.__init__)
+
+    def _validate(self) -> list[str]:
+        self._modules = resolve_modules(self.config.raw.get("quantization_config"), self.config, self.path)
+        names = super()._validate()
+        self._check_dtypes()
+        return names
+
+    def _module_shapes(self, module: str, mq: ModuleQuant, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        try:
+            local = stored_shapes(mq.format, mq.weights, (shape[0], shape[1]), mq.tensor_strategy)
+        except InvalidOption as e:  # group size does not divide the input width
+            raise CheckpointMismatch(f"{module}: {e}", self.path) from None
+        return {f"{module}.{k}": v for k, v in local.items()}
+
+    def _stored_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, shape in self.config.expected_shapes().items():
+            mq = self._modules.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+            if mq is None:
+                shapes[name] = shape
+            else:
+                shapes.update(self._module_shapes(name[: -len(".weight")], mq, shape))
+        return shapes
+
+    def _check_dtypes(self) -> None:
+        for module, mq in self._modules.items():
+            for name in self._module_shapes(module, mq, self._shape(module)):
+                dt, local = self.dtype_of(name), name[len(module) + 1:]
+                ok = (dt in _FLOAT_DTYPES if local == "weight_scale" else
+                      dt == "I32" if local in ("weight_packed", "weight_zero_point") and mq.format == PACKED else
+                      dt in ("I32", "I64") if local == "weight_shape" else
+                      dt in ("I8", "I32") if local == "weight_zero_point" else dt == "I8")
+                if not ok:
+                    raise CheckpointMismatch(f"tensor {name} has dtype {dt}, unexpected for {mq.format}",
+                                             self._shard_of[name])
+
+    def _shape(self, module: str) -> tuple[int, int]:
+        out, n = self.config.expected_shapes()[f"{module}.weight"]
+        return out, n
+
+    # -- ModelSource
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """Float32 dequantized weight for a quantized Linear, else the stored tensor."""
+        if name.endswith(".weight") and name[: -len(".weight")] in self._modules:
+            return self.quantized_weight(name).dequantize()
+        return super().get_tensor(name)
+
+    # -- quantization
+
+    def quantized_weight(self, name: str) -> QuantizedWeight:
+        """Codes, scales and zero points of quantized Linear weight ``name`` (``...q_proj.weight``);
+        the scheme's ``scale_dtype`` is the stored scale dtype, so re-writing it is lossless."""
+        module = name[: -len(".weight")]
+        mq = self._modules[module]
+        shape = self._shape(module)
+        local = list(self._module_shapes(module, mq, shape))
+        zp = f"{module}.weight_zero_point"
+        if zp not in local and zp in self._shard_of:
+            local.append(zp)
+        tensors = {n[len(module) + 1:]: HFSource.get_tensor(self, n) for n in local}
+        if "weight_shape" in tensors and tuple(int(x) for x in tensors["weight_shape"].tolist()) != shape:
+            raise CheckpointMismatch(
+                f"{module}.weight_shape is {tensors['weight_shape'].tolist()}, config implies {list(shape)}",
+                self._shard_of[f"{module}.weight_shape"],
+            )
+        scheme = replace(mq.weights, scale_dtype=tensors["weight_scale"].dtype)
+        try:
+            return decompress(mq.format, scheme, shape, tensors, mq.tensor_strategy)
+        except ValueError as e:
+            raise CorruptFile(f"{module}: {e}", self._shard_of[local[0]]) from None
+
+    def module_schemes(self) -> dict[str, ModuleQuant]:
+        """HF module name -> how it is stored, for every quantized Linear (others are float)."""
+        return dict(self._modules)
+
+    def activation_schemes(self) -> dict[str, ActivationScheme]:
+        """HF module name -> input quantization, for the Linears that quantize activations (W8A8);
+        pass to :func:`qconv.model.act_quant.apply_activation_quant` to emulate them."""
+        return {m: mq.activations for m, mq in self._modules.items() if mq.activations is not None}

@@ -1,0 +1,460 @@
+"""compressed-tensors checkpoints (the format vLLM and transformers load): writer and layout helpers.
+
+A compressed-tensors checkpoint is an HF safetensors checkpoint whose quantized Linear weights
+are replaced by their integer codes plus per-(row, group) parameters, described by
+``config.json["quantization_config"]``. qconv writes two formats:
+
+* ``pack-quantized`` (weight-only, W2..W8 A16): ``X.weight_packed`` int32 ``[out, ceil(in*b/32)]``
+  (codes offset to unsigned and packed densely along the input dim, see :func:`pack_int32`),
+  ``X.weight_scale`` ``[out, groups]`` in ``scheme.scale_dtype``, ``X.weight_shape`` int32
+  ``[out, in]`` and, for asymmetric grids only, ``X.weight_zero_point`` int32 packed along the
+  *output* dim ``[ceil(out*b/32), groups]``.
+* ``int-quantized`` (W8A8: int8 per-channel symmetric weights, int8 dynamic per-token
+  activations): ``X.weight`` int8 ``[out, in]`` and ``X.weight_scale`` ``[out, 1]``; nothing is
+  stored for the activations (their scales are computed per token at run time).
+
+Codes and parameters follow :mod:`qconv.quant.grid`, which uses compressed-tensors' own
+convention (``x = (q - zero) * scale``, signed codes), so writing is pure re-layout: the
+stored codes dequantize to exactly what the quantizer produced.
+
+Layout facts were checked against compressed-tensors 0.20.0 (``PackedQuantizationCompressor``,
+``pack_to_int32``, ``QuantizationArgs``) and are tested against it. 2/4/8-bit packing is the same
+in every compressed-tensors release; 3/5/6/7-bit packing became *dense* (codes straddle int32
+words) in 0.20, so those widths need compressed-tensors >= 0.20 to load (older releases refuse
+them or expect a padded layout, and vLLM's WNA16 kernels take only 4 and 8 bits).
+
+qconv's own provenance (resolved recipe, qconv version, input hash) goes in a top-level
+``config.json["qconv"]`` object, not in ``quantization_config``: compressed-tensors drops
+unknown ``quantization_config`` keys when it re-saves a model, transformers keeps unknown
+top-level config keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from qconv.atomic import atomic_output
+from qconv.checkpoint.config import ModelConfig
+from qconv.checkpoint.hf_writer import ShardWriter, write_config_and_tokenizer
+from qconv.errors import CheckpointMismatch, InvalidOption
+from qconv.quant.grid import WeightScheme, dequantize
+
+QUANT_METHOD = "compressed-tensors"
+PACKED = "pack-quantized"
+INT_QUANTIZED = "int-quantized"
+NAIVE_QUANTIZED = "naive-quantized"
+MIXED = "mixed-precision"
+#: The compressed-tensors release whose layout qconv writes (recorded as ``version``).
+CT_VERSION = "0.20.0"
+EMBEDDING = "model.embed_tokens.weight"
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """Pack signed ``bits``-bit codes (int8, 2-D) into int32 words along ``dim``.
+
+    Codes are offset to unsigned (``q + 2^(b-1)``) and laid out as one little-endian bit stream
+    per row: code ``i`` occupies bits ``i*b .. i*b+b-1``, so a row of ``n`` codes takes
+    ``ceil(n*b/32)`` words and, for widths that do not divide 32, a code may straddle two words.
+    This is compressed-tensors' ``pack_to_int32`` layout (identical to the classic
+    "``32/b`` codes per word, first code in the low bits" layout for b = 1, 2, 4, 8).
+
+    Works on bytes (uint8) rather than int32 words so no step can overflow and every step is a
+    cheap byte op: the bit stream is built a byte at a time, then reinterpreted as int32.
+    """
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"pack_int32 needs a 2-D int8 tensor, got {q.dtype} {list(q.shape)}")
+    _check_bits(bits)
+    if dim == 0:
+        return pack_int32(q.t(), bits, 1).t().contiguous()
+    rows, n = q.shape
+    # q + 2^(b-1) in uint8 arithmetic: wraps modulo 256 to the right value in [0, 2^b)
+    u = q.contiguous().view(torch.uint8) + (1 << (bits - 1))
+    u = torch.nn.functional.pad(u, (0, _padded(n) - n))  # whole 32-code blocks = whole words
+    if 8 % bits == 0:  # whole codes per byte: OR them in directly
+        per = u.view(rows, -1, 8 // bits)
+        stream = per[..., 0].clone()
+        for k in range(1, 8 // bits):
+            stream |= per[..., k] << (bits * k)
+    else:  # codes straddle bytes: expand to single bits, regroup by 8
+        bit_stream = (u.unsqueeze(-1) >> torch.arange(bits, dtype=torch.uint8)) & 1
+        stream = (bit_stream.view(rows, -1, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    return _bytes_to_words(stream)[:, : packed_width(n, bits)].contiguous()
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, size: int, dim: int = 1) -> torch.Tensor:
+    """Inverse of :func:`pack_int32`: the first ``size`` signed codes (int8) along ``dim``."""
+    if packed.dtype != torch.int32 or packed.dim() != 2:
+        raise ValueError(f"unpack_int32 needs a 2-D int32 tensor, got {packed.dtype} {list(packed.shape)}")
+    _check_bits(bits)
+    if dim == 0:
+        return unpack_int32(packed.t(), bits, size, 1).t().contiguous()
+    rows, nwords = packed.shape
+    if nwords != packed_width(size, bits):
+        raise ValueError(f"{nwords} int32 words do not hold {size} densely packed {bits}-bit codes")
+    words = torch.nn.functional.pad(packed, (0, _padded(size) * bits // 32 - nwords))
+    stream = _words_to_bytes(words)
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        u = ((stream.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).view(rows, -1)
+    else:
+        bit_stream = ((stream.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).view(rows, -1, bits)
+        u = (bit_stream << torch.arange(bits, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    return (u[:, :size] - (1 << (bits - 1))).view(torch.int8).contiguous()
+
+
+def _padded(n: int) -> int:
+    return -(-n // 32) * 32
+
+
+def _bytes_to_words(stream: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[rows, 4k]`` little-endian byte stream -> int32 ``[rows, k]``, on any host."""
+    stream = stream.contiguous()
+    if sys.byteorder == "big":
+        stream = stream.view(stream.shape[0], -1, 4).flip(-1).reshape(stream.shape[0], -1)
+    return stream.view(torch.int32)
+
+
+def _words_to_bytes(words: torch.Tensor) -> torch.Tensor:
+    stream = words.contiguous().view(torch.uint8)
+    if sys.byteorder == "big":
+        stream = stream.view(words.shape[0], -1, 4).flip(-1).reshape(words.shape[0], -1)
+    return stream
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+
+
+def packed_width(n: int, bits: int) -> int:
+    """int32 words holding ``n`` densely packed ``bits``-bit codes."""
+    return math.ceil(n * bits / 32)
+
+
+# --------------------------------------------------------------------------- schemes
+
+
+@dataclass(frozen=True)
+class ActivationScheme:
+    """How a Linear's *inputs* are quantized at run time (W8A8): dynamic, symmetric, per token.
+
+    Only this variant is supported: it is what vLLM runs with its int8 ``scaled_mm`` kernels
+    and what needs no calibration data (no stored activation scales).
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    strategy: str = "token"
+    dynamic: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.bits, self.symmetric, self.strategy, self.dynamic) != (8, True, "token", True):
+            raise InvalidOption(
+                "only dynamic symmetric per-token int8 activation quantization is supported, got "
+                f"bits={self.bits} symmetric={self.symmetric} strategy={self.strategy} dynamic={self.dynamic}"
+            )
+
+    def to_args(self) -> dict[str, Any]:
+        """compressed-tensors ``QuantizationArgs`` for ``input_activations``."""
+        return {
+            "num_bits": self.bits, "type": "int", "symmetric": self.symmetric, "strategy": self.strategy,
+            "group_size": None, "dynamic": self.dynamic, "actorder": None, "block_structure": None,
+            "observer": None, "observer_kwargs": {},
+        }
+
+
+@dataclass
+class QuantizedWeight:
+    """One Linear weight on an integer grid: codes ``q`` int8 ``[out, in]``, ``scale`` ``[out, groups]``
+    and ``zero`` int32 ``[out, groups]`` per :mod:`qconv.quant.grid` (``x = (q - zero) * scale``)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    scheme: WeightScheme
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.q.shape[0]), int(self.q.shape[1]))
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 weights; exact (an integer times a float16/bfloat16/float32 scale fits float32)."""
+        return dequantize(self.q, self.scale, self.zero, self.scheme)
+
+    def check(self, name: str) -> None:
+        """Raise ValueError if the parts disagree with each other or the scheme: a writer would
+        otherwise store codes that silently dequantize to something else."""
+        s = self.scheme
+        if self.q.dtype != torch.int8 or self.q.dim() != 2:
+            raise ValueError(f"{name}: codes must be a 2-D int8 tensor, got {self.q.dtype} {list(self.q.shape)}")
+        out, n = self.shape
+        groups = s.groups(n)
+        for part, t in (("scale", self.scale), ("zero", self.zero)):
+            if tuple(t.shape) != (out, groups):
+                raise ValueError(f"{name}: {part} has shape {list(t.shape)}, expected {[out, groups]}")
+        if self.q.numel() and (int(self.q.min()) < s.qmin or int(self.q.max()) > s.qmax):
+            raise ValueError(f"{name}: codes outside the {s.bits}-bit range [{s.qmin}, {s.qmax}]")
+        if s.symmetric and bool(self.zero.any()):
+            raise ValueError(f"{name}: symmetric scheme with non-zero zero points")
+        if not s.symmetric and (int(self.zero.min()) < s.qmin or int(self.zero.max()) > s.qmax):
+            raise ValueError(f"{name}: zero points outside [{s.qmin}, {s.qmax}]")
+        if not torch.equal(self.scale.to(s.scale_dtype).float(), self.scale.float()):
+            raise ValueError(f"{name}: scales are not representable in {s.scale_dtype}")
+
+
+def weight_args(scheme: WeightScheme) -> dict[str, Any]:
+    """compressed-tensors ``QuantizationArgs`` (as JSON) for a weight scheme."""
+    channel = scheme.group_size == -1
+    return {
+        "num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric,
+        "strategy": "channel" if channel else "group", "group_size": None if channel else scheme.group_size,
+        "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {},
+    }
+
+
+def module_format(act: ActivationScheme | None) -> str:
+    """The compressed-tensors format a module is stored in (what ``infer_module_format`` picks)."""
+    return PACKED if act is None else INT_QUANTIZED
+
+
+def compress(w: QuantizedWeight, act: ActivationScheme | None) -> dict[str, torch.Tensor]:
+    """The stored tensors of one quantized Linear, keyed by local name (``weight_packed``, ...)."""
+    s = w.scheme
+    scale = w.scale.to(s.scale_dtype).contiguous()
+    if act is not None:
+        return {"weight": w.q.contiguous(), "weight_scale": scale}
+    out: dict[str, torch.Tensor] = {
+        "weight_packed": pack_int32(w.q, s.bits, dim=1),
+        "weight_scale": scale,
+        "weight_shape": torch.tensor(w.shape, dtype=torch.int32),
+    }
+    if not s.symmetric:
+        out["weight_zero_point"] = pack_int32(w.zero.to(torch.int8), s.bits, dim=0)
+    return out
+
+
+def stored_shapes(fmt: str, scheme: WeightScheme, shape: tuple[int, int],
+                  tensor_strategy: bool = False) -> dict[str, tuple[int, ...]]:
+    """Local names and shapes a module of format ``fmt`` must store (for header validation).
+
+    ``tensor_strategy``: one scale for the whole matrix (``strategy: tensor``, read only).
+    A zero point is required for asymmetric grids only (some writers also store zeros for
+    symmetric ones; those are ignored).
+    """
+    out, n = shape
+    groups = scheme.groups(n)
+    scale_shape: tuple[int, ...] = (1,) if tensor_strategy else (out, groups)
+    shapes: dict[str, tuple[int, ...]]
+    if fmt == PACKED:
+        shapes = {"weight_packed": (out, packed_width(n, scheme.bits)), "weight_scale": scale_shape,
+                  "weight_shape": (2,)}
+        zero_shape = scale_shape if tensor_strategy else (packed_width(out, scheme.bits), groups)
+    else:
+        shapes = {"weight": (out, n), "weight_scale": scale_shape}
+        zero_shape = scale_shape
+    if not scheme.symmetric:
+        shapes["weight_zero_point"] = zero_shape
+    return shapes
+
+
+def decompress(fmt: str, scheme: WeightScheme, shape: tuple[int, int], tensors: dict[str, torch.Tensor],
+               tensor_strategy: bool = False) -> QuantizedWeight:
+    """Codes and grid parameters back from one module's stored tensors (local names, shapes
+    already validated against :func:`stored_shapes`)."""
+    out, n = shape
+    groups = scheme.groups(n)
+    if fmt == PACKED:
+        q = unpack_int32(tensors["weight_packed"], scheme.bits, n, dim=1)
+    else:
+        q = tensors["weight"].to(torch.int8)
+    zp = tensors.get("weight_zero_point")
+    if tensor_strategy:
+        scale = tensors["weight_scale"].reshape(1, 1).expand(out, 1)
+        zero = (torch.zeros(1, 1) if scheme.symmetric or zp is None else zp.reshape(1, 1)).expand(out, 1)
+    else:
+        scale = tensors["weight_scale"].reshape(out, groups)
+        if scheme.symmetric or zp is None:
+            zero = torch.zeros(out, groups)
+        elif fmt == PACKED:
+            zero = unpack_int32(zp, scheme.bits, out, dim=0)
+        else:
+            zero = zp.reshape(out, groups)
+    return QuantizedWeight(q, scale.float().contiguous(), zero.to(torch.int32).contiguous(), scheme)
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def linear_modules(config: ModelConfig) -> list[str]:
+    """HF module names (no ``.weight``) of every Linear the model stores, in checkpoint order."""
+    return [n[: -len(".weight")] for n, s in config.expected_shapes().items()
+            if n.endswith(".weight") and len(s) == 2 and n != EMBEDDING]
+
+
+class CompressedTensorsWriter:
+    """Streaming writer of a compressed-tensors checkpoint directory; use as a context manager.
+
+    ``add`` every tensor of the model (plain tensors as they are, Linear weights as
+    :class:`QuantizedWeight`), in any order; they are flushed shard by shard (peak memory one
+    shard). On a clean exit the writer checks the model is complete (every tensor the config
+    implies, with the right shape), then writes the index, ``config.json`` with its
+    ``quantization_config`` and the tokenizer files, and renames the temporary directory into
+    place; on an exception nothing is left behind. Same inputs in the same order give the same
+    bytes (no timestamps, sorted JSON).
+
+    ``dtype`` re-types plain floating tensors (None keeps them); scales keep
+    ``scheme.scale_dtype``, which should match the model dtype for loaders that cast scales to it.
+    ``metadata`` (JSON-serializable) is stored as ``config.json["qconv"]``.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path | str,
+        config: ModelConfig,
+        tokenizer_files: dict[str, bytes] | None = None,
+        max_shard_size: int = 5 * 10**9,
+        force: bool = False,
+        metadata: dict[str, Any] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.config = config
+        self.tokenizer_files = dict(tokenizer_files or {})
+        self.max_shard_size = max_shard_size
+        self.force = force
+        self.metadata = dict(metadata or {})
+        json.dumps(self.metadata)  # fail now, not after the model is written
+        self.dtype = dtype
+        self.quantization_config: dict[str, Any] | None = None
+        self._expected = config.expected_shapes()
+        self._linear = set(linear_modules(config))
+        self._added: set[str] = set()
+        self._modules: dict[str, tuple[WeightScheme, ActivationScheme | None]] = {}
+        self._float_dtype: torch.dtype | None = dtype
+        self._stack: ExitStack | None = None
+        self._shards: ShardWriter | None = None
+
+    def __enter__(self) -> "CompressedTensorsWriter":
+        stack = ExitStack()
+        tmp = stack.enter_context(atomic_output(self.out_dir, force=self.force, directory=True))
+        self._stack, self._shards = stack, ShardWriter(tmp, self.max_shard_size)
+        return self
+
+    def add(self, hf_name: str, value: torch.Tensor | QuantizedWeight, act: ActivationScheme | None = None) -> None:
+        """Store one model tensor. ``act`` (only with a QuantizedWeight) makes the Linear W8A8."""
+        if self._shards is None:
+            raise RuntimeError("CompressedTensorsWriter.add outside its with-block")
+        expected = self._expected.get(hf_name)
+        if expected is None:
+            raise CheckpointMismatch(f"tensor {hf_name} is not part of a {self.config.architecture} with this config")
+        if hf_name in self._added:
+            raise CheckpointMismatch(f"tensor {hf_name} added twice")
+        shape = tuple(value.shape)
+        if shape != expected:
+            raise CheckpointMismatch(f"tensor {hf_name} has shape {list(shape)}, config implies {list(expected)}")
+        if not isinstance(value, QuantizedWeight):
+            if act is not None:
+                raise ValueError(f"{hf_name}: activation quantization needs a QuantizedWeight")
+            if self.dtype is not None and value.is_floating_point():
+                value = value.to(self.dtype)
+            if self._float_dtype is None and value.is_floating_point():
+                self._float_dtype = value.dtype
+            self._added.add(hf_name)
+            self._shards.add(hf_name, value)
+            return
+        module = hf_name[: -len(".weight")]
+        if module not in self._linear:
+            raise InvalidOption(f"{hf_name} is not a Linear weight; only Linear weights can be quantized")
+        value.check(hf_name)
+        s = value.scheme
+        if act is not None and (s.bits, s.group_size, s.symmetric) != (8, -1, True):
+            raise InvalidOption(
+                f"{hf_name}: int8 activations (int-quantized, W8A8) need 8-bit symmetric per-channel weights, "
+                f"got {s.bits}-bit group_size={s.group_size} symmetric={s.symmetric}"
+            )
+        self._added.add(hf_name)
+        self._modules[module] = (s, act)
+        for local, t in compress(value, act).items():
+            self._shards.add(f"{module}.{local}", t)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        stack, self._stack = self._stack, None
+        assert stack is not None
+        if exc is None:
+            try:
+                self._finish()
+            except BaseException as e:  # let atomic_output remove the partial directory
+                if not stack.__exit__(type(e), e, e.__traceback__):
+                    raise
+                return False
+        return bool(stack.__exit__(exc_type, exc, tb))
+
+    def _finish(self) -> None:
+        assert self._shards is not None
+        missing = [n for n in self._expected if n not in self._added]
+        if missing:
+            raise CheckpointMismatch(f"tensor {missing[0]} was never written ({len(missing)} missing)", self.out_dir)
+        self._shards.finish()
+        hf = self.config.to_hf_dict()
+        hf.pop("qconv", None)
+        hf.pop("quantization_config", None)
+        if self._modules:  # with nothing quantized this is a plain HF checkpoint
+            self.quantization_config = build_quantization_config(self.config, self._modules)
+            hf["quantization_config"] = self.quantization_config
+        if self.metadata:
+            hf["qconv"] = self.metadata
+        dtype = self._float_dtype or next((s.scale_dtype for s, _ in self._modules.values()), None)
+        write_config_and_tokenizer(self._shards.directory, hf, dtype, self.tokenizer_files)
+
+
+def build_quantization_config(
+    config: ModelConfig, modules: dict[str, tuple[WeightScheme, ActivationScheme | None]]
+) -> dict[str, Any]:
+    """``config.json["quantization_config"]`` for per-module schemes (HF module name -> schemes).
+
+    One config group per distinct (weight, activation) scheme, in order of first use. A single
+    group targets the class ``"Linear"`` (what llm-compressor writes and every loader handles);
+    several groups target exact module names, which compressed-tensors, transformers and vLLM
+    all match (vLLM additionally needs the modules it fuses, q/k/v and gate/up, to share a
+    group). ``ignore`` lists every Linear left in floating point (``lm_head`` always, since
+    transformers builds that module even when it is tied to the embeddings).
+    """
+    order = linear_modules(config)
+    quantized = [m for m in order if m in modules]
+    distinct: list[tuple[WeightScheme, ActivationScheme | None]] = []
+    for m in quantized:
+        if modules[m] not in distinct:
+            distinct.append(modules[m])
+    formats = {module_format(act) for _, act in distinct}
+    fmt = next(iter(formats)) if len(formats) == 1 else MIXED
+    groups: dict[str, Any] = {}
+    for i, (ws, act) in enumerate(distinct):
+        targets = ["Linear"] if len(distinct) == 1 else [m for m in quantized if modules[m] == (ws, act)]
+        group: dict[str, Any] = {
+            "targets": targets, "weights": weight_args(ws),
+            "input_activations": act.to_args() if act else None, "output_activations": None,
+        }
+        if fmt == MIXED:
+            group["format"] = module_format(act)
+        groups[f"group_{i}"] = group
+    ignore = [m for m in order if m not in modules]
+    if config.tie_word_embeddings and "lm_head" not in ignore:
+        ignore.append("lm_head")
+    return {
+        "quant_method": QUANT_METHOD, "format": fmt, "quantization_status": "compressed",
+        "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
+        "version": CT_VERSION,
+    }

@@ -1,0 +1,116 @@
+"""Calibration data and activation statistics.
+
+Data: rows of text from a local file or folder (txt/json/jsonl/parquet/csv via ``datasets``),
+or a dataset name ``datasets`` resolves when online; joined with blank lines, tokenized once,
+and cut into seeded random windows of ``seqlen`` tokens (GPTQ's protocol), so a run is
+reproducible from (source, samples, seqlen, seed).
+
+Statistics: for the input of every Linear, the token count, Σx² per channel (llama.cpp's
+importance matrix; GPTQ's Hessian diagonal up to a factor), mean |x| (AWQ) and max |x|
+(SmoothQuant) per channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qconv.checkpoint.tokenizer import Tokenizer
+from qconv.errors import InputNotFound, InvalidOption
+from qconv.textdata import load_rows
+
+
+def load_calibration_rows(source: str, text_field: str = "text") -> list[str]:
+    """Text rows from a local file, a folder of files, or (online) a ``datasets`` name
+    written ``name[:config[:split]]``."""
+    path = Path(source)
+    if path.is_file():
+        return load_rows(path, text_field)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise InputNotFound("calibration folder is empty", path)
+        return [row for f in files for row in load_rows(f, text_field)]
+    if "/" in source or source.startswith("."):
+        raise InputNotFound("calibration data not found", path)
+    import datasets
+
+    name, config, split = (source.split(":") + [None, None])[:3]
+    try:
+        ds = datasets.load_dataset(name, config, split=split or "train")
+    except Exception as e:  # offline or unknown: datasets raises ConnectionError, FileNotFoundError, ...
+        raise InputNotFound(
+            f"dataset {source!r} could not be loaded ({type(e).__name__}); offline, pass a local "
+            "txt/json/jsonl/parquet file or folder with --data"
+        ) from None
+    if text_field not in ds.column_names:
+        raise InvalidOption(f"dataset {source!r} has no field {text_field!r} (fields: {', '.join(ds.column_names)})")
+    return [str(t) for t in ds[text_field]]
+
+
+def calibration_windows(tokenizer: Tokenizer, rows: list[str], samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``[samples, seqlen]`` token windows at seeded random offsets of the tokenized text."""
+    if samples < 1 or seqlen < 2:
+        raise InvalidOption(f"need samples >= 1 and seqlen >= 2 (got {samples}, {seqlen})")
+    ids = torch.tensor(tokenizer.encode("\n\n".join(rows)), dtype=torch.long)
+    if len(ids) < seqlen:
+        raise InvalidOption(f"calibration text has {len(ids)} tokens, fewer than --seqlen {seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen + 1, (samples,), generator=gen)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+@dataclass
+class ChannelStats:
+    """Running per-input-channel statistics of one Linear's input."""
+
+    count: int = 0
+    sum_sq: torch.Tensor | None = None  # float64 [in]
+    sum_abs: torch.Tensor | None = None  # float64 [in]
+    max_abs: torch.Tensor | None = None  # float32 [in]
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        a = x.abs()
+        sq, ab, mx = (x * x).sum(0).double(), a.sum(0).double(), a.amax(0)
+        if self.sum_sq is None:
+            self.sum_sq, self.sum_abs, self.max_abs = sq, ab, mx
+        else:
+            self.sum_sq += sq
+            self.sum_abs += ab
+            self.max_abs = torch.maximum(self.max_abs, mx)
+        self.count += x.shape[0]
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        """llama.cpp's importance: mean x² per channel."""
+        assert self.sum_sq is not None
+        return self.sum_sq / max(self.count, 1)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        assert self.sum_abs is not None
+        return self.sum_abs / max(self.count, 1)
+
+
+@dataclass
+class ActivationStats:
+    """Statistics for every Linear input of a model, keyed by HF module name
+    (``model.layers.0.self_attn.q_proj``)."""
+
+    modules: dict[str, ChannelStats] = field(default_factory=dict)
+
+    def get(self, name: str) -> ChannelStats:
+        return self.modules.setdefault(name, ChannelStats())
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat safetensors layout: ``<module>.count``, ``.sum_sq``, ``.mean_abs``, ``.max_abs``."""
+        out: dict[str, torch.Tensor] = {}
+        for name, s in sorted(self.modules.items()):
+            out[f"{name}.count"] = torch.tensor([s.count], dtype=torch.int64)
+            out[f"{name}.sum_sq"] = s.sum_sq.float()
+            out[f"{name}.mean_abs"] = s.mean_abs.float()
+            out[f"{name}.max_abs"] = s.max_abs.float()
+        return out

@@ -1,0 +1,151 @@
+"""AWQ: activation-aware scaling and clipping of weights before low-bit quantization.
+
+Per decoder layer, for each (previous op -> balanced Linears) mapping of the Llama family
+(``input_layernorm -> q/k/v``, ``v_proj -> o_proj`` when their shapes allow it (never under
+GQA), ``post_attention_layernorm -> gate/up``, ``up_proj -> down_proj``):
+
+1. ``x_mean`` = mean |x| per input channel over calibration tokens; ``w_mean`` = mean over rows
+   of |W| normalized by its quantization group's max (AutoAWQ's "duo scaling").
+2. Grid over ratio r = i/grid: ``s = clamp(x_mean^r / (w_mean^(1-r) + 1e-4), 1e-4)``,
+   ``s /= sqrt(max s * min s)``; loss = MSE between the inspected module's output with
+   ``Q(W·s)/s`` and with the fp weights; keep the best s (r = 0, no scaling, is in the grid).
+3. Fold: ``prev /= s`` (norm weight, or the rows of the previous Linear), ``W *= s``; the cached
+   inputs are divided by s so later steps see what the scaled model computes.
+4. Clip search for every Linear except q/k (their error is amplified by the q·k product):
+   per (row, group), shrink the |w| range by 1 - i/20 (i < 10) and keep the least output MSE.
+
+All search math is float32 (AWQ's fp16 overflow issues do not arise). The quantizer stage after
+this transform (RTN or GPTQ) produces the codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from qconv.quant.grid import WeightScheme, fake_quantize
+from qconv.quant.methods.base import Transform
+from qconv.quant.pipeline import LayerContext
+from qconv.quant.schemes import SchemeMap
+
+NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+def w_mean(weights: list[torch.Tensor], scheme: WeightScheme) -> torch.Tensor:
+    """Mean over rows of |W| / (group max of |W|): how large each input column is relative to
+    the quantization range it shares."""
+    w = torch.cat([x.float() for x in weights])
+    out, n = w.shape
+    g = w.abs().reshape(out, scheme.groups(n), scheme.group_width(n))
+    g = g / (g.amax(-1, keepdim=True) + 1e-6)
+    return g.reshape(out, n).mean(0)
+
+
+def candidate_scales(x_mean: torch.Tensor, wm: torch.Tensor, ratio: float) -> torch.Tensor:
+    s = (x_mean.pow(ratio) / (wm.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+def clip_search(w: torch.Tensor, x: torch.Tensor, scheme: WeightScheme, steps: int = 10, grid: int = 20,
+                chunk: int = 64) -> torch.Tensor:
+    """Per (row, group) max |w| that minimizes the group-wise output error on tokens ``x`` [N, in];
+    returns the clipped weight."""
+    out, n = w.shape
+    ng, gw = scheme.groups(n), scheme.group_width(n)
+    xg = x.float().reshape(-1, ng, gw)
+    clipped = torch.empty_like(w, dtype=torch.float32)
+    for r0 in range(0, out, chunk):
+        wc = w[r0:r0 + chunk].float()
+        wg = wc.reshape(-1, ng, gw)
+        ref = torch.einsum("tng,cng->ctn", xg, wg)
+        org_max = wg.abs().amax(-1, keepdim=True)
+        best_err = torch.full(org_max.shape[:2], float("inf"))
+        best_max = org_max.clone()
+        for i in range(steps):
+            m = org_max * (1 - i / grid)
+            q = fake_quantize(torch.clamp(wg, -m, m).reshape(wc.shape), scheme).reshape(wg.shape)
+            err = (torch.einsum("tng,cng->ctn", xg, q) - ref).pow(2).mean(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better[..., None], m, best_max)
+        clipped[r0:r0 + chunk] = torch.clamp(wg, -best_max, best_max).reshape(wc.shape)
+    return clipped.to(w.dtype)
+
+
+class AWQ(Transform):
+    name = "awq"
+    options = {"grid": 20, "clip": True, "clip_tokens": 512, "search_samples": 128}
+
+    def apply(self, ctx: LayerContext, schemes: SchemeMap) -> None:
+        layer = ctx.layer
+        n = min(int(self.config["search_samples"]), ctx.inputs.shape[0])
+        inputs = ctx.inputs[:n]
+        feats: dict[str, list[torch.Tensor]] = {}
+        ctx.forward(lambda inner, x: feats.setdefault(inner, []).append(x.float().cpu()), inputs=inputs)
+        x = {k: torch.cat(v) for k, v in feats.items()}
+        attn = layer.self_attn
+        run_attn = lambda t: torch.cat([attn(b, ctx.pipeline.cos, ctx.pipeline.sin, None, 0)  # noqa: E731
+                                        for b in t.split(ctx.pipeline.batch_size)])
+        mappings: list[tuple[str, tuple[str, ...], Callable[[torch.Tensor], torch.Tensor], str]] = [
+            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), run_attn, "self_attn.q_proj"),
+            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), layer.mlp, "mlp.gate_proj"),
+            ("mlp.up_proj", ("mlp.down_proj",), layer.mlp.down_proj, "mlp.down_proj"),
+        ]
+        if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
+            mappings.insert(1, ("self_attn.v_proj", ("self_attn.o_proj",), attn.o_proj, "self_attn.o_proj"))
+        with torch.inference_mode():
+            for prev, balance, inspect, feat in mappings:
+                scheme = schemes.scheme_for(ctx.module_name(balance[0]))
+                if scheme is None or feat not in x:
+                    continue
+                s = self._search(layer, balance, inspect, x[feat], scheme)
+                self._fold(layer, prev, balance, s)
+                for name in balance:  # their inputs are now x / s
+                    x[name] = x[name] / s
+            if self.config["clip"]:
+                self._clip(ctx, schemes, x)
+
+    def _search(self, layer: torch.nn.Module, balance: tuple[str, ...], inspect: Callable[[torch.Tensor], torch.Tensor],
+                x: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
+        mods = [layer.get_submodule(b) for b in balance]
+        originals = [m.weight.data.clone() for m in mods]
+        x_mean = x.abs().reshape(-1, x.shape[-1]).mean(0)
+        wm = w_mean(originals, scheme)
+        ref = inspect(x)
+        best, best_s = float("inf"), torch.ones_like(x_mean)
+        grid = int(self.config["grid"])
+        for i in range(grid):
+            s = candidate_scales(x_mean, wm, i / grid)
+            for m, w in zip(mods, originals):
+                m.weight.data = fake_quantize(w * s[None, :], scheme) / s[None, :]
+            loss = (inspect(x) - ref).float().pow(2).mean().item()
+            if loss < best:
+                best, best_s = loss, s
+        for m, w in zip(mods, originals):
+            m.weight.data = w
+        return best_s
+
+    @staticmethod
+    def _fold(layer: torch.nn.Module, prev: str, balance: tuple[str, ...], s: torch.Tensor) -> None:
+        p = layer.get_submodule(prev)
+        if p.weight.dim() == 1:  # a norm
+            p.weight.data = p.weight.data / s
+        else:  # a Linear feeding the balanced ones: scale its output rows
+            p.weight.data = p.weight.data / s[:, None]
+            if p.bias is not None:
+                p.bias.data = p.bias.data / s
+        for b in balance:
+            m = layer.get_submodule(b)
+            m.weight.data = m.weight.data * s[None, :]
+
+    def _clip(self, ctx: LayerContext, schemes: SchemeMap, x: dict[str, torch.Tensor]) -> None:
+        for inner, feats in x.items():
+            scheme = schemes.scheme_for(ctx.module_name(inner))
+            if scheme is None or inner in NO_CLIP:
+                continue
+            flat = feats.reshape(-1, feats.shape[-1])
+            step = max(1, flat.shape[0] // int(self.config["clip_tokens"]))
+            linear = ctx.layer.get_submodule(inner)
+            linear.weight.data = clip_search(linear.weight.data, flat[::step], scheme)

@@ -1,0 +1,60 @@
+"""The method interface: what a quantization method does to one decoder layer.
+
+Two roles, so recipes can chain them (``smoothquant -> gptq``, ``awq -> rtn``):
+
+- a **transform** rewrites a layer's fp weights in place without changing what the model
+  computes in full precision (SmoothQuant, AWQ scaling folds scales into norms and Linears);
+- a **quantizer** turns every Linear the scheme map selects into integer codes, leaves the
+  layer holding the dequantized weights (so later layers calibrate on the quantized model)
+  and returns the codes for the writer.
+
+Third-party methods register a class under the entry-point group ``qconv.methods``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from qconv.formats.compressed_tensors import QuantizedWeight
+from qconv.quant.grid import dequantize
+from qconv.quant.pipeline import LayerContext
+from qconv.quant.schemes import SchemeMap
+
+
+class Method(ABC):
+    """Base of every method. ``options`` come from the recipe stage (or CLI flags)."""
+
+    name: ClassVar[str]
+    #: "transform" or "quantizer"
+    role: ClassVar[str]
+    #: whether the method needs calibration activations (RTN does not)
+    needs_calibration: ClassVar[bool] = True
+    #: option name -> default; unknown recipe keys are rejected against this
+    options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        self.config = {**self.options, **options}
+
+
+class Transform(Method):
+    role = "transform"
+
+    @abstractmethod
+    def apply(self, ctx: LayerContext, schemes: SchemeMap) -> None:
+        """Rewrite ``ctx.layer``'s fp weights in place (output-preserving in full precision)."""
+
+
+class Quantizer(Method):
+    role = "quantizer"
+
+    @abstractmethod
+    def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
+        """Quantize the layer's Linears (inner name -> codes); ``ctx.layer`` ends up holding the
+        dequantized weights. May set ``ctx.outputs`` if it ran the final layer over all inputs."""
+
+
+def set_weight(ctx: LayerContext, inner: str, qw: QuantizedWeight) -> None:
+    """Make the layer compute with exactly the weights the checkpoint will hold."""
+    linear = ctx.layer.get_submodule(inner)
+    linear.weight.data = dequantize(qw.q, qw.scale, qw.zero, qw.scheme).to(linear.weight.device, linear.weight.dtype)

@@ -1,0 +1,227 @@
+"""YAML recipes: what to quantize, how, with which calibration data, into which format.
+
+    name: w4a16-gptq
+    scheme: {bits: 4, group_size: 128, symmetric: false}
+    ignore: [lm_head]
+    overrides: [{pattern: 'mlp\\.down_proj', bits: 8}]
+    calibration: {data: c4.jsonl, samples: 128, seqlen: 2048, seed: 0, text_field: text}
+    stages:
+      - {method: gptq, damp: 0.01, act_order: true}
+    output: {format: compressed-tensors, max_shard_size: 5GB}
+
+Stages run in order on every layer: transforms (smoothquant, awq) first, then exactly one
+quantizer (rtn, gptq) last. CLI flags override recipe fields. Validation names the offending
+key (with a suggestion for typos) before any model is read; the resolved recipe is embedded in
+the output so a checkpoint says how it was made.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qconv.errors import CorruptFile, InputNotFound, InvalidOption
+from qconv.quant.grid import WeightScheme
+from qconv.quant.methods import get_method
+from qconv.quant.schemes import DEFAULT_IGNORE, Override, SchemeMap
+
+OUTPUT_FORMATS = ("compressed-tensors",)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    data: str | None = None
+    samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    text_field: str = "text"
+
+
+@dataclass(frozen=True)
+class Stage:
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    act_bits: int | None = None
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    overrides: tuple[Override, ...] = ()
+    calibration: Calibration = Calibration()
+    stages: tuple[Stage, ...] = (Stage("rtn"),)
+    output_format: str = "compressed-tensors"
+    max_shard_size: str = "5GB"
+
+    def schemes(self, scale_dtype: Any = None) -> SchemeMap:
+        import torch
+
+        default = WeightScheme(self.bits, self.group_size, self.symmetric, scale_dtype or torch.float32)
+        return SchemeMap(default, self.overrides, self.ignore, self.act_bits)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(get_method(s.method).needs_calibration for s in self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe, in the YAML layout (what gets embedded in outputs)."""
+        scheme: dict[str, Any] = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        if self.act_bits:
+            scheme["activations"] = {"bits": self.act_bits}
+        return {
+            "name": self.name,
+            "scheme": scheme,
+            "ignore": list(self.ignore),
+            "overrides": [{"pattern": o.pattern, **o.changes} for o in self.overrides],
+            "calibration": asdict(self.calibration),
+            "stages": [{"method": s.method, **s.options} for s in self.stages],
+            "output": {"format": self.output_format, "max_shard_size": self.max_shard_size},
+        }
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_TOP = {"name", "description", "scheme", "ignore", "overrides", "calibration", "stages", "output"}
+_SCHEME = {"bits", "group_size", "symmetric", "activations"}
+_CALIB = {f for f in Calibration.__dataclass_fields__}
+_OUTPUT = {"format", "max_shard_size"}
+_OVERRIDE = {"pattern", "bits", "group_size", "symmetric"}
+
+
+def _check_keys(d: dict[str, Any], allowed: set[str], where: str) -> None:
+    for key in d:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(sorted(allowed))})"
+            raise InvalidOption(f"recipe: unknown key {key!r} in {where}{hint}")
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise InvalidOption(f"recipe: {where} must be {names}, got {value!r}")
+    return value
+
+
+def _section(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    return _typed(value, dict, key)
+
+
+def recipe_from_dict(raw: Any, origin: str = "recipe") -> Recipe:
+    """Validate a parsed recipe; errors name the key and the problem."""
+    _typed(raw, dict, "the recipe")
+    _check_keys(raw, _TOP, "the recipe")
+    scheme, calib, output = _section(raw, "scheme"), _section(raw, "calibration"), _section(raw, "output")
+    _check_keys(scheme, _SCHEME, "scheme")
+    _check_keys(calib, _CALIB, "calibration")
+    _check_keys(output, _OUTPUT, "output")
+    act = scheme.get("activations")
+    act_bits = None
+    if act is not None:
+        _check_keys(_typed(act, dict, "scheme.activations"), {"bits"}, "scheme.activations")
+        act_bits = _typed(act.get("bits", 8), int, "scheme.activations.bits")
+        if act_bits != 8:
+            raise InvalidOption("recipe: scheme.activations.bits must be 8 (dynamic per-token int8)")
+    overrides = []
+    for i, o in enumerate(_typed(raw.get("overrides") or [], list, "overrides")):
+        _check_keys(_typed(o, dict, f"overrides[{i}]"), _OVERRIDE, f"overrides[{i}]")
+        if "pattern" not in o:
+            raise InvalidOption(f"recipe: overrides[{i}] needs a 'pattern'")
+        overrides.append(Override(_typed(o["pattern"], str, f"overrides[{i}].pattern"),
+                                  {k: v for k, v in o.items() if k != "pattern"}))
+    stages = []
+    for i, s in enumerate(_typed(raw.get("stages") or [{"method": "rtn"}], list, "stages")):
+        _typed(s, dict, f"stages[{i}]")
+        if "method" not in s:
+            raise InvalidOption(f"recipe: stages[{i}] needs a 'method'")
+        cls = get_method(_typed(s["method"], str, f"stages[{i}].method"))
+        opts = {k: v for k, v in s.items() if k != "method"}
+        _check_keys(opts, set(cls.options), f"stages[{i}] ({cls.name})")
+        stages.append(Stage(cls.name, opts))
+    recipe = Recipe(
+        name=str(raw.get("name", origin)),
+        bits=_typed(scheme.get("bits", 4), int, "scheme.bits"),
+        group_size=_typed(scheme.get("group_size", 128), int, "scheme.group_size"),
+        symmetric=_typed(scheme.get("symmetric", False), bool, "scheme.symmetric"),
+        act_bits=act_bits,
+        ignore=tuple(_typed(p, str, "ignore[]") for p in _typed(raw.get("ignore", list(DEFAULT_IGNORE)), list, "ignore")),
+        overrides=tuple(overrides),
+        calibration=Calibration(**calib),
+        stages=tuple(stages),
+        output_format=_typed(output.get("format", "compressed-tensors"), str, "output.format"),
+        max_shard_size=str(output.get("max_shard_size", "5GB")),
+    )
+    return validate(recipe)
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Checks that need the whole recipe (after flags were applied too)."""
+    recipe.schemes()  # bits / group size / patterns
+    for o in recipe.overrides:
+        replace(recipe.schemes().default, **o.changes)
+    roles = [get_method(s.method).role for s in recipe.stages]
+    if roles.count("quantizer") != 1 or roles[-1] != "quantizer":
+        raise InvalidOption("recipe: stages must be transforms followed by exactly one quantizer (rtn or gptq) last")
+    if recipe.output_format not in OUTPUT_FORMATS:
+        raise InvalidOption(f"recipe: unknown output.format {recipe.output_format!r} (valid: {', '.join(OUTPUT_FORMATS)})")
+    if recipe.act_bits and (recipe.bits != 8 or recipe.group_size != -1 or not recipe.symmetric):
+        raise InvalidOption("recipe: int8 activations (W8A8) need 8-bit symmetric per-channel weights (group_size: -1)")
+    c = recipe.calibration
+    if c.samples < 1 or c.seqlen < 2:
+        raise InvalidOption("recipe: calibration.samples must be >= 1 and calibration.seqlen >= 2")
+    return recipe
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFound("recipe not found", path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise CorruptFile(f"invalid YAML: {str(e).splitlines()[0]}", path) from None
+    try:
+        return recipe_from_dict(raw, path.stem)
+    except InvalidOption as e:
+        raise InvalidOption(str(e), path) from None
+
+
+def recipe_for_method(method: str) -> Recipe:
+    """The recipe ``--method X`` stands for when no recipe file is given."""
+    if method == "smoothquant":
+        return Recipe(name="smoothquant", bits=8, group_size=-1, symmetric=True, act_bits=8,
+                      stages=(Stage("smoothquant"), Stage("rtn")))
+    if method == "awq":
+        return Recipe(name="awq", stages=(Stage("awq"), Stage("rtn")))
+    return validate(Recipe(name=method, stages=(Stage(get_method(method).name),)))
+
+
+def apply_flags(recipe: Recipe, **flags: Any) -> Recipe:
+    """Flags override recipe fields; ``None`` means "not given". Method options
+    (``damp``, ``act_order``, ``alpha``, ``mse``) go to every stage that declares them."""
+    top = {k: flags.pop(k) for k in ("bits", "group_size", "symmetric") if flags.get(k) is not None}
+    calib = {k: flags.pop(k) for k in ("data", "samples", "seqlen", "seed", "text_field") if flags.get(k) is not None}
+    method_opts = {k: v for k, v in flags.items() if v is not None}
+    stages = []
+    for s in recipe.stages:
+        known = get_method(s.method).options
+        stages.append(Stage(s.method, {**s.options, **{k: v for k, v in method_opts.items() if k in known}}))
+    unused = [k for k in method_opts if not any(k in get_method(s.method).options for s in recipe.stages)]
+    if unused:
+        raise InvalidOption(f"--{unused[0].replace('_', '-')} does not apply to this recipe's methods "
+                            f"({', '.join(s.method for s in recipe.stages)})")
+    return validate(replace(recipe, **top, calibration=replace(recipe.calibration, **calib), stages=tuple(stages)))

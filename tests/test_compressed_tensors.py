@@ -1,0 +1,417 @@
+"""compressed-tensors checkpoints: qconv's writer and reader against the compressed-tensors library
+(the layout oracle) and transformers (the loader oracle), plus determinism and bad inputs.
+
+Oracles: (a) the library's own ``pack_to_int32``, ``compress`` and ``decompress`` agree with
+qconv's tensors bit for bit; (b) transformers loads the checkpoint and its logits match qconv's
+runner; (c) same inputs give the same bytes; (d) unreadable variants fail with one line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qconv.checkpoint import open_model
+from qconv.checkpoint.compressed_source import CompressedTensorsSource
+from qconv.checkpoint.hf import HFSource
+from qconv.checkpoint.hf_writer import write_hf_checkpoint
+from qconv.errors import CheckpointMismatch, InvalidOption, UnsupportedModel
+from qconv.formats.compressed_tensors import (
+    ActivationScheme,
+    CompressedTensorsWriter,
+    QuantizedWeight,
+    compress,
+    pack_int32,
+    unpack_int32,
+)
+from qconv.model import load_model
+from qconv.model.act_quant import apply_activation_quant, fake_quant_per_token
+from qconv.quant.grid import WeightScheme, dequantize, rtn
+
+W4_ASYM = WeightScheme(4, 32, symmetric=False)
+W4_SYM = WeightScheme(4, 32, symmetric=True)
+W8_CH = WeightScheme(8, -1, symmetric=True)
+W3_ASYM = WeightScheme(3, 32, symmetric=False)
+W2_ASYM = WeightScheme(2, 32, symmetric=False)
+W4_SYM_BF16 = WeightScheme(4, 32, symmetric=True, scale_dtype=torch.bfloat16)
+A8 = ActivationScheme()
+
+#: A per-module plan: HF module name -> (weight scheme, activation scheme) or None (keep float).
+Plan = Callable[[str], "tuple[WeightScheme, ActivationScheme | None] | None"]
+
+
+def uniform(scheme: WeightScheme, act: ActivationScheme | None = None) -> Plan:
+    return lambda m: None if m == "lm_head" else (scheme, act)
+
+
+def mixed_pack(m: str) -> tuple[WeightScheme, ActivationScheme | None] | None:
+    """Attention W8 per channel, MLP W4 g32, one MLP projection left in float."""
+    if m == "lm_head" or m == "model.layers.1.mlp.down_proj":
+        return None
+    return (W8_CH, None) if "self_attn" in m else (W4_SYM, None)
+
+
+def mixed_formats(m: str) -> tuple[WeightScheme, ActivationScheme | None] | None:
+    """Attention W8A8 (int-quantized), MLP W4A16 (pack-quantized): a mixed-precision checkpoint."""
+    if m == "lm_head":
+        return None
+    return (W8_CH, A8) if "self_attn" in m else (W4_SYM, None)
+
+
+PLANS: dict[str, Plan] = {
+    "w4a16-asym": uniform(W4_ASYM),
+    "w4a16-sym": uniform(W4_SYM),
+    "w8a16": uniform(W8_CH),
+    "w3a16-asym": uniform(W3_ASYM),
+    "w2a16-asym": uniform(W2_ASYM),
+    "w4a16-bf16-scales": uniform(W4_SYM_BF16),
+    "w8a8": uniform(W8_CH, A8),
+    "mixed-pack": mixed_pack,
+    "mixed-formats": mixed_formats,
+}
+
+
+@pytest.fixture(scope="module")
+def base_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) -> dict[str, Path]:
+    """Float checkpoints of the three tiny architectures."""
+    dirs = {}
+    for arch in ("llama", "mistral", "qwen2"):
+        dirs[arch] = tmp_path_factory.mktemp(f"ct-base-{arch}")
+        tiny_hf_model_builder(arch).save_pretrained(dirs[arch])
+    return dirs
+
+
+def quantize_checkpoint(src_dir: Path, out: Path, plan: Plan, **writer_kw: object) -> dict[str, QuantizedWeight]:
+    """RTN-quantize a float checkpoint per ``plan`` and write it; returns the weights written."""
+    written: dict[str, QuantizedWeight] = {}
+    src = HFSource(src_dir)
+    with CompressedTensorsWriter(out, src.config, src.tokenizer_files(), **writer_kw) as w:  # type: ignore[arg-type]
+        for name in src.tensor_names():
+            t = src.get_tensor(name)
+            choice = plan(name[: -len(".weight")]) if t.dim() == 2 and "embed_tokens" not in name else None
+            if choice is None:
+                w.add(name, t)
+                continue
+            scheme, act = choice
+            qw = QuantizedWeight(*rtn(t, scheme), scheme)
+            w.add(name, qw, act)
+            written[name] = qw
+    return written
+
+
+@pytest.fixture(scope="module")
+def written(base_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """Every plan written once for llama (lazily, cached): plan -> (dir, quantized weights)."""
+    cache: dict[tuple[str, str], tuple[Path, dict[str, QuantizedWeight]]] = {}
+
+    def get(plan: str, arch: str = "llama") -> tuple[Path, dict[str, QuantizedWeight]]:
+        if (plan, arch) not in cache:
+            out = tmp_path_factory.mktemp(f"ct-{arch}-{plan}") / "model"
+            cache[plan, arch] = (out, quantize_checkpoint(base_dirs[arch], out, PLANS[plan]))
+        return cache[plan, arch]
+
+    return get
+
+
+# --------------------------------------------------------------------------- (a) library oracle
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_matches_library(bits: int) -> None:
+    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    g = torch.Generator().manual_seed(bits)
+    for shape in [(5, 37), (64, 128), (3, 1), (1, 33), (33, 100)]:
+        q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), shape, generator=g).to(torch.int8)
+        for dim in (0, 1):
+            packed = pack_int32(q, bits, dim)
+            assert torch.equal(packed, ct.pack_to_int32(q, bits, packed_dim=dim)), (shape, dim)
+            assert torch.equal(unpack_int32(packed, bits, shape[dim], dim), q)
+            assert torch.equal(ct.unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=dim), q)
+
+
+@pytest.mark.parametrize("scheme,act", [(W4_ASYM, None), (W4_SYM, None), (W8_CH, None), (W3_ASYM, None),
+                                        (W2_ASYM, None), (W4_SYM_BF16, None), (W8_CH, A8)])
+def test_compress_matches_library(scheme: WeightScheme, act: ActivationScheme | None) -> None:
+    """The library's own compressor, fed qconv's grid, stores exactly the tensors qconv stores."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    from qconv.formats.compressed_tensors import module_format, weight_args
+
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+    qw = QuantizedWeight(*rtn(w, scheme), scheme)
+    ct_scheme = QuantizationScheme(targets=["Linear"], weights=weight_args(scheme),
+                                   input_activations=act.to_args() if act else None)
+    compressor = BaseCompressor.get_value_from_registry(module_format(act))
+    state = {"weight": qw.dequantize().to(scheme.scale_dtype), "weight_scale": qw.scale.to(scheme.scale_dtype),
+             "weight_zero_point": qw.zero.to(torch.int8)}
+    theirs = compressor.compress(state, ct_scheme)
+    ours = compress(qw, act)
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert ours[k].dtype == theirs[k].dtype or k == "weight_shape", k
+        assert torch.equal(ours[k], theirs[k].to(ours[k].dtype)), k
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_library_decompresses_checkpoint(plan: str, written) -> None:
+    """compressed-tensors validates the config, resolves each module to the intended group, and
+    its decompress gives exactly grid.dequantize (in the scale dtype, as it computes)."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import is_match
+
+    out, weights = written(plan)
+    qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    tensors = load_file(out / "model.safetensors")
+    linear = torch.nn.Linear(1, 1)
+    quantized = {n[: -len(".weight")] for n in weights}
+    compared = 0
+    for name in sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith((".weight", ".weight_packed"))}):
+        if "norm" in name or "embed_tokens" in name:
+            continue
+        groups = [g for g in qc.config_groups.values() if is_match(name, linear, g.targets, qc.ignore)]
+        assert bool(groups) == (name in quantized), name
+        if not groups:
+            continue
+        assert len(groups) == 1, name
+        scheme = groups[0]
+        fmt = scheme.format or qc.format
+        local = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        dense = BaseCompressor.get_value_from_registry(fmt).decompress(local, scheme)["weight"]
+        qw = weights[name + ".weight"]
+        expected = dequantize(qw.q, qw.scale, qw.zero, qw.scheme).to(qw.scheme.scale_dtype)
+        assert dense.dtype == expected.dtype and torch.equal(dense, expected), name
+        compared += 1
+    assert compared == len(weights) > 0
+
+
+# --------------------------------------------------------------------------- qconv's reader
+
+
+@pytest.mark.parametrize("plan", ["w4a16-asym", "w3a16-asym", "w4a16-bf16-scales", "w8a8", "mixed-formats"])
+def test_reader_round_trip(plan: str, written, tmp_path: Path) -> None:
+    out, weights = written(plan)
+    with open_model(out) as src:
+        assert isinstance(src, CompressedTensorsSource)
+        assert "quantization_config" not in src.config.raw  # the float view has a dense config
+        for name, qw in weights.items():
+            back = src.quantized_weight(name)
+            assert torch.equal(back.q, qw.q) and torch.equal(back.zero, qw.zero)
+            assert torch.equal(back.scale, qw.scale.float()) and back.scheme == qw.scheme
+            assert torch.equal(src.get_tensor(name), qw.dequantize())
+        acts = src.activation_schemes()
+        assert set(acts) == {n[: -len(".weight")] for n in weights if PLANS[plan](n[: -len(".weight")])[1]}
+        # a dense HF export of the compressed model loads as a plain checkpoint
+        write_hf_checkpoint(src, tmp_path / "dense")
+    dense = open_model(tmp_path / "dense")
+    assert type(dense) is HFSource
+    name = next(iter(weights))
+    assert torch.equal(dense.get_tensor(name), weights[name].dequantize())
+
+
+def test_sharded_and_deterministic(base_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """(c) Same inputs -> identical bytes, also when sharded; sharded output reads back."""
+    def files(d: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+    meta = {"recipe": {"scheme": "mixed"}, "qconv_version": "test", "input_sha256": "0" * 64}
+    for i in range(2):
+        quantize_checkpoint(base_dirs["qwen2"], tmp_path / f"a{i}", mixed_formats, metadata=meta)
+        quantize_checkpoint(base_dirs["qwen2"], tmp_path / f"s{i}", mixed_formats, max_shard_size=20_000)
+    assert files(tmp_path / "a0") == files(tmp_path / "a1")
+    assert files(tmp_path / "s0") == files(tmp_path / "s1")
+    assert (tmp_path / "s0" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "s0").glob("model-*.safetensors"))) > 2
+    config = json.loads((tmp_path / "a0" / "config.json").read_text())
+    assert config["qconv"] == meta and config["quantization_config"]["format"] == "mixed-precision"
+    a, s = open_model(tmp_path / "a0"), open_model(tmp_path / "s0")
+    assert a.qconv_metadata == meta
+    for name in a.tensor_names():
+        assert torch.equal(a.get_tensor(name), s.get_tensor(name)), name
+
+
+# --------------------------------------------------------------------------- (b) transformers oracle
+
+
+def _transformers_logits(path: Path, tokens: torch.Tensor, dequantize: bool) -> torch.Tensor:
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def _runner_logits(path: Path, tokens: torch.Tensor, act_range: float | None = None) -> torch.Tensor:
+    with open_model(path) as src:
+        model = load_model(src)
+        if act_range is not None:
+            apply_activation_quant(model, src.activation_schemes(), range_divisor=act_range)
+    with torch.no_grad():
+        return model(tokens)
+
+
+TOKENS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch,plan,dequantize", [
+    ("llama", "w4a16-sym", False),     # transformers' default: compressed modules, decompressed on forward
+    ("mistral", "w8a16", False),
+    ("qwen2", "w4a16-sym", False),
+    ("llama", "mixed-pack", False),    # per-module groups need the default path (see docs/formats.md)
+    ("llama", "w4a16-asym", True),     # asymmetric: only the dequantize-at-load path (library bug)
+    ("qwen2", "w3a16-asym", True),
+    ("mistral", "w2a16-asym", True),
+    ("llama", "w8a8", True),           # dense weights, no activation emulation on either side
+])
+def test_transformers_matches_runner(arch: str, plan: str, dequantize: bool, written) -> None:
+    out, _ = written(plan, arch)
+    theirs = _transformers_logits(out, TOKENS, dequantize)
+    ours = _runner_logits(out, TOKENS)
+    assert torch.allclose(theirs, ours, atol=1e-4, rtol=0), (theirs - ours).abs().max()
+
+
+@pytest.mark.parametrize("plan", ["w8a8", "mixed-formats"])
+def test_transformers_w8a8_emulation_matches_runner(plan: str, written) -> None:
+    """transformers (compressed-tensors) fake-quantizes W8A8 inputs per token with scale
+    absmax/127.5; the runner's hooks with the same range agree, and differ without them."""
+    out, _ = written(plan)
+    theirs = _transformers_logits(out, TOKENS, dequantize=False)
+    assert torch.allclose(theirs, _runner_logits(out, TOKENS, act_range=127.5), atol=1e-4, rtol=0)
+    assert not torch.allclose(theirs, _runner_logits(out, TOKENS), atol=1e-3, rtol=0)
+
+
+@pytest.mark.xfail(reason="compressed-tensors 0.20 + transformers 5.23 default load of asymmetric pack-quantized: "
+                          "weight_zero_point size mismatch (zero point not packed on meta)", strict=False)
+def test_transformers_default_path_asymmetric(written) -> None:
+    out, _ = written("w4a16-asym")
+    assert torch.allclose(_transformers_logits(out, TOKENS, False), _runner_logits(out, TOKENS), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- activation fake-quant
+
+
+def test_fake_quant_per_token() -> None:
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)) * 3
+    x[0, 1] = 0
+    y = fake_quant_per_token(x)
+    assert y.shape == x.shape and y.dtype == x.dtype and torch.equal(y[0, 1], torch.zeros(64))
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    q = y / torch.where(scale > 0, scale, 1)
+    assert torch.allclose(q, q.round(), atol=1e-4) and q.abs().max() <= 127 + 1e-4
+    assert torch.allclose(y.abs().amax(-1), x.abs().amax(-1), rtol=1e-6)  # absmax maps to +-127 exactly
+    ct = pytest.importorskip("compressed_tensors.quantization.lifecycle.forward")
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
+
+    module = torch.nn.Linear(64, 64)
+    module.quantization_status = QuantizationStatus.FROZEN
+    args = QuantizationArgs(**A8.to_args())
+    theirs = ct.forward_quantize(module, x[1:], "input", args)
+    assert torch.equal(fake_quant_per_token(x[1:], range_divisor=127.5), theirs)
+
+
+def test_apply_activation_quant_hooks(written) -> None:
+    out, _ = written("w8a8")
+    with open_model(out) as src:
+        model = load_model(src)
+        schemes = src.activation_schemes()
+    handles = apply_activation_quant(model, schemes)
+    assert len(handles) == len(schemes) == 14
+    seen = {}
+    model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, o: seen.setdefault("x", a[0]))
+    model(TOKENS)
+    x = seen["x"]
+    assert torch.equal(fake_quant_per_token(x), x)  # the Linear saw already-quantized inputs
+    for h in handles:
+        h.remove()
+    with pytest.raises(InvalidOption, match="not a Linear"):
+        apply_activation_quant(model, {"model.layers.9.mlp.up_proj": A8})
+
+
+# --------------------------------------------------------------------------- (d) bad inputs
+
+
+def _edit_config(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).symlink_to(p)
+    config = json.loads((src / "config.json").read_text())
+    edit(config)
+    (dst / "config.json").unlink()
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda c: c["quantization_config"].update(format="float-quantized"), "'float-quantized' is not supported"),
+    (lambda c: c["quantization_config"].update(format="marlin-24"), "'marlin-24' is not supported"),
+    (lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(type="float"), "float"),
+    (lambda c: c["quantization_config"].update(kv_cache_scheme={"num_bits": 8}), "KV-cache"),
+    (lambda c: c["quantization_config"].update(quantization_status="frozen"), "quantization_status"),
+    (lambda c: c["quantization_config"]["config_groups"]["group_0"].update(
+        input_activations={"num_bits": 8, "type": "int", "strategy": "tensor", "dynamic": False}), "input activations"),
+    (lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4}), "quant_method 'gptq'"),
+    (lambda c: c.update(quantization_config={"quant_method": "awq", "bits": 4}), "quant_method 'awq'"),
+])
+def test_unsupported_variants_one_line(edit: Callable[[dict], None], needle: str, written, tmp_path: Path) -> None:
+    out, _ = written("w4a16-sym")
+    bad = _edit_config(out, tmp_path / "bad", edit)
+    with pytest.raises(UnsupportedModel) as e:
+        open_model(bad)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_corrupt_layouts_rejected(written, tmp_path: Path) -> None:
+    out, _ = written("w4a16-sym")
+    # config claims 8-bit: every weight_packed has the wrong width -> names the tensor and both shapes
+    bad = _edit_config(out, tmp_path / "bits", lambda c: c["quantization_config"]["config_groups"]["group_0"]
+                       ["weights"].update(num_bits=8))
+    with pytest.raises(CheckpointMismatch, match="weight_packed has shape"):
+        open_model(bad)
+    # a group size that does not divide the input width
+    bad = _edit_config(out, tmp_path / "gs", lambda c: c["quantization_config"]["config_groups"]["group_0"]
+                       ["weights"].update(group_size=48))
+    with pytest.raises(CheckpointMismatch, match="group size 48"):
+        open_model(bad)
+
+
+def test_writer_refuses_bad_input(base_dirs: dict[str, Path], tmp_path: Path) -> None:
+    src = HFSource(base_dirs["llama"])
+    out = tmp_path / "out"
+    name = "model.layers.0.self_attn.q_proj.weight"
+    w = src.get_tensor(name)
+    # incomplete model: nothing is left behind
+    with pytest.raises(CheckpointMismatch, match="never written"):
+        with CompressedTensorsWriter(out, src.config) as writer:
+            writer.add(name, QuantizedWeight(*rtn(w, W4_SYM), W4_SYM))
+    assert not out.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(KeyboardInterrupt):  # an interrupted write leaves nothing either
+        with CompressedTensorsWriter(out, src.config) as writer:
+            writer.add(name, w)
+            raise KeyboardInterrupt
+    assert not list(tmp_path.iterdir())
+    with CompressedTensorsWriter(out, src.config) as writer:
+        with pytest.raises(InvalidOption, match="8-bit symmetric per-channel"):
+            writer.add(name, QuantizedWeight(*rtn(w, W4_SYM), W4_SYM), A8)
+        with pytest.raises(InvalidOption, match="not a Linear"):
+            e = src.get_tensor("model.embed_tokens.weight")
+            writer.add("model.embed_tokens.weight", QuantizedWeight(*rtn(e, W4_SYM), W4_SYM))
+        with pytest.raises(CheckpointMismatch, match="shape"):
+            writer.add(name, w[:, :32])
+        with pytest.raises(ValueError, match="codes outside"):
+            q, s, z = rtn(w, W4_SYM)
+            writer.add(name, QuantizedWeight(q * 2, s, z, W4_SYM))
+        with pytest.raises(InvalidOption):
+            ActivationScheme(strategy="tensor")
+        for n in src.tensor_names():
+            writer.add(n, src.get_tensor(n))
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())  # nothing quantized

@@ -1,0 +1,111 @@
+"""quantize end to end on a tiny model: recipes, validation errors, the CLI, determinism, and
+the runner reading the compressed-tensors output back."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qconv import api
+from qconv.checkpoint import open_model
+from qconv.errors import InvalidOption
+from qconv.quant.recipe import load_recipe, recipe_from_dict
+from tests_support import write_tokenizer
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+QCONV = str(Path(sys.executable).parent / "qconv")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) -> Path:
+    path = tmp_path_factory.mktemp("qmodel")
+    tiny_hf_model_builder("llama", rope_scaling=None, vocab_size=384).save_pretrained(path)
+    write_tokenizer(path, 384)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"Once upon a time there were {i} tiny models. " * 8})
+                              for i in range(40)))
+    return path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipes_validate(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    assert recipe_from_dict(recipe.to_dict()) == recipe  # the embedded form reads back
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"scheme": {"bitz": 4}}, "unknown key 'bitz' in scheme (did you mean 'bits'?)"),
+    ({"stages": [{"method": "gptq", "dampp": 0.1}]}, "did you mean 'damp'"),
+    ({"scheme": {"bits": "four"}}, "scheme.bits must be int"),
+    ({"scheme": {"bits": 9}}, "bits must be between 2 and 8"),
+    ({"stages": [{"method": "rtn"}, {"method": "awq"}]}, "exactly one quantizer"),
+    ({"stages": [{"method": "magic"}]}, "unknown method 'magic'"),
+    ({"scheme": {"bits": 4, "activations": {"bits": 8}}}, "W8A8"),
+])
+def test_invalid_recipes(raw: dict, message: str) -> None:
+    with pytest.raises(InvalidOption, match=re.escape(message)):
+        recipe_from_dict(raw)
+
+
+def test_group_size_must_divide_width(model: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidOption, match=r"group size 48 does not divide the input width 64 of model\.layers\.0"):
+        api.quantize(model, tmp_path / "o", method="rtn", group_size=48, dry_run=True)
+
+
+def _logits(path: Path) -> torch.Tensor:
+    from qconv.model import load_model
+
+    with open_model(path) as src:
+        return load_model(src)(torch.arange(32)[None])[0]
+
+
+@pytest.mark.parametrize("method,flags", [
+    ("rtn", {"bits": 4, "group_size": 32}),
+    ("gptq", {"bits": 4, "group_size": 32, "samples": 4, "seqlen": 32}),
+    ("awq", {"bits": 4, "group_size": 32, "samples": 4, "seqlen": 32}),
+    ("smoothquant", {"samples": 4, "seqlen": 32}),
+])
+def test_quantize_roundtrip_and_determinism(model: Path, calib: Path, tmp_path: Path, method: str, flags: dict) -> None:
+    data = None if method == "rtn" else str(calib)
+    a = api.quantize(model, tmp_path / "a", method=method, data=data, **flags)
+    api.quantize(model, tmp_path / "b", method=method, data=data, **flags)
+    for f in sorted(p.name for p in (tmp_path / "a").iterdir()):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert config["qconv"]["recipe"] == a.recipe
+    ref, out = _logits(model), _logits(tmp_path / "a")
+    assert torch.isfinite(out).all()
+    kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert kl < 0.5, kl  # quantized, but still the same model
+
+
+def test_cli_quantize_errors(model: Path, tmp_path: Path) -> None:
+    def run(*args: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([QCONV, "quantize", *map(str, args)], capture_output=True, text=True)
+
+    res = run(model, "-o", tmp_path / "o", "--method", "gptq")
+    assert res.returncode == 2 and "group size 128 does not divide the input width 64" in res.stderr
+    res = run(model, "-o", tmp_path / "o", "--method", "gptq", "-g", "32")
+    assert res.returncode == 2 and "needs calibration data" in res.stderr
+    res = run(model, "-o", tmp_path / "o", "--method", "rtn", "--bits", "1")
+    assert res.returncode == 2 and "bits must be between 2 and 8" in res.stderr
+    res = run(model, "-o", tmp_path / "o", "--method", "rtn", "-g", "32", "--act-order")
+    assert res.returncode == 2 and "--act-order does not apply" in res.stderr
+    res = run(model, "-o", tmp_path / "o", "--recipe", tmp_path / "missing.yaml")
+    assert res.returncode == 2 and "recipe not found" in res.stderr
+    assert not (tmp_path / "o").exists()
+    res = run(model, "-o", tmp_path / "o", "--method", "rtn", "-g", "32", "--dry-run", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["dry_run"] is True
