@@ -109,3 +109,41 @@ def test_cli_quantize_errors(model: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
     res = run(model, "-o", tmp_path / "o", "--method", "rtn", "-g", "32", "--dry-run", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["dry_run"] is True
+
+
+def test_entry_point_plugin(monkeypatch: pytest.MonkeyPatch, model: Path, tmp_path: Path) -> None:
+    """A third-party method registered under the ``qconv.methods`` entry-point group is usable by
+    name, from recipes and flags, without touching qconv (the docs/methods.md example)."""
+    import qconv.quant.methods as methods
+    from qconv.quant.methods import Quantizer
+    from qconv.quant.methods.base import set_weight
+    from qconv.quant.methods.rtn import rtn_weight
+    from qconv.quant.pipeline import LINEARS
+
+    class HalfRange(Quantizer):
+        name = "halfrange"
+        needs_calibration = False
+        options = {"factor": 0.9}
+
+        def quantize(self, ctx, schemes):
+            out = {}
+            for inner in LINEARS:
+                scheme = schemes.scheme_for(ctx.module_name(inner))
+                if scheme is None:
+                    continue
+                out[inner] = qw = rtn_weight(ctx.layer.get_submodule(inner).weight * self.config["factor"], scheme)
+                set_weight(ctx, inner, qw)
+            return out
+
+    class FakeEntryPoint:
+        name = "halfrange"
+
+        @staticmethod
+        def load():
+            return HalfRange
+
+    monkeypatch.setattr(methods, "entry_points", lambda group: [FakeEntryPoint()] if group == "qconv.methods" else [])
+    r = api.quantize(model, tmp_path / "o", method="halfrange", group_size=32)
+    assert r.recipe["stages"] == [{"method": "halfrange"}]
+    with pytest.raises(InvalidOption, match="did you mean 'factor'"):
+        recipe_from_dict({"stages": [{"method": "halfrange", "facter": 0.5}]})
