@@ -9,6 +9,7 @@ them too).
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,15 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -85,6 +95,7 @@ class ShardWriter:
         if self._current:
             path = self.directory / f"shard-{len(self._shards):05d}"
             save_file(self._current, str(path), metadata={"format": "pt"})
+            path.chmod(_FILE_MODE)  # safetensors creates 0600 files; outputs are ordinary files
             self._shards.append(list(self._current))
             self._current, self._size = {}, 0
 
