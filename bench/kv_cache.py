@@ -137,9 +137,10 @@ def llama_cpp_rows(gguf: Path, ids: list[int], ctxs: list[int], n_windows: list[
 
 
 def print_tables(ppl: list[dict], decode: list[dict], anchor: list[dict], decode_ctx: int, threads: int) -> None:
-    print("\n### qconv runner (fp32 compute), wikitext-2 test\n")
-    print("| KV cache | ctx | windows | PPL | Δ PPL vs fp | KV bytes held | vs fp16 cache |")
-    print("|---|---|---|---|---|---|---|")
+    if ppl:
+        print("\n### qconv runner (fp32 compute), wikitext-2 test\n")
+        print("| KV cache | ctx | windows | PPL | Δ PPL vs fp | KV bytes held | vs fp16 cache |")
+        print("|---|---|---|---|---|---|---|")
     for r in ppl:
         kv = r["kv"]
         print(f"| {r['config']} | {r['ctx']} | {r['windows']} | {r['ppl']:.4f} | {r['delta']:+.3f}% "
@@ -170,6 +171,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=48, help="0 skips the decode measurement")
     parser.add_argument("--decode-threads", type=int, default=1)
     parser.add_argument("--gguf", type=Path, default=None, help="f16 GGUF for llama.cpp (default: convert one)")
+    parser.add_argument("--no-ppl", action="store_true", help="skip the perplexity table")
     parser.add_argument("--no-llama-cpp", action="store_true")
     args = parser.parse_args()
     if len(args.windows) != len(args.ctx):
@@ -183,7 +185,7 @@ def main() -> None:
         model = load_model(source)
     threads = torch.get_num_threads()
     print(f"{len(ids)} tokens; torch threads {threads}", file=sys.stderr, flush=True)
-    ppl = ppl_rows(model, ids, args.ctx, args.windows, configs)
+    ppl = [] if args.no_ppl else ppl_rows(model, ids, args.ctx, args.windows, configs)
     decode = []
     if args.decode_tokens > 0:
         decode = decode_rows(model, ids[: args.decode_ctx], args.decode_tokens, configs, args.decode_threads)
