@@ -37,8 +37,12 @@ from qconv.model.kv_quant import (
     storage_dtype,
 )
 
-#: Token axis and channel axis of a ``[B, Hkv, T, D]`` key/value tensor.
-TOKENS, CHANNELS = -2, -1
+#: Token axis of a ``[B, Hkv, T, D]`` key/value tensor.
+TOKENS = -2
+#: Where KIVI's quantization groups run in both storage layouts: keys are stored ``[.., T, D]``
+#: (groups of tokens), values channel-major ``[.., D, T]`` (groups of channels). Either way the
+#: long contiguous inner axis is the other one, which keeps unpacking and scaling fast.
+GROUP_AXIS = -2
 
 
 class Int8KVCache(KVCache):
@@ -82,7 +86,9 @@ class KiviKVCache(KVCache):
 
     Storage per layer (``[B, Hkv, ...]`` each; ``P`` = codes per byte, ``S`` = 16-bit dtype):
     key codes ``uint8 [cap/P, D]`` packed along tokens with ``S`` scale/zero ``[cap/G, D]``;
-    value codes ``uint8 [cap, D/P]`` packed along channels with scale/zero ``[cap, D/G]``;
+    value codes stored channel-major, ``uint8 [D/P, cap]`` packed along channels, with scale/zero
+    ``[D/G, cap]`` (each token's own groups of G channels; the transposed layout only makes
+    dequantization a contiguous sweep over tokens);
     16-bit residual keys (< R tokens) and values (<= R tokens). Code buffers are preallocated
     for ``max_len`` like :class:`FpKVCache`; :meth:`memory` counts what is filled.
     """
@@ -106,8 +112,8 @@ class KiviKVCache(KVCache):
         self.k_codes = torch.zeros(*lead, k_cap // per_byte, d, **u8)
         self.k_scale = torch.zeros(*lead, k_cap // group, d, **s16)
         self.k_zero = torch.zeros_like(self.k_scale)
-        self.v_codes = torch.zeros(*lead, v_cap, d // per_byte, **u8)
-        self.v_scale = torch.zeros(*lead, v_cap, d // group, **s16)
+        self.v_codes = torch.zeros(*lead, d // per_byte, v_cap, **u8)
+        self.v_scale = torch.zeros(*lead, d // group, v_cap, **s16)
         self.v_zero = torch.zeros_like(self.v_scale)
         empty = torch.zeros(batch, config.num_kv_heads, 0, d, **s16)
         self.k_fp = [empty] * config.num_layers
@@ -150,9 +156,9 @@ class KiviKVCache(KVCache):
         # the rest in 16-bit; over the chunk those counts grow from (k_lo, v_lo) to (k_hi, v_hi).
         k_hi, v_hi = self.keys_quantized(end - 1), self.values_quantized(end - 1)
         pos = torch.arange(start_pos, end, device=q.device)
-        keys = _History(_late_view(k_fp, k_hi, end, q.dtype, lambda out: self._keys(layer, out)),
+        keys = _History(_late_view(k_fp, k_hi, end, q.dtype, lambda out: self._keys(layer, out), False),
                         k_fp.to(q.dtype), pos // self.residual * self.residual, k_hi)
-        values = _History(_late_view(v_fp, v_hi, end, q.dtype, lambda out: self._values(layer, out)),
+        values = _History(_late_view(v_fp, v_hi, end, q.dtype, lambda out: self._values(layer, out), True),
                           v_fp.to(q.dtype), (pos - self.residual).clamp_min(0), v_hi)
         return _stepwise_attention(q, keys, values)
 
@@ -160,7 +166,7 @@ class KiviKVCache(KVCache):
         """Quantize ``keys`` (a whole number of R-token blocks from position ``start``) per channel."""
         if keys.shape[2] == 0:
             return
-        codes, scale, zero = quantize_asym(keys, self.bits, self.group, TOKENS, self.store)
+        codes, scale, zero = quantize_asym(keys, self.bits, self.group, GROUP_AXIS, self.store)
         per_byte = codes_per_byte(self.bits)
         self.k_codes[layer, :, :, start // per_byte: start // per_byte + codes.shape[2]] = codes
         self.k_scale[layer, :, :, start // self.group: start // self.group + scale.shape[2]] = scale
@@ -171,25 +177,25 @@ class KiviKVCache(KVCache):
         if values.shape[2] == 0:
             return
         end = start + values.shape[2]
-        codes, scale, zero = quantize_asym(values, self.bits, self.group, CHANNELS, self.store)
-        self.v_codes[layer, :, :, start:end] = codes
-        self.v_scale[layer, :, :, start:end] = scale
-        self.v_zero[layer, :, :, start:end] = zero
+        codes, scale, zero = quantize_asym(values.transpose(-1, -2), self.bits, self.group, GROUP_AXIS, self.store)
+        self.v_codes[layer, :, :, :, start:end] = codes
+        self.v_scale[layer, :, :, :, start:end] = scale
+        self.v_zero[layer, :, :, :, start:end] = zero
 
     def _keys(self, layer: int, out: torch.Tensor) -> None:
         """Dequantize the first ``out.shape[2]`` (a multiple of R) stored keys into ``out``."""
         n, per_byte = out.shape[2], codes_per_byte(self.bits)
         dequantize_asym(
             self.k_codes[layer, :, :, : n // per_byte], self.k_scale[layer, :, :, : n // self.group],
-            self.k_zero[layer, :, :, : n // self.group], self.bits, self.group, TOKENS, out.dtype, out,
+            self.k_zero[layer, :, :, : n // self.group], self.bits, self.group, GROUP_AXIS, out.dtype, out,
         )
 
     def _values(self, layer: int, out: torch.Tensor) -> None:
-        """Dequantize the first ``out.shape[2]`` stored values into ``out``."""
-        n = out.shape[2]
+        """Dequantize the first ``out.shape[3]`` stored values into channel-major ``out`` ``[B, Hkv, D, n]``."""
+        n = out.shape[3]
         dequantize_asym(
-            self.v_codes[layer, :, :, :n], self.v_scale[layer, :, :, :n], self.v_zero[layer, :, :, :n],
-            self.bits, self.group, CHANNELS, out.dtype, out,
+            self.v_codes[layer, ..., :n], self.v_scale[layer, ..., :n], self.v_zero[layer, ..., :n],
+            self.bits, self.group, GROUP_AXIS, out.dtype, out,
         )
 
     def memory(self) -> KVMemory:
@@ -200,23 +206,33 @@ class KiviKVCache(KVCache):
             self.k_codes[:, :, :, : nk // per_byte].nbytes
             + self.k_scale[:, :, :, : nk // self.group].nbytes
             + self.k_zero[:, :, :, : nk // self.group].nbytes
-            + self.v_codes[:, :, :, :nv].nbytes
-            + self.v_scale[:, :, :, :nv].nbytes
-            + self.v_zero[:, :, :, :nv].nbytes
+            + self.v_codes[..., :nv].nbytes
+            + self.v_scale[..., :nv].nbytes
+            + self.v_zero[..., :nv].nbytes
             + sum(t.nbytes for t in self.k_fp + self.v_fp)
         )
         return KVMemory(n, held, fp16_kv_bytes(self.config, self.batch, n))
 
 
 def _late_view(
-    fp: torch.Tensor, hi: int, end: int, dtype: torch.dtype, dequantize: Callable[[torch.Tensor], None]
+    fp: torch.Tensor, hi: int, end: int, dtype: torch.dtype, dequantize: Callable[[torch.Tensor], None],
+    channel_major: bool,
 ) -> torch.Tensor:
-    """Positions ``0..end`` as a chunk's last query sees them: the first ``hi`` dequantized (by
-    ``dequantize`` into its slice of the buffer, no concatenation), the rest from ``fp``, the
-    16-bit tokens that end at ``end``."""
-    out = torch.empty(*fp.shape[:2], end, fp.shape[3], dtype=dtype, device=fp.device)
+    """Positions ``0..end`` ``[B, Hkv, end, D]`` as a chunk's last query sees them: the first
+    ``hi`` dequantized (by ``dequantize`` straight into its slice of the buffer, no
+    concatenation), the rest from ``fp``, the 16-bit tokens that end at ``end``. With
+    ``channel_major`` the buffer is ``[B, Hkv, D, end]`` (what ``dequantize`` fills) and a
+    transposed view of it is returned; matmuls read either without copying."""
+    b, h, _, d = fp.shape
+    tail = fp[:, :, fp.shape[2] - (end - hi):]
+    if channel_major:
+        out = torch.empty(b, h, d, end, dtype=dtype, device=fp.device)
+        dequantize(out[..., :hi])
+        out[..., hi:] = tail.transpose(-1, -2)
+        return out.transpose(-1, -2)
+    out = torch.empty(b, h, end, d, dtype=dtype, device=fp.device)
     dequantize(out[:, :, :hi])
-    out[:, :, hi:] = fp[:, :, fp.shape[2] - (end - hi):]
+    out[:, :, hi:] = tail
     return out
 
 
