@@ -183,6 +183,8 @@ def quantize(
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Calibration seed."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Text field of structured calibration files."),
+    calib_dtype: Optional[str] = typer.Option(None, "--calib-dtype",
+                                              help="Arithmetic of calibration passes: float32 or bfloat16 (faster)."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: activation order (static groups)."),
     damp: Optional[float] = typer.Option(None, "--damp", help="GPTQ: relative Hessian dampening."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant: migration strength."),
@@ -208,7 +210,7 @@ def quantize(
 
     r = api.quantize(model, output, recipe=recipe, method=method, force=force, device=device,
                      quiet=quiet or json_out, dry_run=dry_run, bits=bits, group_size=group_size, symmetric=symmetric,
-                     data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field,
+                     data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field, dtype=calib_dtype,
                      act_order=act_order, damp=damp, alpha=alpha, mse=mse)
     if json_out:
         _print_json(r.to_dict())
@@ -220,7 +222,9 @@ def quantize(
         _console().print(
             f"plan: {r.quantized_modules} Linears with recipe {r.recipe['name']}; peak memory ~ "
             f"{mem['total'] / 2**20:.0f} MiB = layer weights {mem['layer_weights'] / 2**20:.0f} + hidden states "
-            f"2 x samples x seqlen x hidden x 4 B = {mem['hidden_states'] / 2**20:.0f} + Hessians {mem['hessians'] / 2**20:.0f}"
+            f"2 x samples x seqlen x hidden x 4 B = {mem['hidden_states'] / 2**20:.0f} + group inputs "
+            f"samples x seqlen x (2 hidden + intermediate) x 4 B = {mem['group_inputs'] / 2**20:.0f} + Hessians "
+            f"{mem['hessians'] / 2**20:.0f}"
         )
     else:
         _console().print(f"wrote [bold]{r.output}[/] ({r.quantized_modules} quantized Linears) in {r.seconds:.1f}s")

@@ -115,3 +115,45 @@ def test_mse_clip_never_worse_than_minmax() -> None:
     plain = (fake_quantize(w, scheme) - w).abs().pow(2.4).sum()
     mse = (rtn_weight(w, scheme, mse=True).dequantize() - w).abs().pow(2.4).sum()
     assert mse <= plain
+
+
+def test_sequential_pass_equals_forward(outlier_model: Path) -> None:
+    """The staged pass GPTQ uses computes exactly the layer's forward when nothing changes, and
+    shows each group the inputs the hooks of a plain forward see."""
+    from qconv.quant.pipeline import GROUPS
+
+    _, ctx = first_layer(outlier_model)
+    hooked: dict[str, torch.Tensor] = {}
+    ref = ctx.forward(lambda inner, x: hooked.setdefault(inner, x.clone()) if inner not in hooked else None)
+    seen: dict[tuple[str, ...], torch.Tensor] = {}
+    out = ctx.sequential(lambda group, x: seen.__setitem__(group, x))
+    assert list(seen) == list(GROUPS)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert ctx.outputs is out
+    for group, x in seen.items():  # the hook saw the first batch (4 samples)
+        torch.testing.assert_close(x[:4], hooked[group[0]], rtol=0, atol=1e-6)
+
+
+def test_sequential_pass_feeds_quantized_groups_forward(outlier_model: Path) -> None:
+    """A change made at one group boundary is what every later group computes with."""
+    _, ctx = first_layer(outlier_model)
+    ref = ctx.forward()
+
+    def visit(group: tuple[str, ...], _x: torch.Tensor) -> None:
+        if group[0] == "self_attn.o_proj":
+            ctx.layer.self_attn.o_proj.weight.data.mul_(0.5)
+
+    out = ctx.sequential(visit)
+    torch.testing.assert_close(out, ctx.forward(), rtol=0, atol=1e-6)
+    assert not torch.allclose(out, ref)
+
+
+def test_bfloat16_calibration_close_to_float32(outlier_model: Path) -> None:
+    """bf16 autocast in the pipeline changes outputs only by bf16 rounding of the products."""
+    source = open_model(outlier_model)
+    tokens = torch.randint(0, source.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    fp = next(LayerPipeline(source, tokens).layers()).forward()
+    bf = next(LayerPipeline(source, tokens, compute_dtype=torch.bfloat16).layers()).forward()
+    assert bf.dtype == torch.float32
+    rel = (bf - fp).norm() / fp.norm()
+    assert 0 < rel < 2e-2, rel

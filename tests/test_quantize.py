@@ -53,6 +53,7 @@ def test_shipped_recipes_validate(path: Path) -> None:
     ({"stages": [{"method": "rtn"}, {"method": "awq"}]}, "exactly one quantizer"),
     ({"stages": [{"method": "magic"}]}, "unknown method 'magic'"),
     ({"scheme": {"bits": 4, "activations": {"bits": 8}}}, "W8A8"),
+    ({"calibration": {"dtype": "float16"}}, "calibration.dtype must be one of float32, bfloat16, got 'float16'"),
 ])
 def test_invalid_recipes(raw: dict, message: str) -> None:
     with pytest.raises(InvalidOption, match=re.escape(message)):

@@ -48,6 +48,14 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``/``sin`` ``[T, head_dim]`` of the RoPE angles at ``positions`` (each frequency
+    twice, for :func:`rotate_half`'s pairing), computed in float32 and cast to ``dtype``."""
+    angles = positions.float()[:, None] * inv_freq.to(positions.device)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """HF's RoPE pairing: dimension ``i`` rotates with ``i + D/2`` (not interleaved pairs)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -89,6 +97,13 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int
     ) -> torch.Tensor:
+        return self.o_proj(self.mix(x, cos, sin, cache, start_pos))
+
+    def mix(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int
+    ) -> torch.Tensor:
+        """Everything before ``o_proj``: the heads' attention outputs ``[b, t, heads * head_dim]``
+        (a separate step so calibration can stop at o_proj's input)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -98,7 +113,7 @@ class Attention(nn.Module):
             out = causal_attention(q, k, v)
         else:
             out = cache.attend(self.layer_idx, q, k, v, start_pos)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return out.transpose(1, 2).reshape(b, t, -1)
 
 
 class MLP(nn.Module):
@@ -111,7 +126,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate(x)) * up(x)``: down_proj's input."""
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
 class DecoderLayer(nn.Module):
@@ -166,9 +185,7 @@ class Transformer(nn.Module):
         """
         positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
         x = self.embed_tokens(tokens)
-        angles = positions.float()[:, None] * self.inv_freq
-        angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, start_pos)
         out_weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -7,7 +7,13 @@ after a layer is processed (possibly quantized), its outputs become the next lay
 so later layers calibrate on what the quantized model will actually feed them.
 
 Peak memory ≈ one layer's weights (fp32, plus methods' scratch such as Hessians) +
-2 × n·T·h·4 bytes of hidden states (inputs and outputs of the current layer).
+2 × n·T·h·4 bytes of hidden states (inputs and outputs of the current layer); a
+:meth:`LayerContext.sequential` pass (GPTQ) also keeps the intermediate activations at the
+Linear-group boundaries, at most n·T·(2h + f)·4 bytes more (f = intermediate size).
+
+The layer's arithmetic can run in bfloat16 (``compute_dtype``, through autocast): on CPUs with
+AVX512-BF16/AMX its GEMMs are ~4x faster than float32. Weights stay float32 (what methods
+quantize) and activations are stored float32 between steps; only the products are rounded.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from torch import nn
 
 from qconv.checkpoint.config import ModelConfig
 from qconv.checkpoint.source import ModelSource
-from qconv.model.decoder import DecoderLayer, rope_inv_freq
+from qconv.model.decoder import DecoderLayer, rope_cos_sin, rope_inv_freq
 
 #: Linear modules of a decoder layer, by their name inside the layer, in execution order.
 LINEARS = (
@@ -28,7 +34,17 @@ LINEARS = (
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
 )
 
+#: Linears sharing one input, in execution order (the boundaries of a sequential pass).
+GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
 InputHook = Callable[[str, torch.Tensor], None]
+#: Called by a sequential pass with a Linear group and its inputs ``[n, T, in]`` for every sample.
+GroupVisitor = Callable[[tuple[str, ...], torch.Tensor], None]
 
 
 def pipeline_memory_bytes(config: ModelConfig, samples: int, seqlen: int) -> dict[str, int]:
@@ -36,9 +52,10 @@ def pipeline_memory_bytes(config: ModelConfig, samples: int, seqlen: int) -> dic
     h, f = config.hidden_size, config.intermediate_size
     layer = 4 * (h * config.num_heads * config.head_dim * 2 + h * config.num_kv_heads * config.head_dim * 2 + 3 * h * f)
     hidden = 4 * samples * seqlen * h
-    hessians = 4 * (h * h + f * f)  # the largest pair alive at once (GPTQ)
-    return {"layer_weights": layer, "hidden_states": 2 * hidden, "hessians": hessians,
-            "total": layer + 2 * hidden + hessians}
+    staged = 4 * samples * seqlen * (2 * h + f)  # residual, norm output, MLP hidden (sequential pass)
+    hessians = 4 * f * f  # the largest one alive at once (GPTQ)
+    return {"layer_weights": layer, "hidden_states": 2 * hidden, "group_inputs": staged, "hessians": hessians,
+            "total": layer + 2 * hidden + staged + hessians}
 
 
 class LayerContext:
@@ -53,24 +70,32 @@ class LayerContext:
         self.outputs: torch.Tensor | None = None
 
     @torch.inference_mode()
-    def collect(self, inner: str, fn: Callable[[torch.Tensor], None]) -> None:
-        """Feed ``fn`` the input of Linear ``inner`` for every sample, running each batch only
-        as far as that Linear (GPTQ's Hessians need nothing past it)."""
-        module = self.layer.get_submodule(inner)
+    def sequential(self, visit: GroupVisitor) -> torch.Tensor:
+        """One pass over every sample, one Linear group at a time (:data:`GROUPS`).
 
-        def stop(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            fn(args[0])
-            raise _StopForward
-
-        handle = module.register_forward_pre_hook(stop)
-        try:
-            for x in self.inputs.split(self.pipeline.batch_size):
-                try:
-                    self.pipeline.run_layer(self.layer, x)
-                except _StopForward:
-                    pass
-        finally:
-            handle.remove()
+        Before each group is applied, ``visit(group, inputs)`` sees that group's inputs for
+        all samples and may change the group's weights (quantize them): the rest of the pass
+        then computes with the changed weights. So each group's inputs come from the already
+        quantized groups before it ("true sequential" inside the layer) at the cost of a
+        single forward pass, whose output becomes :attr:`outputs` (the next layer's input).
+        """
+        layer, p = self.layer, self.pipeline
+        attn, mlp = layer.self_attn, layer.mlp
+        x = self.inputs
+        h = p.map(layer.input_layernorm, x)
+        visit(GROUPS[0], h)
+        a = p.map(lambda t: attn.mix(t, p.cos, p.sin, None, 0), h)
+        del h
+        visit(GROUPS[1], a)
+        r = p.map(lambda x_, a_: x_ + attn.o_proj(a_), x, a)
+        del a
+        h = p.map(layer.post_attention_layernorm, r)
+        visit(GROUPS[2], h)
+        m = p.map(mlp.hidden, h)
+        del h
+        visit(GROUPS[3], m)
+        self.outputs = p.map(lambda r_, m_: r_ + mlp.down_proj(m_), r, m)
+        return self.outputs
 
     def module_name(self, inner: str) -> str:
         """HF module name of a Linear inside this layer (``model.layers.3.mlp.up_proj``)."""
@@ -83,12 +108,9 @@ class LayerContext:
         x_all = self.inputs if inputs is None else inputs
         if x_all.shape[0] == 0:  # no calibration data (RTN): nothing flows
             return x_all
+        p = self.pipeline
         with _input_hooks(self.layer, hook):
-            return torch.cat([self.pipeline.run_layer(self.layer, x) for x in x_all.split(self.pipeline.batch_size)])
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the input a caller needs has been seen: the rest of the layer is skipped."""
+            return p.map(lambda t: self.layer(t, p.cos, p.sin, None, 0), x_all)
 
 
 @contextmanager
@@ -109,16 +131,15 @@ class LayerPipeline:
     """Streams a model's decoder layers over calibration tokens ``[n, T]``."""
 
     def __init__(self, source: ModelSource, tokens: torch.Tensor, device: torch.device | str = "cpu",
-                 batch_size: int = 4) -> None:
+                 batch_size: int = 4, compute_dtype: torch.dtype = torch.float32) -> None:
         self.source = source
         self.config = source.config
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.compute_dtype = compute_dtype
         self.tokens = tokens
-        positions = torch.arange(tokens.shape[1], dtype=torch.float32)
-        angles = positions[:, None] * rope_inv_freq(self.config)
-        angles = torch.cat((angles, angles), dim=-1)
-        self.cos, self.sin = angles.cos().to(self.device), angles.sin().to(self.device)
+        positions = torch.arange(tokens.shape[1], device=self.device)
+        self.cos, self.sin = rope_cos_sin(rope_inv_freq(self.config), positions, torch.float32)
 
     def embeddings(self) -> torch.Tensor:
         """Layer-0 inputs: token embeddings of every sample, float32 on CPU."""
@@ -133,9 +154,16 @@ class LayerPipeline:
         layer.load_state_dict(tensors, strict=True, assign=True)
         return layer.requires_grad_(False).eval()
 
-    def run_layer(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
-        """One batch through one layer (CPU in, CPU out)."""
-        return layer(x.to(self.device), self.cos, self.sin, None, 0).float().cpu()
+    def map(self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+        """``fn`` over aligned batches of samples of ``tensors`` ``[n, ...]`` (CPU float32 in
+        and out, computed on the pipeline's device in its compute dtype)."""
+        mixed = self.compute_dtype != torch.float32
+        outs = []
+        for parts in zip(*(t.split(self.batch_size) for t in tensors)):
+            with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=mixed):
+                out = fn(*(t.to(self.device) for t in parts))
+            outs.append(out.float().cpu())
+        return torch.cat(outs)
 
     def layers(self) -> Iterator[LayerContext]:
         """Yield each layer's context in order; after the caller is done with a context (the

@@ -94,7 +94,7 @@ def quantize_model(
             tokens = torch.zeros((0, 1), dtype=torch.long)
         act = ActivationScheme(bits=recipe.act_bits) if recipe.act_bits else None
         metadata = {"recipe": recipe.to_dict(), "qconv_version": __version__, "input_sha256": fingerprint(source)}
-        pipeline = LayerPipeline(source, tokens, device, batch_size)
+        pipeline = LayerPipeline(source, tokens, device, batch_size, getattr(torch, calib.dtype))
         with CompressedTensorsWriter(out, source.config, source.tokenizer_files(), parse_size(recipe.max_shard_size),
                                      force, metadata, dtype=model_dtype) as writer, \
                 progress(f"quantizing ({recipe.name})", source.config.num_layers, quiet) as advance:

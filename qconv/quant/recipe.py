@@ -32,6 +32,7 @@ from qconv.quant.methods import get_method
 from qconv.quant.schemes import DEFAULT_IGNORE, Override, SchemeMap
 
 OUTPUT_FORMATS = ("compressed-tensors",)
+CALIBRATION_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class Calibration:
     seqlen: int = 2048
     seed: int = 0
     text_field: str = "text"
+    #: arithmetic of the calibration forward passes: float32, or bfloat16 (~4x faster GEMMs on
+    #: CPUs with AVX512-BF16/AMX; weights and stored activations stay float32)
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,8 @@ def validate(recipe: Recipe) -> Recipe:
     c = recipe.calibration
     if c.samples < 1 or c.seqlen < 2:
         raise InvalidOption("recipe: calibration.samples must be >= 1 and calibration.seqlen >= 2")
+    if c.dtype not in CALIBRATION_DTYPES:
+        raise InvalidOption(f"recipe: calibration.dtype must be one of {', '.join(CALIBRATION_DTYPES)}, got {c.dtype!r}")
     return recipe
 
 
@@ -214,7 +220,8 @@ def apply_flags(recipe: Recipe, **flags: Any) -> Recipe:
     """Flags override recipe fields; ``None`` means "not given". Method options
     (``damp``, ``act_order``, ``alpha``, ``mse``) go to every stage that declares them."""
     top = {k: flags.pop(k) for k in ("bits", "group_size", "symmetric") if flags.get(k) is not None}
-    calib = {k: flags.pop(k) for k in ("data", "samples", "seqlen", "seed", "text_field") if flags.get(k) is not None}
+    calib = {k: flags.pop(k) for k in ("data", "samples", "seqlen", "seed", "text_field", "dtype")
+             if flags.get(k) is not None}
     method_opts = {k: v for k, v in flags.items() if v is not None}
     stages = []
     for s in recipe.stages:

@@ -61,7 +61,7 @@ def clip_search(w: torch.Tensor, x: torch.Tensor, scheme: WeightScheme, steps: i
         wg = wc.reshape(-1, ng, gw)
         ref = torch.einsum("tng,cng->ctn", xg, wg)
         org_max = wg.abs().amax(-1, keepdim=True)
-        best_err = torch.full(org_max.shape[:2], float("inf"))
+        best_err = torch.full(org_max.shape[:2], float("inf"), device=w.device)
         best_max = org_max.clone()
         for i in range(steps):
             m = org_max * (1 - i / grid)
@@ -76,7 +76,8 @@ def clip_search(w: torch.Tensor, x: torch.Tensor, scheme: WeightScheme, steps: i
 
 class AWQ(Transform):
     name = "awq"
-    options = {"grid": 20, "clip": True, "clip_tokens": 512, "search_samples": 128}
+    #: ``search_samples`` 32 x 2048 tokens = the 64k tokens AutoAWQ searches with (128 x 512)
+    options = {"grid": 20, "clip": True, "clip_tokens": 512, "search_samples": 32}
 
     def apply(self, ctx: LayerContext, schemes: SchemeMap) -> None:
         layer = ctx.layer
@@ -85,16 +86,19 @@ class AWQ(Transform):
         feats: dict[str, list[torch.Tensor]] = {}
         ctx.forward(lambda inner, x: feats.setdefault(inner, []).append(x.float().cpu()), inputs=inputs)
         x = {k: torch.cat(v) for k, v in feats.items()}
-        attn = layer.self_attn
-        run_attn = lambda t: torch.cat([attn(b, ctx.pipeline.cos, ctx.pipeline.sin, None, 0)  # noqa: E731
-                                        for b in t.split(ctx.pipeline.batch_size)])
+        attn, p = layer.self_attn, ctx.pipeline
+
+        def over(module: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda t: p.map(module, t)
+
         mappings: list[tuple[str, tuple[str, ...], Callable[[torch.Tensor], torch.Tensor], str]] = [
-            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), run_attn, "self_attn.q_proj"),
-            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), layer.mlp, "mlp.gate_proj"),
-            ("mlp.up_proj", ("mlp.down_proj",), layer.mlp.down_proj, "mlp.down_proj"),
+            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             over(lambda t: attn(t, p.cos, p.sin, None, 0)), "self_attn.q_proj"),
+            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), over(layer.mlp), "mlp.gate_proj"),
+            ("mlp.up_proj", ("mlp.down_proj",), over(layer.mlp.down_proj), "mlp.down_proj"),
         ]
         if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
-            mappings.insert(1, ("self_attn.v_proj", ("self_attn.o_proj",), attn.o_proj, "self_attn.o_proj"))
+            mappings.insert(1, ("self_attn.v_proj", ("self_attn.o_proj",), over(attn.o_proj), "self_attn.o_proj"))
         with torch.inference_mode():
             for prev, balance, inspect, feat in mappings:
                 scheme = schemes.scheme_for(ctx.module_name(balance[0]))
@@ -103,7 +107,7 @@ class AWQ(Transform):
                 s = self._search(layer, balance, inspect, x[feat], scheme)
                 self._fold(layer, prev, balance, s)
                 for name in balance:  # their inputs are now x / s
-                    x[name] = x[name] / s
+                    x[name] = x[name] / s.to(x[name].device)
             if self.config["clip"]:
                 self._clip(ctx, schemes, x)
 
@@ -111,7 +115,7 @@ class AWQ(Transform):
                 x: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
         mods = [layer.get_submodule(b) for b in balance]
         originals = [m.weight.data.clone() for m in mods]
-        x_mean = x.abs().reshape(-1, x.shape[-1]).mean(0)
+        x_mean = x.abs().reshape(-1, x.shape[-1]).mean(0).to(originals[0].device)
         wm = w_mean(originals, scheme)
         ref = inspect(x)
         best, best_s = float("inf"), torch.ones_like(x_mean)
@@ -148,4 +152,4 @@ class AWQ(Transform):
             flat = feats.reshape(-1, feats.shape[-1])
             step = max(1, flat.shape[0] // int(self.config["clip_tokens"]))
             linear = ctx.layer.get_submodule(inner)
-            linear.weight.data = clip_search(linear.weight.data, flat[::step], scheme)
+            linear.weight.data = clip_search(linear.weight.data, flat[::step].to(linear.weight.device), scheme)

@@ -2,9 +2,11 @@
 :func:`qconv.quant.gptq.gptq_quantize` per Linear.
 
 ``true_sequential`` (default on, as the GPTQ reference): inside a layer the Linears are done in
-four groups in execution order (q/k/v, o, gate/up, down); each group's Hessian is collected from
-inputs computed with the already-quantized groups before it, running the layer only as far as
-that group. Off: all four Hessians come from one fp pass (llm-compressor's per-layer order).
+four groups in execution order (q/k/v, o, gate/up, down); each group's Hessian comes from
+inputs computed with the already-quantized groups before it. This costs one forward pass per
+layer (:meth:`LayerContext.sequential` stops at each group boundary for all samples), and
+that same pass produces the next layer's inputs. Off: all four Hessians come from one fp pass
+(llm-compressor's per-layer order) and a second pass computes the quantized layer's outputs.
 Between layers the pipeline always feeds quantized outputs forward.
 """
 
@@ -12,45 +14,49 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from qconv.formats.compressed_tensors import QuantizedWeight
 from qconv.quant.gptq import HessianAccumulator, gptq_quantize
 from qconv.quant.methods.base import Quantizer, set_weight
-from qconv.quant.pipeline import LayerContext
+from qconv.quant.pipeline import GROUPS, LayerContext
 from qconv.quant.schemes import SchemeMap
 
 log = logging.getLogger(__name__)
 
-#: Linears sharing one input, in execution order.
-GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+#: tokens per Hessian update: bounds the temporary copy ``bf16_hessian`` makes
+HESSIAN_CHUNK = 16384
 
 
 class GPTQ(Quantizer):
     name = "gptq"
-    options = {"damp": 0.01, "act_order": True, "block_size": 128, "static_groups": True, "true_sequential": True}
+    options = {"damp": 0.01, "act_order": True, "block_size": 128, "static_groups": True, "true_sequential": True,
+               "bf16_hessian": False}
 
     def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
-        todo = [[m for m in g if schemes.scheme_for(ctx.module_name(m)) is not None] for g in GROUPS]
-        todo = [g for g in todo if g]
+        todo = {g: [m for m in g if schemes.scheme_for(ctx.module_name(m)) is not None] for g in GROUPS}
         result: dict[str, QuantizedWeight] = {}
         if self.config["true_sequential"]:
-            for group in todo:
-                result.update(self._quantize_group(ctx, schemes, group, self._hessian(ctx, group[0])))
+            def visit(group: tuple[str, ...], inputs: torch.Tensor) -> None:
+                if todo[group]:
+                    result.update(self._quantize_group(ctx, schemes, todo[group], self._hessian(ctx, group, inputs)))
+            ctx.sequential(visit)
         else:
-            hessians = {g[0]: HessianAccumulator(ctx.layer.get_submodule(g[0]).in_features) for g in todo}
-            ctx.forward(lambda inner, x: hessians[inner].add(x) if inner in hessians else None)
-            for group in todo:
-                result.update(self._quantize_group(ctx, schemes, group, hessians[group[0]].hessian))
+            firsts = {g[0]: g for g in GROUPS if todo[g]}
+            acc = {g: self._accumulator(ctx, g) for g in firsts.values()}
+            ctx.forward(lambda inner, x: acc[firsts[inner]].add(x) if inner in firsts else None)
+            for g, a in acc.items():
+                result.update(self._quantize_group(ctx, schemes, todo[g], a.hessian))
         return result
 
-    @staticmethod
-    def _hessian(ctx: LayerContext, inner: str):
-        acc = HessianAccumulator(ctx.layer.get_submodule(inner).in_features)
-        ctx.collect(inner, acc.add)
+    def _accumulator(self, ctx: LayerContext, group: tuple[str, ...]) -> HessianAccumulator:
+        return HessianAccumulator(ctx.layer.get_submodule(group[0]).in_features, device=ctx.pipeline.device,
+                                  bf16_matmul=bool(self.config["bf16_hessian"]))
+
+    def _hessian(self, ctx: LayerContext, group: tuple[str, ...], inputs: torch.Tensor) -> torch.Tensor:
+        acc = self._accumulator(ctx, group)
+        for part in inputs.reshape(-1, inputs.shape[-1]).split(HESSIAN_CHUNK):
+            acc.add(part)
         return acc.hessian
 
     def _quantize_group(self, ctx: LayerContext, schemes: SchemeMap, group: list[str], H) -> dict[str, QuantizedWeight]:

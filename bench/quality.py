@@ -1,0 +1,143 @@
+"""Quality of every method on the example model: perplexity, quantize time and peak RSS.
+
+    python bench/quality.py [--cache .cache] [--rows fp rtn-w4 gptq-w4 ...] [--samples 128]
+                            [--calib-dtype float32|bfloat16] [--results quality.jsonl]
+
+Protocol (the issue's, comparable with ``../shared/reference/peer-results.md``): SmolLM2-135M
+fp32, WikiText-2 test, ctx 2048, the first 20 windows (GPTQ protocol, ``qconv run --ppl``);
+calibration ``--samples`` x 2048 tokens of the shared C4 sample (seed 0). Each row is a recipe
+(YAML written to a temp file) run by ``qconv quantize`` in a child process, which reports that
+child's wall time and peak RSS; the result is then evaluated by ``qconv run --ppl`` in another
+child. Rows finished earlier are read back from ``--results`` (JSON lines) instead of rerun, so
+an interrupted run resumes; ``--fresh`` ignores them. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from example_model import QCONV, example_model  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Runs a command in a child and reports that child's own wall time and peak RSS.
+MEASURE = """
+import json, resource, subprocess, sys, time
+t0 = time.perf_counter()
+subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)
+print(json.dumps({"wall": time.perf_counter() - t0,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+W4 = {"bits": 4, "group_size": 64, "symmetric": False}
+W3 = {"bits": 3, "group_size": 64, "symmetric": False}
+GPTQ = {"method": "gptq", "damp": 0.01, "act_order": True}
+AWQ = {"method": "awq"}
+
+#: row name -> (label, scheme, stages); None = the unquantized model
+ROWS: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]] | None] = {
+    "fp": None,
+    **{f"{m}-w{b}": (label, scheme, stages)
+       for b, scheme in ((4, W4), (3, W3))
+       for m, label, stages in (
+           ("rtn", f"RTN W{b} g64 asym", [{"method": "rtn"}]),
+           ("rtn-mse", f"RTN W{b} g64 asym + MSE clip", [{"method": "rtn", "mse": True}]),
+           ("gptq", f"GPTQ W{b} g64 asym (act-order static, damp 0.01)", [GPTQ]),
+           ("awq", f"AWQ W{b} g64 asym (scale + clip search, RTN)", [AWQ, {"method": "rtn"}]),
+           ("awq-gptq", f"AWQ + GPTQ W{b} g64 asym", [AWQ, GPTQ]),
+       )},
+    "sq-w8a8": ("SmoothQuant α0.8 + GPTQ W8A8 (int8 per-channel W, dynamic per-token int8 A)",
+                {"bits": 8, "group_size": -1, "symmetric": True, "activations": {"bits": 8}},
+                [{"method": "smoothquant", "alpha": 0.8}, {"method": "gptq", "damp": 0.01, "act_order": False}]),
+    "rtn-w8": ("RTN W8 g64", {"bits": 8, "group_size": 64, "symmetric": True}, [{"method": "rtn"}]),
+}
+
+
+def measured(cmd: list[str]) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ppl(model: Path, eval_text: Path, windows: int) -> float:
+    out = subprocess.run([*QCONV, "run", str(model), "--ppl", str(eval_text), "--ctx", "2048",
+                          "--max-windows", str(windows), "--json"], check=True, capture_output=True, text=True)
+    return float(json.loads(out.stdout)["ppl"])
+
+
+def run_row(name: str, model: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    spec = ROWS[name]
+    if spec is None:
+        return {"row": name, "label": "fp32", "ppl": ppl(model, args.eval_text, args.windows)}
+    label, scheme, stages = spec
+    recipe = {"name": name, "scheme": scheme, "ignore": ["lm_head"], "stages": stages,
+              "calibration": {"data": str(args.calib), "samples": args.samples, "seqlen": 2048, "seed": 0,
+                              "dtype": args.calib_dtype}}
+    recipe_path = work / f"{name}.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    out = work / name
+    m = measured([*QCONV, "quantize", str(model), "--recipe", str(recipe_path), "-o", str(out), "--force",
+                  "--quiet"])
+    return {"row": name, "label": label, "ppl": ppl(out, args.eval_text, args.windows), "seconds": m["wall"],
+            "rss_mb": m["rss_mb"], "samples": args.samples, "calib_dtype": args.calib_dtype}
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    fp = next((r["ppl"] for r in results if r["row"] == "fp"), None)
+    print("| config | PPL | Δ vs fp | quantize wall | peak RSS | calibration |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        delta = f"{100 * (r['ppl'] / fp - 1):+.1f}%" if fp and r["row"] != "fp" else "—"
+        wall = f"{r['seconds']:.0f} s" if "seconds" in r else ""
+        rss = f"{r['rss_mb'] / 1024:.2f} GB" if "rss_mb" in r else ""
+        calib = f"{r['samples']}×2048 {r['calib_dtype']}" if "samples" in r else ""
+        print(f"| {r['label']} | {r['ppl']:.2f} | {delta} | {wall} | {rss} | {calib} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=Path(".cache"))
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--calib-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--windows", type=int, default=20)
+    parser.add_argument("--eval-text", type=Path, default=SHARED / "wikitext-2-raw-test.txt")
+    parser.add_argument("--calib", type=Path, default=SHARED / "c4-sample.jsonl")
+    parser.add_argument("--results", type=Path, default=Path("quality.jsonl"), help="JSON lines, one per finished row")
+    parser.add_argument("--fresh", action="store_true", help="rerun rows already in --results")
+    parser.add_argument("--keep", type=Path, default=None, help="keep quantized checkpoints in this folder")
+    args = parser.parse_args()
+
+    done: dict[str, dict[str, Any]] = {}
+    if args.results.exists() and not args.fresh:
+        for line in args.results.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            if r["row"] == "fp" or (r.get("samples"), r.get("calib_dtype")) == (args.samples, args.calib_dtype):
+                done[r["row"]] = r
+    model = example_model(args.cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name in args.rows:
+            if name in done:
+                continue
+            print(f"  {name} ...", file=sys.stderr, flush=True)
+            r = run_row(name, model, work, args)
+            print(f"  {name}: {json.dumps(r)}", file=sys.stderr, flush=True)
+            with args.results.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(r) + "\n")
+            done[name] = r
+    print_table([done[n] for n in args.rows if n in done])
+
+
+if __name__ == "__main__":
+    main()
