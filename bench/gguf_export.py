@@ -1,18 +1,25 @@
 """GGUF export on the example model, side by side with llama.cpp's own quantizer.
 
-    python bench/gguf_export.py [--cache .cache] [--types q8_0,q4_k_m,q6_k] [--chunks 100]
+    python bench/gguf_export.py [--cache .cache] [--types q8_0,q4_k_m,q6_k] [--chunks 100] [--repeat 1]
+                                [--synthetic-gb 2 [--synthetic-dtype bf16] [--synthetic-types q8_0,q4_k_m]]
 
 For each type: wall time and peak RSS of ``qconv convert HF -> TYPE.gguf`` and of
 ``llama_model_quantize`` (llama-cpp-python) from qconv's f32 GGUF of the same weights, each in
-its own child process; the ratio; the per-tensor byte-identity verdict; and llama.cpp's
-perplexity of both files (llama-perplexity's protocol: ctx 512, BOS at each chunk start, the
-second half of each chunk scored) on the WikiText-2 test text.
+its own child process (with ``--repeat N``, the fastest of N interleaved runs per side); the
+ratio; the per-tensor byte-identity verdict; and llama.cpp's perplexity of both files
+(llama-perplexity's protocol: ctx 512, BOS at each chunk start, the second half of each chunk
+scored) on the WikiText-2 test text.
+
+``--synthetic-gb N`` adds the streaming-memory check: a random Llama-shaped checkpoint of about
+N GB (Llama-3.2-1B's widths, as many layers as the size asks for) is written to a temp dir and
+qconv's peak RSS converting it is reported against the input size and the largest tensor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -41,9 +48,20 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 """
 
 
+#: Llama-3.2-1B's widths (untied embeddings here); the vocabulary is the example model's tokenizer.
+SYNTHETIC_WIDTHS = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                        head_dim=64, tie_word_embeddings=False)
+
+
 def measure(cmd: list[str]) -> dict[str, float]:
     out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def fastest(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Best of repeated measurements: the shortest wall time (other load only ever adds to it)
+    and the largest peak RSS."""
+    return {"wall": min(r["wall"] for r in runs), "rss_mb": max(r["rss_mb"] for r in runs)}
 
 
 def identical_tensors(a: Path, b: Path) -> tuple[int, int]:
@@ -79,12 +97,66 @@ def llama_cpp_perplexity(path: Path, text: str, n_ctx: int, chunks: int) -> floa
     return float(np.exp(nll / count))
 
 
+def synthetic_model(base: Path, out: Path, gigabytes: float, dtype: str) -> Path:
+    """A random Llama-shaped HF checkpoint of about ``gigabytes`` GB in ``dtype`` at ``out``, with
+    ``base``'s tokenizer: written tensor by tensor with qconv's own shard writer (1 GB shards)."""
+    import torch
+
+    from qconv.checkpoint.config import load_config
+    from qconv.checkpoint.hf_writer import ShardWriter, parse_dtype, write_config_and_tokenizer
+    from qconv.checkpoint.tokenizer import read_tokenizer_files
+
+    cfg = {**json.loads((base / "config.json").read_text()), **SYNTHETIC_WIDTHS}
+    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    qkv_rows = cfg["head_dim"] * (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"])
+    per_layer = h * qkv_rows + cfg["num_attention_heads"] * cfg["head_dim"] * h + 3 * h * inter + 2 * h
+    torch_dtype = parse_dtype(dtype)
+    elements = gigabytes * 1e9 / torch.empty(0, dtype=torch_dtype).element_size()
+    cfg["num_hidden_layers"] = max(1, round((elements - 2 * vocab * h - h) / per_layer))
+    out.mkdir()
+    write_config_and_tokenizer(out, cfg, torch_dtype, read_tokenizer_files(base))
+    gen = torch.Generator().manual_seed(0)
+    shards = ShardWriter(out, 10**9)
+    for name, shape in load_config(out).expected_shapes().items():
+        shards.add(name, (torch.randn(shape, generator=gen) * 0.02).to(torch_dtype))
+    shards.finish()
+    return out
+
+
+def synthetic_table(base: Path, gigabytes: float, dtype: str, types: list[str]) -> None:
+    """qconv's wall time and peak RSS converting a ~``gigabytes`` GB checkpoint, against its size."""
+    from qconv.checkpoint.config import load_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = synthetic_model(base, Path(tmp) / "synthetic", gigabytes, dtype)
+        size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+        config = load_config(model)
+        name, shape = max(config.expected_shapes().items(), key=lambda kv: math.prod(kv[1]))
+        stored = math.prod(shape) * {"f32": 4, "f16": 2, "bf16": 2}[dtype]
+        print(f"\nSynthetic {dtype} checkpoint: {config.num_layers} layers of hidden {config.hidden_size}, {size / 2**20:,.0f} MiB; "
+              f"largest tensor {name} {list(shape)}: {stored / 2**20:,.0f} MiB stored, "
+              f"{math.prod(shape) * 4 / 2**20:,.0f} MiB as float32\n")
+        print("| type | qconv s | qconv peak RSS MiB | input MiB | RSS / input |")
+        print("|---|---|---|---|---|")
+        for t in types:
+            out = Path(tmp) / f"synthetic-{t}.gguf"
+            q = measure([*QCONV, "convert", str(model), "-o", str(out), "--type", t, "--quiet"])
+            out.unlink()
+            print(f"| {t} | {q['wall']:.2f} | {q['rss_mb']:,.0f} | {size / 2**20:,.0f} | {q['rss_mb'] * 2**20 / size:.2f} |",
+                  flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--types", default="q8_0,q4_k_m,q6_k")
     parser.add_argument("--chunks", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per side; the fastest is reported")
     parser.add_argument("--text", type=Path, default=SHARED / "wikitext-2-raw-test.txt")
+    parser.add_argument("--synthetic-gb", type=float, default=0.0,
+                        help="also convert a random Llama-shaped checkpoint of this many GB and report peak RSS")
+    parser.add_argument("--synthetic-dtype", default="bf16", help="f32, f16 or bf16")
+    parser.add_argument("--synthetic-types", default="q8_0,q4_k_m")
     args = parser.parse_args()
     from qconv.formats.gguf_types import file_type
 
@@ -96,8 +168,10 @@ def main() -> None:
         subprocess.run([*QCONV, "convert", str(hf), "-o", str(base), "--type", "f32", "--quiet"], check=True)
         for t in args.types.split(","):
             ours, ref = Path(tmp) / f"qconv-{t}.gguf", Path(tmp) / f"llama-{t}.gguf"
-            q = measure([*QCONV, "convert", str(hf), "-o", str(ours), "--type", t, "--quiet"])
-            r = measure([sys.executable, "-c", LLAMA_QUANTIZE, str(base), str(ref), str(int(file_type(t).ftype))])
+            pairs = [(measure([*QCONV, "convert", str(hf), "-o", str(ours), "--type", t, "--quiet", "--force"]),
+                      measure([sys.executable, "-c", LLAMA_QUANTIZE, str(base), str(ref), str(int(file_type(t).ftype))]))
+                     for _ in range(args.repeat)]  # interleaved, so both sides see the same load
+            q, r = fastest([a for a, _ in pairs]), fastest([b for _, b in pairs])
             same, total = identical_tensors(ours, ref)
             ppl_q = llama_cpp_perplexity(ours, text, 512, args.chunks) if text else float("nan")
             ppl_r = llama_cpp_perplexity(ref, text, 512, args.chunks) if text else float("nan")
@@ -108,6 +182,8 @@ def main() -> None:
         print(f"| {t} | {q['wall']:.2f} | {r['wall']:.2f} | {q['wall'] / r['wall']:.2f}x | {q['rss_mb']:.0f} | "
               f"{r['rss_mb']:.0f} | {same}/{total} | {size:,} | {pq:.3f} | {pr:.3f} |")
     print("\nqconv times include Python start-up and reading the HF f32 checkpoint; llama.cpp reads the f32 GGUF.")
+    if args.synthetic_gb > 0:
+        synthetic_table(hf, args.synthetic_gb, args.synthetic_dtype, args.synthetic_types.split(","))
 
 
 if __name__ == "__main__":

@@ -10,16 +10,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from qconv.atomic import check_output
 from qconv.checkpoint import ModelSource, open_model
-from qconv.checkpoint.hf_writer import parse_dtype, parse_size, write_hf_checkpoint
 from qconv.errors import InvalidOption
 from qconv.progress import progress
 from qconv.textdata import load_text
+
+if TYPE_CHECKING:  # torch is imported where it is used, so HF -> GGUF export never loads it
+    import torch
 
 
 @dataclass
@@ -58,6 +58,8 @@ def convert(
             raise InvalidOption("--dtype applies to HF output; for GGUF output use --type")
         ft = file_type(gguf_type or "f16")
     else:
+        from qconv.checkpoint.hf_writer import parse_dtype, parse_size, write_hf_checkpoint
+
         torch_dtype = parse_dtype(dtype) if dtype else None
         shard_bytes = parse_size(max_shard_size)
     check_output(out, force)
@@ -76,6 +78,8 @@ def convert(
 
 def resolve_device(device: str) -> torch.device:
     """``cpu|cuda|auto`` -> torch.device, refusing cuda where there is none."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -88,6 +92,7 @@ def resolve_device(device: str) -> torch.device:
 def load_runner(source: ModelSource, device: str = "auto", dtype: str = "f32") -> torch.nn.Module:
     """The reference decoder for ``source`` on ``device``. W8A8 checkpoints get their per-token
     int8 activation quantization emulated, so measured quality is what an int8 kernel gives."""
+    from qconv.checkpoint.hf_writer import parse_dtype
     from qconv.model.decoder import load_model
 
     model = load_model(source, device=resolve_device(device), dtype=parse_dtype(dtype))
@@ -257,11 +262,12 @@ def compare(
         return cmp(base, other, ids, ctx=ctx, max_windows=max_windows, on_window=lambda *_: advance(), kv_cache=spec)
 
 
-def calibrate(model_path: Path | str, data: str, out: Path | str, **options: Any) -> Any:
-    """Record activation statistics (see :func:`qconv.quant.calibrate.calibrate`)."""
+def calibrate(model_path: Path | str, data: str, out: Path | str, device: str = "cpu", **options: Any) -> Any:
+    """Record activation statistics (see :func:`qconv.quant.calibrate.calibrate`); ``device``
+    is cpu, cuda or auto."""
     from qconv.quant.calibrate import calibrate as run
 
-    return run(model_path, data, out, **options)
+    return run(model_path, data, out, device=str(resolve_device(device)), **options)
 
 
 def quantize(

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -80,12 +82,12 @@ def assert_same_tensors(ours: Path, ref: Path) -> None:
     assert not wrong_bytes, f"{len(wrong_bytes)} tensors differ: {wrong_bytes[:5]}"
 
 
-@pytest.mark.parametrize("source_dtype", ["f32", "f16"])
+@pytest.mark.parametrize("source_dtype", ["f32", "f16", "bf16"])
 def test_byte_identical_to_llama_quantize(export_model: Path, tmp_path: Path, source_dtype: str) -> None:
     src = export_model
-    if source_dtype == "f16":
-        src = tmp_path / "hf-f16"
-        api.convert(export_model, src, dtype="f16")
+    if source_dtype != "f32":
+        src = tmp_path / f"hf-{source_dtype}"
+        api.convert(export_model, src, dtype=source_dtype)
     base = tmp_path / f"base-{source_dtype}.gguf"
     api.convert(src, base, gguf_type=source_dtype)
     types = QUANT_TYPES if source_dtype == "f32" else ["q8_0", "q4_k_m", "q6_k"]
@@ -173,6 +175,32 @@ def test_round_trip_hf_gguf_hf(export_model: Path, tmp_path: Path) -> None:
             assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_hf_reader_arrays_match_tensors(export_model: Path, tmp_path: Path, dtype: str) -> None:
+    """get_array (torch-free, plain file reads) is get_tensor().float() exactly, for every stored dtype."""
+    src_dir = tmp_path / f"hf-{dtype}"
+    api.convert(export_model, src_dir, dtype=dtype)
+    with open_model(src_dir) as src:
+        for name in src.tensor_names():
+            t = src.get_tensor(name)
+            assert str(t.dtype) == {"f32": "torch.float32", "f16": "torch.float16", "bf16": "torch.bfloat16"}[dtype]
+            a = src.get_array(name)
+            assert a.dtype == np.float32 and a.flags.writeable
+            np.testing.assert_array_equal(a, t.float().numpy(), err_msg=name)
+
+
+def test_gguf_export_does_not_import_torch(export_model: Path, tmp_path: Path) -> None:
+    """Reading an HF checkpoint and writing GGUF never imports torch (~1.5 s and ~200 MB)."""
+    code = ("import sys\n"
+            "from qconv.checkpoint import open_model\n"
+            "from qconv.formats.gguf_types import file_type\n"
+            "from qconv.formats.gguf_writer import write_gguf\n"
+            "with open_model(sys.argv[1]) as src:\n"
+            "    write_gguf(src, sys.argv[2], file_type('q4_k_m'))\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code, str(export_model), str(tmp_path / "x.gguf")], check=True)
+
+
 def test_mix_matches_llama_cpp_rules_on_smollm_shapes() -> None:
     """Q4_K_M on SmolLM2's shapes (576-wide rows, 30 layers, tied): Q5_0/Q8_0 fallbacks and
     Q4_K/Q6_K only on ffn_down, as peer-results.md describes."""
@@ -198,17 +226,17 @@ def test_failed_write_leaves_nothing(export_model: Path, tmp_path: Path) -> None
 
     out = tmp_path / "x.gguf"
     with open_model(export_model) as src:
-        real = src.get_tensor
+        real = src.get_array
         calls = 0
 
-        def failing(name: str) -> torch.Tensor:
+        def failing(name: str) -> np.ndarray:
             nonlocal calls
             calls += 1
             if calls > 5:
                 raise KeyboardInterrupt
             return real(name)
 
-        src.get_tensor = failing  # type: ignore[method-assign]
+        src.get_array = failing  # type: ignore[method-assign]
         with pytest.raises(KeyboardInterrupt):
             write_gguf(src, out, file_type("q4_k_m"))
     assert list(tmp_path.iterdir()) == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qconv.checkpoint.config import ModelConfig, load_config
+from qconv.checkpoint.config import ModelConfig, load_config, quantization_method
 from qconv.checkpoint.source import ModelSource
 from qconv.errors import InputNotFound, InvalidOption, UnsupportedModel
 
@@ -30,17 +30,18 @@ def open_model(path: Path | str) -> ModelSource:
     if path.is_dir():
         if not any(path.iterdir()):
             raise InputNotFound("directory is empty", path)
-        from qconv.checkpoint.compressed_source import CompressedTensorsSource, quantization_method
-        from qconv.checkpoint.hf import HFSource
-
         method = quantization_method(path)
         if method == "compressed-tensors":
+            from qconv.checkpoint.compressed_source import CompressedTensorsSource  # imports torch
+
             return CompressedTensorsSource(path)
         if method is not None:
             raise UnsupportedModel(
                 f"quantized checkpoint with quant_method {method!r} is not supported (qconv reads compressed-tensors)",
                 path,
             )
+        from qconv.checkpoint.hf import HFSource
+
         return HFSource(path)
     if path.stat().st_size == 0:
         raise InputNotFound("file is empty", path)

@@ -14,16 +14,17 @@ act-order ``g_idx``, KV-cache or transform configs, sparsity) is refused with a 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from qconv.checkpoint.config import ModelConfig
 from qconv.checkpoint.hf import HFSource
+from qconv.checkpoint.source import ModelSource
 from qconv.errors import CheckpointMismatch, CorruptFile, InvalidOption, UnsupportedModel
 from qconv.formats.compressed_tensors import (
     EMBEDDING,
@@ -43,19 +44,6 @@ from qconv.quant.grid import WeightScheme
 #: Formats whose layout this reader decodes.
 READABLE_FORMATS = (PACKED, INT_QUANTIZED, NAIVE_QUANTIZED)
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
-
-
-def quantization_method(directory: Path) -> str | None:
-    """``quant_method`` of ``config.json["quantization_config"]``, or None when the directory has
-    no readable config or the model is not quantized (the HF reader then reports any problem)."""
-    try:
-        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
-    if not qc:
-        return None
-    return str(qc.get("quant_method", "unknown")) if isinstance(qc, dict) else "unknown"
 
 
 @dataclass(frozen=True)
@@ -247,11 +235,20 @@ class CompressedTensorsSource(HFSource):
 
     # -- ModelSource
 
+    def _is_quantized(self, name: str) -> bool:
+        return name.endswith(".weight") and name[: -len(".weight")] in self._modules
+
     def get_tensor(self, name: str) -> torch.Tensor:
         """Float32 dequantized weight for a quantized Linear, else the stored tensor."""
-        if name.endswith(".weight") and name[: -len(".weight")] in self._modules:
+        if self._is_quantized(name):
             return self.quantized_weight(name).dequantize()
         return super().get_tensor(name)
+
+    def get_array(self, name: str) -> np.ndarray:
+        """Quantized Linears dequantize through torch; everything else reads as in HFSource."""
+        if self._is_quantized(name):
+            return ModelSource.get_array(self, name)
+        return super().get_array(name)
 
     # -- quantization
 

@@ -27,6 +27,19 @@ MODEL_TYPES = {v: k for k, v in ARCHITECTURES.items()}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
+def quantization_method(directory: Path) -> str | None:
+    """``quant_method`` of ``config.json["quantization_config"]``, or None when the directory has
+    no readable config or the model is not quantized (the HF reader then reports any problem)."""
+    try:
+        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if not qc:
+        return None
+    return str(qc.get("quant_method", "unknown")) if isinstance(qc, dict) else "unknown"
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Non-default RoPE frequency scaling (``linear`` or Llama 3's piecewise ``llama3``)."""

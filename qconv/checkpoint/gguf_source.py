@@ -9,15 +9,17 @@ interleaved RoPE is undone, so the result is exactly what transformers' GGUF loa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from qconv.checkpoint.config import ModelConfig, RopeScaling
 from qconv.checkpoint.gguf_names import hf_name, qk_heads, unpermute_rows
 from qconv.checkpoint.source import ModelSource
 from qconv.errors import CheckpointMismatch, CorruptFile, UnsupportedModel
+
+if TYPE_CHECKING:
+    import torch
 
 #: general.architecture values qconv imports -> HF model_type.
 GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
@@ -139,12 +141,17 @@ class GGUFSource(ModelSource):
         """GGML type name (``Q4_1``, ``F32``, ...) of the tensor behind an HF name."""
         return self._tensors[self._gguf_of[name]].tensor_type.name
 
-    def get_tensor(self, name: str) -> torch.Tensor:
+    def get_array(self, name: str) -> np.ndarray:
         w = self._array(self._gguf_of[name])
         heads = qk_heads(name, self.config.num_heads, self.config.num_kv_heads)
         if heads and self.config.model_type == "llama":
             w = unpermute_rows(w, heads)
-        return torch.from_numpy(np.ascontiguousarray(w))
+        return np.ascontiguousarray(w)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(self.get_array(name))
 
     def tokenizer_files(self) -> dict[str, bytes]:
         from qconv.checkpoint.gguf_vocab import tokenizer_files_from_gguf

@@ -2,18 +2,24 @@
 
 Consumers (runner, writers, the quantization pipeline) see HF tensor names and torch tensors,
 whatever the file format. Access is lazy and per tensor, so a pipeline can hold one decoder
-layer at a time; :meth:`ModelSource.layer` is the unit that pipeline streams.
+layer at a time; :meth:`ModelSource.layer` is the unit that pipeline streams. The GGUF writer
+takes float32 numpy arrays instead (:meth:`ModelSource.get_array`), so the readers that can
+decode without torch keep GGUF export free of torch's import time and memory.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from qconv.checkpoint.config import ModelConfig
 from qconv.checkpoint.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ModelSource(ABC):
@@ -32,6 +38,13 @@ class ModelSource(ABC):
     @abstractmethod
     def get_tensor(self, name: str) -> torch.Tensor:
         """One tensor by HF name, materialized (dequantized for GGUF) in its natural dtype."""
+
+    def get_array(self, name: str) -> np.ndarray:
+        """One tensor by HF name as a new float32 numpy array (what the GGUF writer consumes).
+
+        This default goes through :meth:`get_tensor`, i.e. torch; readers that can decode
+        without torch override it."""
+        return self.get_tensor(name).float().numpy()
 
     @abstractmethod
     def tokenizer_files(self) -> dict[str, bytes]:

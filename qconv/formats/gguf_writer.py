@@ -114,7 +114,7 @@ def _tensor_data(source: ModelSource, p: PlannedTensor, permute: bool) -> np.nda
     if p.hf_name is None:  # rope_freqs: computed, never stored in HF checkpoints
         assert config.rope_scaling is not None
         return config.rope_scaling.llama3_factors(config.rope_theta, config.head_dim).astype(np.float32)
-    x = source.get_tensor(p.hf_name).float().numpy()
+    x = source.get_array(p.hf_name)
     heads = qk_heads(p.hf_name, config.num_heads, config.num_kv_heads)
     if permute and heads:
         x = permute_rows(x, heads)
@@ -146,9 +146,8 @@ def write_gguf(
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for p in plan:
-            data = _encode(_tensor_data(source, p, permute=arch == "llama"), p.type)
-            w.write_tensor_data(data)
+        for p in plan:  # one expression, so no tensor outlives its write
+            w.write_tensor_data(_encode(_tensor_data(source, p, permute=arch == "llama"), p.type))
             if on_tensor:
                 on_tensor(p.name)
         w.close()
