@@ -139,7 +139,9 @@ class LayerPipeline:
         self.compute_dtype = compute_dtype
         self.tokens = tokens
         positions = torch.arange(tokens.shape[1], device=self.device)
-        self.cos, self.sin = rope_cos_sin(rope_inv_freq(self.config), positions, torch.float32)
+        # in the compute dtype, as a bf16 model's own rotary tables: float32 tables would promote
+        # q/k back to float32 and keep attention off the bf16 kernels
+        self.cos, self.sin = rope_cos_sin(rope_inv_freq(self.config), positions, compute_dtype)
 
     def embeddings(self) -> torch.Tensor:
         """Layer-0 inputs: token embeddings of every sample, float32 on CPU."""
