@@ -158,14 +158,19 @@ class LayerPipeline:
 
     def map(self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
         """``fn`` over aligned batches of samples of ``tensors`` ``[n, ...]`` (CPU float32 in
-        and out, computed on the pipeline's device in its compute dtype)."""
+        and out, computed on the pipeline's device in its compute dtype). Results go straight
+        into one preallocated output: concatenating a list of batches would briefly hold the
+        (up to 1.6 GB) result twice."""
         mixed = self.compute_dtype != torch.float32
-        outs = []
+        n, out, at = tensors[0].shape[0], None, 0
         for parts in zip(*(t.split(self.batch_size) for t in tensors)):
             with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=mixed):
-                out = fn(*(t.to(self.device) for t in parts))
-            outs.append(out.float().cpu())
-        return torch.cat(outs)
+                y = fn(*(t.to(self.device) for t in parts))
+            if out is None:
+                out = torch.empty(n, *y.shape[1:], dtype=torch.float32)
+            out[at: at + y.shape[0]] = y
+            at += y.shape[0]
+        return out if out is not None else torch.empty(0, dtype=torch.float32)
 
     def layers(self) -> Iterator[LayerContext]:
         """Yield each layer's context in order; after the caller is done with a context (the
