@@ -127,7 +127,10 @@ def inspect(
     table = Table("tensor" if tensors else "type", "shape" if tensors else "parameters", "dtype" if tensors else "share")
     if tensors:
         for t in info.tensors:
-            table.add_row(t.name, "x".join(map(str, t.shape)), t.dtype)
+            shape = "x".join(map(str, t.shape))
+            if t.logical_shape is not None:
+                shape += f" (holds {'x'.join(map(str, t.logical_shape))})"
+            table.add_row(t.name, shape, t.packed_as or t.dtype)
     else:
         for dtype, n in sorted(info.dtype_counts().items(), key=lambda kv: -kv[1]):
             table.add_row(dtype, f"{n:,}", f"{100 * n / max(info.parameters, 1):.1f}%")

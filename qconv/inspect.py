@@ -19,6 +19,13 @@ from qconv.errors import CorruptFile, InputNotFound, InvalidOption
 _ST_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
             "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8}
 
+#: Quantization parameters stored beside a quantized weight (compressed-tensors, FP8 checkpoints):
+#: their bytes count toward bits/weight, but they are not model parameters.
+_QUANT_PARAM_SUFFIXES = (".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx",
+                         ".weight_global_scale", ".weight_scale_inv", ".input_scale", ".input_zero_point",
+                         ".input_global_scale", ".output_scale", ".output_zero_point", ".k_scale", ".v_scale")
+_PACKED = ".weight_packed"
+
 
 @dataclass
 class TensorInfo:
@@ -26,9 +33,20 @@ class TensorInfo:
     shape: list[int]
     dtype: str
     nbytes: int
+    #: the weight a packed tensor stands for (compressed-tensors ``weight_packed``: int32 words
+    #: holding several codes each); None when the stored shape is the logical one
+    logical_shape: list[int] | None = None
+    #: storage label for packed codes, e.g. ``int4 (packed I32)``
+    packed_as: str | None = None
 
     @property
     def numel(self) -> int:
+        """Model parameters this tensor holds: the logical weight's size for packed codes, 0 for
+        quantization parameters (scales, zero points, shapes), else the stored element count."""
+        if self.logical_shape is not None:
+            return math.prod(self.logical_shape)
+        if self.name.endswith(_QUANT_PARAM_SUFFIXES):
+            return 0
         return math.prod(self.shape)
 
 
@@ -47,13 +65,16 @@ class Inspection:
 
     @property
     def bits_per_weight(self) -> float:
+        """All tensor bytes (codes, scales, zero points, unquantized tensors) per parameter."""
         return 8 * sum(t.nbytes for t in self.tensors) / max(self.parameters, 1)
 
     def dtype_counts(self) -> dict[str, int]:
         """Parameters per storage type: the one-line answer to "what is this quantized to"."""
         counts: dict[str, int] = {}
         for t in self.tensors:
-            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel
+            if t.numel:
+                key = t.packed_as or t.dtype
+                counts[key] = counts.get(key, 0) + t.numel
         return counts
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,6 +108,39 @@ def _safetensors_infos(shard: Path) -> list[TensorInfo]:
     return infos
 
 
+def _quant_bits(quantization_config: dict[str, Any]) -> int | None:
+    """The weights' bit width when every config group agrees on one."""
+    bits = {g.get("weights", {}).get("num_bits") for g in (quantization_config.get("config_groups") or {}).values()
+            if isinstance(g, dict) and isinstance(g.get("weights"), dict)}
+    bits.discard(None)
+    return int(bits.pop()) if len(bits) == 1 else None
+
+
+def _unpack_shapes(tensors: list[TensorInfo], shards: list[Path], quantization_config: dict[str, Any] | None) -> None:
+    """Give every ``X.weight_packed`` its logical ``[out, in]``: from ``X.weight_shape`` (a 2-element
+    tensor, the only data read), else from the packed width and the config's bit width."""
+    packed = {t.name[:-len(_PACKED)]: t for t in tensors if t.name.endswith(_PACKED)}
+    if not packed:
+        return
+    shapes: dict[str, list[int]] = {}
+    for shard in shards:
+        handle = open_shard(shard)
+        for name in handle.keys():
+            if name.endswith(".weight_shape") and name[:-len(".weight_shape")] in packed:
+                shapes[name[:-len(".weight_shape")]] = [int(x) for x in handle.get_tensor(name).reshape(-1)]
+    config_bits = _quant_bits(quantization_config or {})
+    for stem, t in packed.items():
+        shape = shapes.get(stem)
+        if shape is None and config_bits and len(t.shape) == 2:  # codes packed along the input dim
+            shape = [t.shape[0], t.shape[1] * 32 // config_bits]
+        if shape is None or len(t.shape) != 2:
+            continue
+        t.logical_shape = shape
+        # dense packing: ceil(in * bits / 32) words per row, so the width gives the bits back
+        bits = t.shape[1] * 32 // max(shape[1], 1) if stem in shapes else config_bits
+        t.packed_as = f"int{bits} (packed {t.dtype})"
+
+
 def _inspect_hf(path: Path) -> Inspection:
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
@@ -103,6 +157,7 @@ def _inspect_hf(path: Path) -> Inspection:
         if "quantization_config" in raw:
             meta["quantization_config"] = raw["quantization_config"]
     tensors = [t for s in shards for t in _safetensors_infos(s)]
+    _unpack_shapes(tensors, shards, meta.get("quantization_config"))
     size = sum(s.stat().st_size for s in shards)
     return Inspection(str(path), "safetensors", arch, size, tensors, meta)
 
@@ -119,5 +174,7 @@ def inspect_model(path: Path | str) -> Inspection:
     if is_gguf(path):
         return _inspect_gguf(path)
     if path.suffix == ".safetensors":
-        return Inspection(str(path), "safetensors", "unknown", path.stat().st_size, _safetensors_infos(path))
+        tensors = _safetensors_infos(path)
+        _unpack_shapes(tensors, [path], None)
+        return Inspection(str(path), "safetensors", "unknown", path.stat().st_size, tensors)
     raise InvalidOption("not a model: expected a checkpoint directory, .safetensors or .gguf file", path)

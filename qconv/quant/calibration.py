@@ -22,6 +22,16 @@ from qconv.errors import InputNotFound, InvalidOption
 from qconv.textdata import load_rows
 
 
+_DATA_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".parquet", ".csv", ".tsv", ".gz", ".zst", ".arrow")
+
+
+def _looks_like_path(source: str) -> bool:
+    """A missing local path rather than a dataset name: dataset names are ``name`` or
+    ``owner/name`` (``allenai/c4``), never absolute, relative-dotted, nested or file-suffixed."""
+    return (source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
+            or source.split(":")[0].lower().endswith(_DATA_SUFFIXES))
+
+
 def load_calibration_rows(source: str, text_field: str = "text") -> list[str]:
     """Text rows from a local file, a folder of files, or (online) a ``datasets`` name
     written ``name[:config[:split]]``."""
@@ -33,7 +43,7 @@ def load_calibration_rows(source: str, text_field: str = "text") -> list[str]:
         if not files:
             raise InputNotFound("calibration folder is empty", path)
         return [row for f in files for row in load_rows(f, text_field)]
-    if "/" in source or source.startswith("."):
+    if _looks_like_path(source):
         raise InputNotFound("calibration data not found", path)
     import datasets
 
@@ -42,8 +52,8 @@ def load_calibration_rows(source: str, text_field: str = "text") -> list[str]:
         ds = datasets.load_dataset(name, config, split=split or "train")
     except Exception as e:  # offline or unknown: datasets raises ConnectionError, FileNotFoundError, ...
         raise InputNotFound(
-            f"dataset {source!r} could not be loaded ({type(e).__name__}); offline, pass a local "
-            "txt/json/jsonl/parquet file or folder with --data"
+            f"{source!r} is not a local file or folder, and the dataset of that name could not be loaded "
+            f"({type(e).__name__}); offline, pass a local txt/json/jsonl/parquet file or folder with --data"
         ) from None
     if text_field not in ds.column_names:
         raise InvalidOption(f"dataset {source!r} has no field {text_field!r} (fields: {', '.join(ds.column_names)})")

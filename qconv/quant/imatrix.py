@@ -31,8 +31,9 @@ def write_imatrix(stats: ActivationStats, out: Path | str, dataset: str, chunks:
         w.add_uint32("imatrix.chunk_size", chunk_size)
         for module, s in sorted(stats.modules.items(), key=lambda kv: gguf_name(kv[0] + ".weight")):
             name = gguf_name(module + ".weight")
-            w.add_tensor(f"{name}.in_sum2", s.sum_sq.float().numpy().reshape(1, -1))
-            w.add_tensor(f"{name}.counts", np.array([[s.count]], dtype=np.float32))
+            # 1-D like llama-imatrix's files (a dense Linear is one "expert": ne = [in] and [1])
+            w.add_tensor(f"{name}.in_sum2", s.sum_sq.float().numpy().reshape(-1))
+            w.add_tensor(f"{name}.counts", np.array([s.count], dtype=np.float32))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
