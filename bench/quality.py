@@ -1,7 +1,7 @@
 """Quality of every method on the example model: perplexity, quantize time and peak RSS.
 
     python bench/quality.py [--cache .cache] [--rows fp rtn-w4 gptq-w4 ...] [--samples 128]
-                            [--calib-dtype float32|bfloat16] [--results quality.jsonl]
+                            [--calib-dtype float32|bfloat16] [--results bench/results/quality.jsonl]
 
 Protocol (the issue's, comparable with ``../shared/reference/peer-results.md``): SmolLM2-135M
 fp32, WikiText-2 test, ctx 2048, the first 20 windows (GPTQ protocol, ``qconv run --ppl``);
@@ -114,7 +114,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--eval-text", type=Path, default=SHARED / "wikitext-2-raw-test.txt")
     parser.add_argument("--calib", type=Path, default=SHARED / "c4-sample.jsonl")
-    parser.add_argument("--results", type=Path, default=Path("quality.jsonl"), help="JSON lines, one per finished row")
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results" / "quality.jsonl",
+                        help="JSON lines, one per finished row (rows found here are not rerun)")
     parser.add_argument("--fresh", action="store_true", help="rerun rows already in --results")
     parser.add_argument("--keep", type=Path, default=None, help="keep quantized checkpoints in this folder")
     args = parser.parse_args()
