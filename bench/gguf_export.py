@@ -173,8 +173,9 @@ def main() -> None:
                      for _ in range(args.repeat)]  # interleaved, so both sides see the same load
             q, r = fastest([a for a, _ in pairs]), fastest([b for _, b in pairs])
             same, total = identical_tensors(ours, ref)
-            ppl_q = llama_cpp_perplexity(ours, text, 512, args.chunks) if text else float("nan")
-            ppl_r = llama_cpp_perplexity(ref, text, 512, args.chunks) if text else float("nan")
+            scored = text and args.chunks > 0  # --chunks 0: timing and bytes only
+            ppl_q = llama_cpp_perplexity(ours, text, 512, args.chunks) if scored else float("nan")
+            ppl_r = llama_cpp_perplexity(ref, text, 512, args.chunks) if scored else float("nan")
             rows.append((t, q, r, same, total, ours.stat().st_size, ppl_q, ppl_r))
     print("| type | qconv s | llama.cpp s | ratio | qconv RSS MB | llama.cpp RSS MB | identical tensors | size B | PPL qconv file | PPL llama.cpp file |")
     print("|---|---|---|---|---|---|---|---|---|---|")
