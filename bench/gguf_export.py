@@ -27,18 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from example_model import QCONV, example_model  # noqa: E402
+from example_model import QCONV, example_model, measure  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# Runs a command in a child and reports that child's own wall time and peak RSS.
-MEASURE = """
-import json, resource, subprocess, sys, time
-t0 = time.perf_counter()
-subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)
-print(json.dumps({"wall": time.perf_counter() - t0,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
-"""
 
 LLAMA_QUANTIZE = """
 import ctypes, sys, llama_cpp
@@ -51,11 +43,6 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 #: Llama-3.2-1B's widths (untied embeddings here); the vocabulary is the example model's tokenizer.
 SYNTHETIC_WIDTHS = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
                         head_dim=64, tie_word_embeddings=False)
-
-
-def measure(cmd: list[str]) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def fastest(runs: list[dict[str, float]]) -> dict[str, float]:

@@ -26,18 +26,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from example_model import QCONV, example_model  # noqa: E402
+from example_model import QCONV, example_model, measure  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# Runs a command in a child and reports that child's own wall time and peak RSS.
-MEASURE = """
-import json, resource, subprocess, sys, time
-t0 = time.perf_counter()
-subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)
-print(json.dumps({"wall": time.perf_counter() - t0,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
-"""
 
 W4 = {"bits": 4, "group_size": 64, "symmetric": False}
 W3 = {"bits": 3, "group_size": 64, "symmetric": False}
@@ -65,11 +57,6 @@ ROWS: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]] | None] = {
 }
 
 
-def measured(cmd: list[str]) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def ppl(model: Path, eval_text: Path, windows: int) -> float:
     out = subprocess.run([*QCONV, "run", str(model), "--ppl", str(eval_text), "--ctx", "2048",
                           "--max-windows", str(windows), "--json"], check=True, capture_output=True, text=True)
@@ -87,7 +74,7 @@ def run_row(name: str, model: Path, work: Path, args: argparse.Namespace) -> dic
     recipe_path = work / f"{name}.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     out = work / name
-    m = measured([*QCONV, "quantize", str(model), "--recipe", str(recipe_path), "-o", str(out), "--force",
+    m = measure([*QCONV, "quantize", str(model), "--recipe", str(recipe_path), "-o", str(out), "--force",
                   "--quiet"])
     return {"row": name, "label": label, "ppl": ppl(out, args.eval_text, args.windows), "seconds": m["wall"],
             "rss_mb": m["rss_mb"], "samples": args.samples, "calib_dtype": args.calib_dtype}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests_support import write_tokenizer
 
 TINY_ARCHS = ("llama", "mistral", "qwen2")
 
@@ -73,4 +76,22 @@ def tiny_model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     """An HF safetensors checkpoint directory (float32, no tokenizer) of a tiny random model."""
     path = tmp_path_factory.mktemp(f"tiny-{request.param}")
     build_tiny_hf_model(request.param).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) -> Path:
+    """A tiny Llama with a 384-token tokenizer: what the quantize and inspect tests work on."""
+    path = tmp_path_factory.mktemp("qmodel")
+    tiny_hf_model_builder("llama", rope_scaling=None, vocab_size=384).save_pretrained(path)
+    write_tokenizer(path, 384)
+    return path
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small jsonl calibration file (field ``text``)."""
+    path = tmp_path_factory.mktemp("calib") / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"Once upon a time there were {i} tiny models. " * 8})
+                              for i in range(40)))
     return path

@@ -13,25 +13,8 @@ import pytest
 
 from qconv import api
 from qconv.inspect import inspect_model
-from tests_support import write_tokenizer
 
 QCONV = str(Path(sys.executable).parent / "qconv")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) -> Path:
-    path = tmp_path_factory.mktemp("inspect-model")
-    tiny_hf_model_builder("llama", rope_scaling=None, vocab_size=384).save_pretrained(path)
-    write_tokenizer(path, 384)
-    return path
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("inspect-calib") / "c.jsonl"
-    path.write_text("\n".join(json.dumps({"text": f"Once upon a time there were {i} tiny models. " * 8})
-                              for i in range(40)))
-    return path
 
 
 def _data_bytes(directory: Path) -> int:

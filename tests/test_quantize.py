@@ -16,26 +16,9 @@ from qconv import api
 from qconv.checkpoint import open_model
 from qconv.errors import InvalidOption
 from qconv.quant.recipe import load_recipe, recipe_from_dict
-from tests_support import write_tokenizer
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 QCONV = str(Path(sys.executable).parent / "qconv")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) -> Path:
-    path = tmp_path_factory.mktemp("qmodel")
-    tiny_hf_model_builder("llama", rope_scaling=None, vocab_size=384).save_pretrained(path)
-    write_tokenizer(path, 384)
-    return path
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "c.jsonl"
-    path.write_text("\n".join(json.dumps({"text": f"Once upon a time there were {i} tiny models. " * 8})
-                              for i in range(40)))
-    return path
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
