@@ -2,7 +2,8 @@
 
     python bench/kv_cache.py [--cache .cache] [--ctx 2048 4096] [--windows 4 2] [--decode-tokens 32]
 
-For each cache (fp, int8, KIVI-4 and KIVI-2 at two group/residual settings; ``--configs`` adds
+For each cache (fp, int8, KIVI-4 and KIVI-2 at two group/residual settings and with one 16-bit
+attention-sink token (``-s1``); ``--configs`` adds
 e.g. ``kivi8-g32-r128``) it reports, on wikitext-2 test under the GPTQ protocol, the perplexity
 generation would see (windows go through the cache in chunks that are exactly equivalent to
 token-by-token decoding), its change against the fp cache, and the KV bytes held at the end of
@@ -42,17 +43,19 @@ from qconv.model.perplexity import PREFILL_CHUNK, perplexity, windows  # noqa: E
 from qconv.textdata import load_text  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CONFIGS = ("fp", "int8", "kivi4-g32-r128", "kivi4-g32-r32", "kivi2-g32-r128", "kivi2-g32-r32")
+CONFIGS = ("fp", "int8", "kivi4-g32-r128", "kivi4-g32-r32", "kivi4-g32-r128-s1", "kivi2-g32-r128", "kivi2-g32-r32",
+           "kivi2-g32-r128-s1")
 #: GGML KV cache types: (type id, bytes per block of 32 values); f16 is 2 bytes a value.
 LLAMA_CPP_KV = {"f16": (1, 64), "q8_0": (8, 34), "q4_0": (2, 18)}
 
 
 def parse_config(name: str) -> KVCacheSpec:
-    """``fp``, ``int8`` or ``kivi{bits}-g{group}-r{residual}``."""
+    """``fp``, ``int8`` or ``kivi{bits}-g{group}-r{residual}[-s{sink}]``."""
     if not name.startswith("kivi"):
         return KVCacheSpec.from_options(name)
-    bits, group, residual = name[4:].split("-")
-    return KVCacheSpec.from_options("kivi", int(bits), int(group[1:]), int(residual[1:]))
+    bits, group, residual, *sink = name[4:].split("-")
+    return KVCacheSpec.from_options("kivi", int(bits), int(group[1:]), int(residual[1:]),
+                                    int(sink[0][1:]) if sink else None)
 
 
 def ppl_rows(model: Transformer, ids: list[int], ctxs: list[int], n_windows: list[int],

@@ -9,7 +9,7 @@ calibration ``--samples`` x 2048 tokens of the shared C4 sample (seed 0). Each r
 (YAML written to a temp file) run by ``qconv quantize`` in a child process, which reports that
 child's wall time and peak RSS; the result is then evaluated by ``qconv run --ppl`` in another
 child. Rows finished earlier are read back from ``--results`` (JSON lines) instead of rerun, so
-an interrupted run resumes; ``--fresh`` ignores them. Prints a markdown table.
+an interrupted run resumes; ``--fresh`` ignores them, ``--rerun ROW ...`` ignores those rows. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results" / "quality.jsonl",
                         help="JSON lines, one per finished row (rows found here are not rerun)")
     parser.add_argument("--fresh", action="store_true", help="rerun rows already in --results")
+    parser.add_argument("--rerun", nargs="+", default=[], choices=list(ROWS), metavar="ROW",
+                        help="rerun these rows even if --results has them (the newest line of a row wins)")
     parser.add_argument("--keep", type=Path, default=None, help="keep quantized checkpoints in this folder")
     args = parser.parse_args()
 
@@ -111,6 +113,8 @@ def main() -> None:
     if args.results.exists() and not args.fresh:
         for line in args.results.read_text(encoding="utf-8").splitlines():
             r = json.loads(line)
+            if r["row"] in args.rerun:
+                continue
             if r["row"] == "fp" or (r.get("samples"), r.get("calib_dtype")) == (args.samples, args.calib_dtype):
                 done[r["row"]] = r
     model = example_model(args.cache)

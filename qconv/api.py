@@ -134,17 +134,18 @@ def generate_text(
     kv_bits: int | None = None,
     kv_group: int | None = None,
     kv_residual: int | None = None,
+    kv_sink: int | None = None,
 ) -> GenerateResult:
     """Generate a continuation of ``prompt``; ``on_text`` receives text as it is decoded.
 
-    ``kv_cache`` (``fp``, ``int8``, ``kivi`` with ``kv_bits``/``kv_group``/``kv_residual``)
+    ``kv_cache`` (``fp``, ``int8``, ``kivi`` with ``kv_bits``/``kv_group``/``kv_residual``/``kv_sink``)
     picks the KV cache and adds what it held to the result; default: the plain fp cache.
     """
     from qconv.model.generate import generate
 
     if max_new_tokens < 1:
         raise InvalidOption("--max-new-tokens must be at least 1")
-    spec = _kv_spec(kv_cache, kv_bits, kv_group, kv_residual)
+    spec = _kv_spec(kv_cache, kv_bits, kv_group, kv_residual, kv_sink)
     with open_model(model_path) as source:
         if spec is not None:
             spec.check(source.config)
@@ -174,15 +175,16 @@ def generate_text(
     return GenerateResult(prompt, tok.decode(out), len(ids), len(out), dt, len(out) / dt if dt else 0.0, report)
 
 
-def _kv_spec(mode: str | None, bits: int | None, group: int | None, residual: int | None) -> Any:
+def _kv_spec(mode: str | None, bits: int | None, group: int | None, residual: int | None,
+             sink: int | None = None) -> Any:
     """The validated KV cache choice, or None for the runner's default full-precision path."""
     from qconv.model.kv_spec import KVCacheSpec
 
     if mode is None:
-        if (bits, group, residual) != (None, None, None):
-            raise InvalidOption("--kv-bits/--kv-group/--kv-residual need --kv-cache kivi")
+        if (bits, group, residual, sink) != (None, None, None, None):
+            raise InvalidOption("--kv-bits/--kv-group/--kv-residual/--kv-sink need --kv-cache kivi")
         return None
-    return KVCacheSpec.from_options(mode, bits, group, residual)
+    return KVCacheSpec.from_options(mode, bits, group, residual, sink)
 
 
 def _eval_ids(source: ModelSource, text_path: Path | str, text_field: str, ctx: int,
@@ -210,12 +212,13 @@ def perplexity(
     kv_bits: int | None = None,
     kv_group: int | None = None,
     kv_residual: int | None = None,
+    kv_sink: int | None = None,
 ) -> Any:
     """GPTQ-protocol perplexity of a model on a text file; with ``kv_cache``, the perplexity
     token-by-token decoding through that cache gives, and the bytes it held."""
     from qconv.model.perplexity import perplexity as ppl
 
-    spec = _kv_spec(kv_cache, kv_bits, kv_group, kv_residual)
+    spec = _kv_spec(kv_cache, kv_bits, kv_group, kv_residual, kv_sink)
     with open_model(model_path) as source:
         if spec is not None:
             spec.check(source.config)
@@ -239,6 +242,7 @@ def compare(
     kv_bits: int | None = None,
     kv_group: int | None = None,
     kv_residual: int | None = None,
+    kv_sink: int | None = None,
 ) -> Any:
     """PPL of both models, KL(base||other), top-1 agreement and max |dlogit| on one text.
 
@@ -247,7 +251,7 @@ def compare(
     """
     from qconv.model.compare import compare as cmp
 
-    spec = _kv_spec(kv_cache, kv_bits, kv_group, kv_residual)
+    spec = _kv_spec(kv_cache, kv_bits, kv_group, kv_residual, kv_sink)
     with open_model(base_path) as base_src, open_model(other_path) as other_src:
         if spec is not None:
             spec.check(other_src.config)

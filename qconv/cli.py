@@ -258,6 +258,8 @@ def run(
     kv_group: Optional[int] = typer.Option(None, "--kv-group", help="KIVI group size in tokens (keys) / channels (values) (default 32)."),
     kv_residual: Optional[int] = typer.Option(
         None, "--kv-residual", help="KIVI recent tokens kept in 16-bit, a multiple of --kv-group (default 128)."),
+    kv_sink: Optional[int] = typer.Option(
+        None, "--kv-sink", help="KIVI: also keep the first N tokens (attention sinks) in 16-bit (default 0 = plain KIVI)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     json_out: bool = JsonOpt,
@@ -281,7 +283,7 @@ def run(
     if len(modes) != 1:
         raise InvalidOption("give exactly one of --prompt, --ppl, --compare")
     quiet_work = quiet or json_out
-    kv = dict(kv_cache=kv_cache, kv_bits=kv_bits, kv_group=kv_group, kv_residual=kv_residual)
+    kv = dict(kv_cache=kv_cache, kv_bits=kv_bits, kv_group=kv_group, kv_residual=kv_residual, kv_sink=kv_sink)
     if prompt is not None:
         stream = None if quiet_work else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         if stream:

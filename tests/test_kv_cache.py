@@ -122,6 +122,27 @@ def test_residual_boundary(n: int) -> None:
     assert mem.tokens == n and mem.bytes == 2 * per_head and mem.fp16_bytes == 2 * 2 * n * 16 * 2
 
 
+def test_sink_tokens_are_counted_once_quantized() -> None:
+    """A sink still in the 16-bit residual costs nothing extra; once its position is quantized
+    (keys after R tokens, values after R + 1), its 16-bit copy is counted on top."""
+    q, k, v = qkv(2 * R)
+    plain, sunk = KiviKVCache(CFG, 1, 64, 2, G, R), KiviKVCache(CFG, 1, 64, 2, G, R, sink=2)
+    for n in range(1, 2 * R + 1):
+        for c in (plain, sunk):
+            c.attend(0, q[:, :, n - 1: n], k[:, :, n - 1: n], v[:, :, n - 1: n], n - 1)
+        extra = 2 * 16 * 2 * (min(2, n // R * R) + min(2, max(0, n - R)))  # 2 heads x 16 ch x fp16
+        assert sunk.memory().bytes - plain.memory().bytes == extra, n
+
+
+def test_sink_keeps_an_outlier_first_token_from_costing_its_groups() -> None:
+    t = 3 * R
+    q, k, v = qkv(t, seed=3)
+    k[:, :, 0] *= 30
+    ref = causal_attention(q, k, v)
+    err = {s: (feed(KiviKVCache(CFG, 1, t, 2, G, R, sink=s), q, k, v, [0, t]) - ref).abs().mean() for s in (0, 1)}
+    assert err[1] < 0.5 * err[0], err
+
+
 def test_shorter_than_a_group_is_plain_16bit_attention() -> None:
     q, k, v = qkv(G - 3)
     out = feed(KiviKVCache(CFG, 1, 16, bits=2, group=G, residual=R), q, k, v, [0, G - 3])
@@ -129,13 +150,19 @@ def test_shorter_than_a_group_is_plain_16bit_attention() -> None:
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
-def reference_kivi(q, k, v, bits: int) -> torch.Tensor:
-    """KIVI attention built straight from the rules, one query at a time, no cache object."""
+def reference_kivi(q, k, v, bits: int, sink: int = 0) -> torch.Tensor:
+    """KIVI attention built straight from the rules, one query at a time, no cache object.
+    ``sink``: the first positions stay 16-bit and the next token stands in for them in the
+    key groups' ranges."""
     k, v = k.half().float(), v.half().float()
     t = k.shape[2]
     nk_all = t // R * R
-    kq = dequantize_asym(*quantize_asym(k[:, :, :nk_all], bits, G, -2, torch.float16), bits, G, -2, torch.float32)
+    stand_in = k.clone()
+    stand_in[:, :, :sink] = k[:, :, sink: sink + 1]
+    kq = dequantize_asym(*quantize_asym(stand_in[:, :, :nk_all], bits, G, -2, torch.float16), bits, G, -2,
+                         torch.float32)
     vq = dequantize_asym(*quantize_asym(v, bits, G, -1, torch.float16), bits, G, -1, torch.float32)
+    kq[:, :, :sink], vq[:, :, :sink] = k[:, :, :sink], v[:, :, :sink]
     outs = []
     for p in range(t):
         nk, nv = p // R * R, max(0, p - R)
@@ -145,16 +172,18 @@ def reference_kivi(q, k, v, bits: int) -> torch.Tensor:
     return torch.cat(outs, 2)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_chunks_equal_single_steps_equal_the_rules(bits: int) -> None:
+@pytest.mark.parametrize(("bits", "sink"), [(2, 0), (4, 0), (8, 0), (2, 3), (4, 1)])
+def test_chunks_equal_single_steps_equal_the_rules(bits: int, sink: int) -> None:
     t = 3 * R + 5
     q, k, v = qkv(t, seed=bits)
-    single = KiviKVCache(CFG, 1, t, bits, G, R)
-    chunked = KiviKVCache(CFG, 1, t, bits, G, R)
+    k[:, :, :sink] *= 30  # sink keys are outliers: they must not stretch their groups' ranges
+    single = KiviKVCache(CFG, 1, t, bits, G, R, sink=sink)
+    chunked = KiviKVCache(CFG, 1, t, bits, G, R, sink=sink)
     out_single = feed(single, q, k, v, list(range(t + 1)))
-    out_chunked = feed(chunked, q, k, v, [0, 5, R, R + 1, 2 * R + 7, t])  # chunks straddle every boundary
-    torch.testing.assert_close(out_chunked, out_single, rtol=0, atol=2e-6)
-    torch.testing.assert_close(out_chunked, reference_kivi(q, k, v, bits), rtol=0, atol=2e-6)
+    out_chunked = feed(chunked, q, k, v, [0, 2, 5, R, R + 1, 2 * R + 7, t])  # chunks straddle every boundary
+    atol = 1e-5 if sink else 2e-6  # the outlier sink keys make larger scores: float summation order shows more
+    torch.testing.assert_close(out_chunked, out_single, rtol=0, atol=atol)
+    torch.testing.assert_close(out_chunked, reference_kivi(q, k, v, bits, sink), rtol=0, atol=atol)
     for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
         assert torch.equal(getattr(single, name), getattr(chunked, name)), name
     # Quantization really happened: the output differs from full precision.
@@ -205,8 +234,8 @@ def token_by_token_ppl(model: Transformer, ids: list[int], ctx: int, spec: KVCac
     return math.exp(total / n)
 
 
-@pytest.mark.parametrize("spec", [KVCacheSpec.from_options("kivi", 2, G, R), KVCacheSpec.from_options("int8")],
-                         ids=["kivi2", "int8"])
+@pytest.mark.parametrize("spec", [KVCacheSpec.from_options("kivi", 2, G, R), KVCacheSpec.from_options("int8"),
+                                  KVCacheSpec.from_options("kivi", 2, G, R, sink=1)], ids=["kivi2", "int8", "kivi2-sink"])
 def test_chunked_ppl_equals_token_by_token_decoding(runner64: Transformer, spec: KVCacheSpec, monkeypatch) -> None:
     ids = torch.randint(0, 300, (2 * 56,), generator=torch.Generator().manual_seed(5)).tolist()
     expected = token_by_token_ppl(runner64, ids, 56, spec)
@@ -245,6 +274,9 @@ def test_kivi8_greedy_generation_matches_fp(runner: Transformer) -> None:
         (("kivi", 4, 32, 100), "--kv-residual must be a positive multiple of --kv-group 32"),
         (("kivi", 4, 32, 0), "--kv-residual"),
         (("int8", 4, None, None), "--kv-bits applies only to --kv-cache kivi"),
+        (("int8", None, None, None, 1), "--kv-sink applies only to --kv-cache kivi"),
+        (("kivi", 4, 32, 128, 128), "--kv-sink must be at least 0 and less than --kv-residual 128"),
+        (("kivi", 4, 32, 128, -1), "--kv-sink must be at least 0"),
         (("q4", None, None, None), "unknown --kv-cache"),
     ],
 )

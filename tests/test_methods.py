@@ -126,7 +126,7 @@ def test_sequential_pass_equals_forward(outlier_model: Path) -> None:
     hooked: dict[str, torch.Tensor] = {}
     ref = ctx.forward(lambda inner, x: hooked.setdefault(inner, x.clone()) if inner not in hooked else None)
     seen: dict[tuple[str, ...], torch.Tensor] = {}
-    out = ctx.sequential(lambda group, x: seen.__setitem__(group, x))
+    out = ctx.sequential(lambda group, x: seen.__setitem__(group, x.clone()))  # buffers are recycled
     assert list(seen) == list(GROUPS)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     assert ctx.outputs is out
@@ -146,6 +146,25 @@ def test_sequential_pass_feeds_quantized_groups_forward(outlier_model: Path) -> 
     out = ctx.sequential(visit)
     torch.testing.assert_close(out, ctx.forward(), rtol=0, atol=1e-6)
     assert not torch.allclose(out, ref)
+
+
+def test_sequential_pass_stores_group_inputs_in_compute_dtype(outlier_model: Path) -> None:
+    """With bf16 calibration the group inputs are handed over (and held) in bf16, the residual
+    stream stays float32, and the next layer's pass reuses the previous layer's buffers."""
+    source = open_model(outlier_model)
+    tokens = torch.randint(0, source.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    layers = LayerPipeline(source, tokens, compute_dtype=torch.bfloat16).layers()
+    pointers: list[set[int]] = []
+    for _ in range(2):
+        ctx, seen = next(layers), set()
+
+        def visit(group: tuple[str, ...], x: torch.Tensor, seen: set[int] = seen) -> None:
+            assert x.dtype == torch.bfloat16, group
+            seen.add(x.data_ptr())
+
+        assert ctx.sequential(visit).dtype == torch.float32
+        pointers.append(seen)
+    assert pointers[1] <= pointers[0]
 
 
 def test_bfloat16_calibration_close_to_float32(outlier_model: Path) -> None:

@@ -26,17 +26,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     Shapes: q ``[B, H, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` -> ``[B, H, Tq, D]``. KV heads are
     repeated in HF's order (query head ``h`` uses kv head ``h // (H // Hkv)``).
     """
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
     tq, tk = q.shape[2], k.shape[2]
     mask = None
     if 1 < tq < tk:
         # A chunk appended after cached history: SDPA's is_causal aligns the triangle top-left,
         # which is wrong here, so each query sees all history plus the chunk up to itself.
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=tq > 1 and tq == tk)
+    # enable_gqa maps query head h to kv head h // groups without materializing repeated K/V
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=tq > 1 and tq == tk,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 @dataclass(frozen=True)

@@ -28,15 +28,17 @@ class KVCacheSpec:
     bits: int | None = None
     group: int | None = None
     residual: int | None = None
+    sink: int = 0
 
     @classmethod
     def from_options(
-        cls, mode: str, bits: int | None = None, group: int | None = None, residual: int | None = None
+        cls, mode: str, bits: int | None = None, group: int | None = None, residual: int | None = None,
+        sink: int | None = None,
     ) -> KVCacheSpec:
         """Validate CLI-style options; KIVI's unset options take :data:`KIVI_DEFAULTS`."""
         if mode not in KV_MODES:
             raise InvalidOption(f"unknown --kv-cache {mode!r} (valid: {', '.join(KV_MODES)})")
-        given = {"--kv-bits": bits, "--kv-group": group, "--kv-residual": residual}
+        given = {"--kv-bits": bits, "--kv-group": group, "--kv-residual": residual, "--kv-sink": sink}
         if mode != "kivi":
             extra = [flag for flag, value in given.items() if value is not None]
             if extra:
@@ -58,7 +60,10 @@ class KVCacheSpec:
                 f"--kv-residual must be a positive multiple of --kv-group {group} (keys are quantized "
                 f"a residual window at a time), got {residual}"
             )
-        return cls(mode, bits, group, residual)
+        sink = 0 if sink is None else sink
+        if not 0 <= sink < residual:
+            raise InvalidOption(f"--kv-sink must be at least 0 and less than --kv-residual {residual}, got {sink}")
+        return cls(mode, bits, group, residual, sink)
 
     def check(self, config: ModelConfig) -> None:
         """Reject a model whose head_dim the value groups do not divide."""
@@ -77,19 +82,19 @@ class KVCacheSpec:
             return FpKVCache(config, batch, max_len, device, dtype)
         if self.mode == "int8":
             return Int8KVCache(config, batch, max_len, device, dtype)
-        return KiviKVCache(config, batch, max_len, self.bits, self.group, self.residual, device, dtype)
+        return KiviKVCache(config, batch, max_len, self.bits, self.group, self.residual, device, dtype, self.sink)
 
     @property
     def name(self) -> str:
         """Short label, e.g. ``kivi4-g32-r128``."""
         if self.mode != "kivi":
             return self.mode
-        return f"kivi{self.bits}-g{self.group}-r{self.residual}"
+        return f"kivi{self.bits}-g{self.group}-r{self.residual}" + (f"-s{self.sink}" if self.sink else "")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": self.mode}
         if self.mode == "kivi":
-            out.update(bits=self.bits, group=self.group, residual=self.residual)
+            out.update(bits=self.bits, group=self.group, residual=self.residual, sink=self.sink)
         return out
 
     def report(self, cache: KVCache) -> dict[str, Any]:

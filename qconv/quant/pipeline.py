@@ -9,11 +9,18 @@ so later layers calibrate on what the quantized model will actually feed them.
 Peak memory ≈ one layer's weights (fp32, plus methods' scratch such as Hessians) +
 2 × n·T·h·4 bytes of hidden states (inputs and outputs of the current layer); a
 :meth:`LayerContext.sequential` pass (GPTQ) also keeps the intermediate activations at the
-Linear-group boundaries, at most n·T·(2h + f)·4 bytes more (f = intermediate size).
+Linear-group boundaries, at most n·T·(2h + f)·c bytes more (f = intermediate size, c = bytes of
+the compute dtype: 4 for float32, 2 for bfloat16).
 
 The layer's arithmetic can run in bfloat16 (``compute_dtype``, through autocast): on CPUs with
 AVX512-BF16/AMX its GEMMs are ~4x faster than float32. Weights stay float32 (what methods
-quantize) and activations are stored float32 between steps; only the products are rounded.
+quantize) and the residual stream is stored float32; only the products are rounded. A
+sequential pass stores each Linear group's inputs in the compute dtype, since that is the
+precision the group's (autocast) matmuls read them in anyway.
+
+Large activation buffers are recycled from step to step and layer to layer (:meth:`LayerPipeline.map`
+with ``reuse``): a fresh multi-GB tensor is page-faulted in on first write, which measured
+~0.4 s per 1.6 GB, more than the copy itself.
 """
 
 from __future__ import annotations
@@ -43,16 +50,19 @@ GROUPS: tuple[tuple[str, ...], ...] = (
 )
 
 InputHook = Callable[[str, torch.Tensor], None]
-#: Called by a sequential pass with a Linear group and its inputs ``[n, T, in]`` for every sample.
+#: Called by a sequential pass with a Linear group and its inputs ``[n, T, in]`` for every sample
+#: (in the compute dtype; the buffer is reused after the call returns, so copy what must outlive it).
 GroupVisitor = Callable[[tuple[str, ...], torch.Tensor], None]
 
 
-def pipeline_memory_bytes(config: ModelConfig, samples: int, seqlen: int) -> dict[str, int]:
+def pipeline_memory_bytes(config: ModelConfig, samples: int, seqlen: int,
+                          compute_dtype: torch.dtype = torch.float32) -> dict[str, int]:
     """The peak-memory formula printed by ``quantize --dry-run``."""
     h, f = config.hidden_size, config.intermediate_size
     layer = 4 * (h * config.num_heads * config.head_dim * 2 + h * config.num_kv_heads * config.head_dim * 2 + 3 * h * f)
     hidden = 4 * samples * seqlen * h
-    staged = 4 * samples * seqlen * (2 * h + f)  # residual, norm output, MLP hidden (sequential pass)
+    # sequential pass: the residual (float32), a norm output and the MLP hidden (compute dtype)
+    staged = samples * seqlen * (4 * h + compute_dtype.itemsize * (h + f))
     hessians = 4 * f * f  # the largest one alive at once (GPTQ)
     return {"layer_weights": layer, "hidden_states": 2 * hidden, "group_inputs": staged, "hessians": hessians,
             "total": layer + 2 * hidden + staged + hessians}
@@ -81,20 +91,21 @@ class LayerContext:
         """
         layer, p = self.layer, self.pipeline
         attn, mlp = layer.self_attn, layer.mlp
-        x = self.inputs
-        h = p.map(layer.input_layernorm, x)
+        x, staged = self.inputs, p.compute_dtype  # group inputs: stored as the matmuls read them
+        h = p.map(layer.input_layernorm, x, dtype=staged)
         visit(GROUPS[0], h)
-        a = p.map(lambda t: attn.mix(t, p.cos, p.sin, None, 0), h)
-        del h
+        a = p.map(lambda t: attn.mix(t, p.cos, p.sin, None, 0), h, dtype=staged)
+        p.recycle(h)
         visit(GROUPS[1], a)
         r = p.map(lambda x_, a_: x_ + attn.o_proj(a_), x, a)
-        del a
-        h = p.map(layer.post_attention_layernorm, r)
+        p.recycle(a)
+        h = p.map(layer.post_attention_layernorm, r, dtype=staged)
         visit(GROUPS[2], h)
-        m = p.map(mlp.hidden, h)
-        del h
+        m = p.map(mlp.hidden, h, dtype=staged)
+        p.recycle(h)
         visit(GROUPS[3], m)
         self.outputs = p.map(lambda r_, m_: r_ + mlp.down_proj(m_), r, m)
+        p.recycle(m, r)
         return self.outputs
 
     def module_name(self, inner: str) -> str:
@@ -136,6 +147,7 @@ class LayerPipeline:
         self.config = source.config
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
         self.compute_dtype = compute_dtype
         self.tokens = tokens
         positions = torch.arange(tokens.shape[1], device=self.device)
@@ -156,21 +168,33 @@ class LayerPipeline:
         layer.load_state_dict(tensors, strict=True, assign=True)
         return layer.requires_grad_(False).eval()
 
-    def map(self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
-        """``fn`` over aligned batches of samples of ``tensors`` ``[n, ...]`` (CPU float32 in
-        and out, computed on the pipeline's device in its compute dtype). Results go straight
-        into one preallocated output: concatenating a list of batches would briefly hold the
-        (up to 1.6 GB) result twice."""
+    def map(self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``fn`` over aligned batches of samples of ``tensors`` ``[n, ...]`` (CPU tensors in,
+        a CPU ``dtype`` tensor out, computed on the pipeline's device in its compute dtype).
+        Results go straight into one preallocated output (a recycled buffer when one of the
+        right shape is free): concatenating a list of batches would briefly hold the (up to
+        1.6 GB) result twice."""
         mixed = self.compute_dtype != torch.float32
         n, out, at = tensors[0].shape[0], None, 0
         for parts in zip(*(t.split(self.batch_size) for t in tensors)):
             with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=mixed):
                 y = fn(*(t.to(self.device) for t in parts))
             if out is None:
-                out = torch.empty(n, *y.shape[1:], dtype=torch.float32)
+                out = self._buffer((n, *y.shape[1:]), dtype)
             out[at: at + y.shape[0]] = y
             at += y.shape[0]
-        return out if out is not None else torch.empty(0, dtype=torch.float32)
+        return out if out is not None else torch.empty(0, dtype=dtype)
+
+    def recycle(self, *tensors: torch.Tensor) -> None:
+        """Hand buffers made by :meth:`map` back for reuse. The caller promises that nothing
+        (no view) still refers to them: their contents will be overwritten."""
+        for t in tensors:
+            self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
+
+    def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        free = self._free.get((shape, dtype))
+        return free.pop() if free else torch.empty(shape, dtype=dtype)
 
     def layers(self) -> Iterator[LayerContext]:
         """Yield each layer's context in order; after the caller is done with a context (the

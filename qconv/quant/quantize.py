@@ -81,7 +81,8 @@ def quantize_model(
         schemes = recipe.schemes(scale_dtype=model_dtype)
         widths = _linear_widths(source)
         schemes.check_shapes(widths)
-        memory = pipeline_memory_bytes(source.config, calib.samples if recipe.needs_calibration else 0, calib.seqlen)
+        memory = pipeline_memory_bytes(source.config, calib.samples if recipe.needs_calibration else 0, calib.seqlen,
+                                       getattr(torch, calib.dtype))
         quantized = [m for m in widths if schemes.scheme_for(m) is not None]
         if dry_run:
             return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, True, memory)
