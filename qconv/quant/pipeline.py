@@ -198,10 +198,13 @@ class LayerPipeline:
 
     def layers(self) -> Iterator[LayerContext]:
         """Yield each layer's context in order; after the caller is done with a context (the
-        layer possibly modified in place), its forward output feeds the next layer."""
+        layer possibly modified in place), its forward output feeds the next layer, and its
+        inputs buffer is recycled (so a consumer must not keep views of ``ctx.inputs``)."""
         hidden = self.embeddings()
         for i in range(self.config.num_layers):
             ctx = LayerContext(self, i, self.load_layer(i), hidden)
             yield ctx
             hidden = ctx.outputs if ctx.outputs is not None else ctx.forward()
+            if ctx.inputs.numel():
+                self.recycle(ctx.inputs)
             del ctx
