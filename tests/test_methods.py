@@ -84,11 +84,12 @@ def test_smoothquant_preserves_fp_outputs(outlier_model: Path) -> None:
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (out - ref).abs().max()
 
 
-def test_smoothquant_flattens_activations(outlier_model: Path) -> None:
-    """After smoothing, the per-channel max of q_proj's input is flatter (lower max/median)."""
+@pytest.mark.parametrize("inner", ["self_attn.q_proj", "mlp.down_proj"])
+def test_smoothquant_flattens_activations(outlier_model: Path, inner: str) -> None:
+    """After smoothing, the per-channel max of a smoothed input is flatter (lower max/median)."""
     def spread(ctx) -> float:
         maxes: list[torch.Tensor] = []
-        ctx.forward(lambda inner, x: maxes.append(x.abs().amax((0, 1))) if inner == "self_attn.q_proj" else None)
+        ctx.forward(lambda name, x: maxes.append(x.abs().amax((0, 1))) if name == inner else None)
         m = torch.stack(maxes).amax(0)
         return (m.max() / m.median()).item()
 
@@ -96,6 +97,15 @@ def test_smoothquant_flattens_activations(outlier_model: Path) -> None:
     before = spread(ctx)
     get_method("smoothquant")(alpha=0.8).apply(ctx, SchemeMap(WeightScheme(8, -1, True)))
     assert spread(ctx) < before / 2
+
+
+def test_smoothquant_down_proj_option(outlier_model: Path) -> None:
+    """``down_proj: false`` leaves up_proj/down_proj untouched (the paper's two mappings only)."""
+    _, ctx = first_layer(outlier_model)
+    up, down = ctx.layer.mlp.up_proj.weight.clone(), ctx.layer.mlp.down_proj.weight.clone()
+    get_method("smoothquant")(alpha=0.8, down_proj=False).apply(ctx, SchemeMap(WeightScheme(8, -1, True)))
+    assert torch.equal(ctx.layer.mlp.down_proj.weight, down)
+    assert not torch.equal(ctx.layer.mlp.up_proj.weight, up)  # still balanced against the norm
 
 
 @pytest.mark.parametrize("stages", [[("rtn", {"mse": True})], [("awq", {}), ("rtn", {})], [("smoothquant", {}), ("rtn", {})],

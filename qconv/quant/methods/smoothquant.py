@@ -1,24 +1,36 @@
 """SmoothQuant: migrate activation outliers into the weights before W8A8 quantization.
 
-For each norm -> Linears pair (``input_layernorm -> q/k/v``, ``post_attention_layernorm ->
-gate/up``; o_proj and down_proj have no preceding norm to absorb a scale), per input channel j:
+For each source -> Linears pair, per input channel j of the Linears:
 ``s_j = max|X_j|^α / max|W_j|^(1-α)`` (max over tokens, and over the rows of every balanced
-Linear), clamped to >= 1e-5. ``norm.weight /= s`` and ``W *= s``: the fp model computes the
-same function, but the activations the int8 quantizer sees are flatter.
+Linear), clamped to >= 1e-5. The Linears' columns are multiplied by ``s`` and the source's output
+channels divided by it, so the fp model computes the same function while the activations the
+int8 quantizer sees are flatter. Sources:
+
+* ``input_layernorm -> q/k/v`` and ``post_attention_layernorm -> gate/up`` (the norm's weight
+  absorbs ``1/s``), as in the paper and llm-compressor's Llama mappings;
+* ``up_proj -> down_proj`` (option ``down_proj``, default on): down_proj's input is
+  ``silu(gate) * up``, so dividing up_proj's output row j by ``s_j`` divides that input's channel
+  j exactly. This is the input with the largest per-channel outliers in Llama-family MLPs, and
+  dynamic per-token int8 activations lose the most there without it.
+
+o_proj has no exact source on GQA models (its input channels are the attention's value heads,
+shared between query heads), so it is left alone.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from qconv.quant.methods.base import Transform
 from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
 
-#: (norm, Linears it feeds) inside a Llama-family decoder layer.
+#: (source module, Linears it feeds) inside a Llama-family decoder layer, in execution order.
 SMOOTH_GROUPS = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
 )
 
 
@@ -28,13 +40,24 @@ def smoothing_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: 
     return (act_max.float().pow(alpha) / w_max.float().pow(1 - alpha)).clamp(min=1e-5)
 
 
+def divide_outputs(source: nn.Module, s: torch.Tensor) -> None:
+    """Divide ``source``'s output channel j by ``s_j``: a norm's weight, or a Linear's row (and bias)."""
+    if isinstance(source, nn.Linear):
+        source.weight.div_(s.to(source.weight)[:, None])
+        if source.bias is not None:
+            source.bias.div_(s.to(source.bias))
+    else:
+        source.weight.div_(s.to(source.weight))
+
+
 class SmoothQuant(Transform):
     name = "smoothquant"
-    options = {"alpha": 0.5}
+    options = {"alpha": 0.5, "down_proj": True}
 
     def apply(self, ctx: LayerContext, schemes: SchemeMap) -> None:
+        groups = [g for g in SMOOTH_GROUPS if self.config["down_proj"] or g[0] != "mlp.up_proj"]
         act_max: dict[str, torch.Tensor] = {}
-        firsts = {linears[0] for _, linears in SMOOTH_GROUPS}
+        firsts = {linears[0] for _, linears in groups}
 
         def record(inner: str, x: torch.Tensor) -> None:
             if inner in firsts:
@@ -44,12 +67,13 @@ class SmoothQuant(Transform):
         ctx.forward(record)
         alpha = float(self.config["alpha"])
         with torch.no_grad():
-            for norm_name, linears in SMOOTH_GROUPS:
+            # all maxima come from one pass over the unsmoothed layer: each group's scale only
+            # rescales its own input channels, which no other group's input depends on
+            for source, linears in groups:
                 if linears[0] not in act_max:  # no calibration tokens reached it
                     continue
                 mods = [ctx.layer.get_submodule(n) for n in linears]
                 s = smoothing_scales(act_max[linears[0]], [m.weight for m in mods], alpha)
-                norm = ctx.layer.get_submodule(norm_name)
-                norm.weight.div_(s.to(norm.weight))
+                divide_outputs(ctx.layer.get_submodule(source), s)
                 for m in mods:
                     m.weight.mul_(s.to(m.weight)[None, :])
