@@ -95,17 +95,23 @@ def test_smoothquant_flattens_activations(outlier_model: Path, inner: str) -> No
 
     _, ctx = first_layer(outlier_model)
     before = spread(ctx)
-    get_method("smoothquant")(alpha=0.8).apply(ctx, SchemeMap(WeightScheme(8, -1, True)))
+    get_method("smoothquant")(alpha=0.8, down_proj=True).apply(ctx, SchemeMap(WeightScheme(8, -1, True)))
     assert spread(ctx) < before / 2
 
 
-def test_smoothquant_down_proj_option(outlier_model: Path) -> None:
-    """``down_proj: false`` leaves up_proj/down_proj untouched (the paper's two mappings only)."""
+def test_smoothquant_down_proj_is_opt_in(outlier_model: Path) -> None:
+    """By default up_proj -> down_proj is not smoothed (the paper's two mappings only); with
+    ``down_proj: true`` the fp layer still computes the same function."""
     _, ctx = first_layer(outlier_model)
+    ref = ctx.forward()
     up, down = ctx.layer.mlp.up_proj.weight.clone(), ctx.layer.mlp.down_proj.weight.clone()
-    get_method("smoothquant")(alpha=0.8, down_proj=False).apply(ctx, SchemeMap(WeightScheme(8, -1, True)))
+    get_method("smoothquant")(alpha=0.8).apply(ctx, SchemeMap(WeightScheme(8, -1, True)))
     assert torch.equal(ctx.layer.mlp.down_proj.weight, down)
     assert not torch.equal(ctx.layer.mlp.up_proj.weight, up)  # still balanced against the norm
+    get_method("smoothquant")(alpha=0.8, down_proj=True).apply(ctx, SchemeMap(WeightScheme(8, -1, True)))
+    assert not torch.equal(ctx.layer.mlp.down_proj.weight, down)
+    out = ctx.forward()
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (out - ref).abs().max()
 
 
 @pytest.mark.parametrize("stages", [[("rtn", {"mse": True})], [("awq", {}), ("rtn", {})], [("smoothquant", {}), ("rtn", {})],
