@@ -8,6 +8,7 @@ conversion, the ``nearest_int`` bit trick, and C ``roundf``.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -124,22 +125,24 @@ def scratch(name: str, shape: tuple[int, ...], fill: float | None = None, dtype=
     """A per-thread work buffer (float32 unless ``dtype``), reused from chunk to chunk.
 
     Fresh large allocations are mmapped and page-faulted on first touch, which costs as much as
-    several arithmetic passes; reusing buffers keeps them hot in cache. With ``fill`` the buffer
-    is a constant array (filled once, must not be written to by the caller).
+    several arithmetic passes; reusing buffers keeps them hot in cache. The memory is kept per
+    name (so a name serves one array at a time) and handed out as a C-contiguous view of the
+    requested shape, so chunks of other sizes (a tensor's last chunk, the next tensor, a
+    compacted subset) reuse it too. With ``fill`` the buffer is a constant array (filled once,
+    must not be written to by the caller).
     """
     cache = getattr(_tls, "bufs", None)
     if cache is None:
         cache = _tls.bufs = {}
-    key = (name, shape, fill, np.dtype(dtype).char)
+    key = (name, fill, np.dtype(dtype).char)
+    size = math.prod(shape)
     buf = cache.get(key)
-    if buf is None:
-        if len(cache) > 64:
-            cache.clear()
-        buf = np.empty(shape, dtype=dtype)
+    if buf is None or buf.size < size:
+        buf = np.empty(size, dtype=dtype)
         if fill is not None:
             buf.fill(fill)
         cache[key] = buf
-    return buf
+    return buf[:size].reshape(shape)
 
 
 def default_threads() -> int:

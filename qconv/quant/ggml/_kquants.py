@@ -44,13 +44,9 @@ def _qkx2(X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float, n
     sum_x = seq_sum(T)
     mn = np.minimum(xmin, F32(0.0))
     flat = xmax == mn
-    WL = scratch("WL", X.shape)
-    tmp = scratch("tmp", X.shape)
-    red = np.empty(S, dtype=F32)
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        rng = xmax - mn
-        iscale = np.divide(fnmax, rng, dtype=F32)
+        iscale = np.divide(fnmax, xmax - mn, dtype=F32)
         scale = np.divide(F32(1.0), iscale, dtype=F32)
         # initial L: x - min in [0, max - min] so no clamping is needed
         np.subtract(X, mn, out=T)
@@ -63,13 +59,42 @@ def _qkx2(X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float, n
         T *= T
         T *= W
         best_error = seq_sum(T)
-        l_iscale = iscale.copy()
-        l_min = mn.copy()
+    l_iscale = iscale
+    l_min = mn.copy()
 
+    # Every error is a sum of w * diff^2 >= 0, so `cur_error < best_error` never holds where the
+    # first fit is already exact (best_error 0; weights stored on a 4-bit grid give many such
+    # sub-blocks) or NaN (flat and non-finite sub-blocks): only the others are searched.
+    act = np.flatnonzero(best_error > 0)
+    if act.size == S:
+        _qkx2_search(X, W, nmax, rmin, rdelta, nstep, xmin, xmax, sum_w, sum_x, mn, best_error,
+                     scale, l_iscale, l_min)
+    elif act.size:
+        Xa = np.take(X, act, axis=1, out=scratch("Xa", (n, act.size)))
+        Wa = np.take(W, act, axis=1, out=scratch("Wa", (n, act.size)))
+        mn_a, scale_a, l_iscale_a, l_min_a = (v[act] for v in (mn, scale, l_iscale, l_min))
+        _qkx2_search(Xa, Wa, nmax, rmin, rdelta, nstep, xmin[act], xmax[act], sum_w[act], sum_x[act],
+                     mn_a, best_error[act], scale_a, l_iscale_a, l_min_a)
+        mn[act], scale[act], l_iscale[act], l_min[act] = mn_a, scale_a, l_iscale_a, l_min_a
+    scale[flat] = 0
+    return scale, -mn, l_iscale, l_min, flat
+
+
+def _qkx2_search(X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                 xmin: np.ndarray, xmax: np.ndarray, sum_w: np.ndarray, sum_x: np.ndarray,
+                 mn: np.ndarray, best_error: np.ndarray, scale: np.ndarray, l_iscale: np.ndarray,
+                 l_min: np.ndarray) -> None:
+    """The ``nstep + 1`` refinement steps of make_qkx2_quants on ``[n, S]`` sub-blocks; updates
+    ``mn``, ``best_error``, ``scale``, ``l_iscale`` and ``l_min`` (all ``[S]``) in place."""
+    fnmax = F32(nmax)
+    T = scratch("T", X.shape)
+    WL = scratch("WL", X.shape)
+    tmp = scratch("tmp", X.shape)
+    red = np.empty(X.shape[1], dtype=F32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for step in range(nstep + 1):
             c = F32(F32(F32(rmin) + F32(F32(rdelta) * F32(step))) + fnmax)
-            np.subtract(xmax, mn, out=rng)
-            iscale = np.divide(c, rng, dtype=F32)
+            iscale = np.divide(c, xmax - mn, dtype=F32)
             np.subtract(X, mn, out=T)
             T *= iscale
             np.rint(T, out=T)
@@ -108,10 +133,6 @@ def _qkx2(X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float, n
                 np.putmask(l_iscale, upd, iscale)
                 np.putmask(l_min, upd, mn)
                 np.putmask(mn, upd, this_min)
-
-    scale[flat] = 0
-    the_min = -mn
-    return scale, the_min, l_iscale, l_min, flat
 
 
 def _search_L_affine(Xs: np.ndarray, l_iscale, l_min, flat, nmax: int) -> np.ndarray:

@@ -55,7 +55,11 @@ def _first_extreme(XT: np.ndarray, ext: np.ndarray) -> np.ndarray:
 def _cast_i8(v: np.ndarray) -> np.ndarray:
     """C float -> int8_t conversion: truncation toward zero; on x86 (cvttss2si) NaN/inf/huge
     values become INT_MIN, whose low byte is 0 -- reproduced by going through int32."""
-    return v.astype(np.int32).astype(np.int8)
+    i32 = scratch("Li32", v.shape, dtype=np.int32)
+    np.copyto(i32, v, casting="unsafe")
+    q = scratch("Li8", v.shape, dtype=np.int8)
+    np.copyto(q, i32, casting="unsafe")
+    return q
 
 
 def _min_i8(q: np.ndarray, hi: int) -> None:
@@ -63,30 +67,56 @@ def _min_i8(q: np.ndarray, hi: int) -> None:
     np.minimum(q, scratch("min_i8", q.shape, fill=hi, dtype=np.int8), out=q)
 
 
+def _fields(out: np.ndarray, layout: dict[str, tuple[int, str]]) -> np.ndarray:
+    """The blocks ``out`` ``[nb, block_bytes]`` as a 1-D structured array with the fields
+    ``name: (byte offset, dtype)``. Storing a field is one strided 1-D copy, several times faster
+    than a 2-D slice assignment such as ``out[:, 0:2] = ...``, which loops per block."""
+    names = list(layout)
+    dt = np.dtype({"names": names, "formats": [layout[k][1] for k in names],
+                   "offsets": [layout[k][0] for k in names], "itemsize": out.shape[1]})
+    return out.view(dt).reshape(-1)
+
+
+def _qs_layout(col: int) -> dict[str, tuple[int, str]]:
+    """The 16 nibble bytes at ``col``, as two 8-byte words."""
+    return {"qs0": (col, "<u8"), "qs1": (col + 8, "<u8")}
+
+
 _LO_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
 
 
-def _put_nibbles(out: np.ndarray, col: int, q: np.ndarray) -> None:
-    """``qs[j] = q[j] & 0xF | (q[j + 16] & 0xF) << 4`` into bytes ``col:col+16`` of each block.
+def _put_nibbles(fields: np.ndarray, q: np.ndarray) -> None:
+    """``qs[j] = q[j] & 0xF | (q[j + 16] & 0xF) << 4`` into fields ``qs0``/``qs1`` of each block.
 
     Done on 8-byte words: word w of a block holds quants 8w..8w+7, so words 0-1 are the low
     halves and words 2-3 the high halves of the 16 output bytes.
     """
     w = q.view("<u8")  # [nb, 4]
-    nib = w[:, 2:4] << np.uint64(4)
-    nib &= ~_LO_NIBBLES
-    nib |= w[:, 0:2] & _LO_NIBBLES
-    out[:, col:col + 16] = nib.view(np.uint8)
+    for k, name in enumerate(("qs0", "qs1")):
+        nib = w[:, k + 2] << np.uint64(4)
+        nib &= ~_LO_NIBBLES
+        nib |= w[:, k] & _LO_NIBBLES
+        fields[name] = nib
 
 
 _BITGATHER = np.uint64(0x0102040810204080)
 
 
-def _put_high_bits(out: np.ndarray, col: int, q: np.ndarray) -> None:
-    """Bit 4 of quant j in bit j of a little-endian uint32 at bytes ``col:col+4`` of each block."""
-    h = ((q >> 4) & 1).view("<u8")  # [nb, 4]: 8 bytes of 0/1 each
+def _put_high_bits(fields: np.ndarray, q: np.ndarray) -> None:
+    """Bit 4 of quant j in bit j of the little-endian uint32 field ``qh`` of each block."""
+    h = scratch("Lh", q.shape, dtype=np.uint8)
+    np.right_shift(q, 4, out=h)
+    h &= 1
+    h64 = h.view("<u8")  # [nb, 4]: 8 bytes of 0/1 each
     # multiplying gathers byte k's bit into bit 56+k; the top byte is the packed byte
-    out[:, col:col + 4] = ((h * _BITGATHER) >> np.uint64(56)).astype(np.uint8)
+    h64 *= _BITGATHER
+    h64 >>= np.uint64(56)
+    fields["qh"] = h64.astype(np.uint8).view("<u4").reshape(-1)
+
+
+def _scaled(x: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``x * (d ? 1/d : 0)`` per block, in a scratch buffer."""
+    return np.multiply(x, _inv(d)[:, None], out=scratch("Lv", x.shape))
 
 
 _HALF_DOWN = np.nextafter(F32(0.5), F32(0.0))  # 0.49999997f
@@ -98,20 +128,20 @@ def q8_0(x: np.ndarray, out: np.ndarray) -> None:
     amax = np.maximum(XT.max(axis=0), np.negative(XT.min(axis=0)))
     amax += F32(0.0)  # MAX(0.0f, fabsf(v)) is never -0.0
     d = np.divide(amax, F32(127.0), dtype=F32)
-    v = np.multiply(x, _inv(d)[:, None], dtype=F32)
+    v = _scaled(x, d)
     # C roundf (half away from zero): trunc(v + copysign(0.49999997f, v)) is exact for
     # |v| < 2**22, and here |v| <= 127 * (1 + 2**-23) (or inf/NaN when 1/d overflows, where the
     # casts give the same bytes as C's on x86).
-    v += np.copysign(_HALF_DOWN, v)
+    v += np.copysign(_HALF_DOWN, v, out=scratch("Lc", v.shape))
     out[:, 2:34] = _cast_i8(v).view(np.uint8)
-    out[:, 0:2] = fp16_bits(d).view(np.uint8).reshape(-1, 2)
+    _fields(out, {"d": (0, "<u2")})["d"] = fp16_bits(d)
 
 
 def _symmetric(x: np.ndarray, nmax: int, bias: float) -> tuple[np.ndarray, np.ndarray]:
     """Q4_0/Q5_0: ``d = max / -nmax``; ``q = MIN(2*nmax-1, (int8_t)(x*id + bias))``."""
     mx = _signed_absmax0(_transposed(x))
     d = np.divide(mx, F32(-nmax), dtype=F32)
-    v = np.multiply(x, _inv(d)[:, None], dtype=F32)
+    v = _scaled(x, d)
     v += F32(bias)
     q = _cast_i8(v)
     _min_i8(q, 2 * nmax - 1)  # MIN(15 or 31, (int8_t)(.)), then stored as uint8
@@ -121,16 +151,18 @@ def _symmetric(x: np.ndarray, nmax: int, bias: float) -> tuple[np.ndarray, np.nd
 @quiet
 def q4_0(x: np.ndarray, out: np.ndarray) -> None:
     d, q = _symmetric(x, 8, 8.5)
-    out[:, 0:2] = fp16_bits(d).view(np.uint8).reshape(-1, 2)
-    _put_nibbles(out, 2, q)
+    f = _fields(out, {"d": (0, "<u2"), **_qs_layout(2)})
+    f["d"] = fp16_bits(d)
+    _put_nibbles(f, q)
 
 
 @quiet
 def q5_0(x: np.ndarray, out: np.ndarray) -> None:
     d, q = _symmetric(x, 16, 16.5)
-    out[:, 0:2] = fp16_bits(d).view(np.uint8).reshape(-1, 2)
-    _put_high_bits(out, 2, q)
-    _put_nibbles(out, 6, q)
+    f = _fields(out, {"d": (0, "<u2"), "qh": (2, "<u4"), **_qs_layout(6)})
+    f["d"] = fp16_bits(d)
+    _put_high_bits(f, q)
+    _put_nibbles(f, q)
 
 
 def _affine(x: np.ndarray, nmax: int, clamp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -140,7 +172,7 @@ def _affine(x: np.ndarray, nmax: int, clamp: bool) -> tuple[np.ndarray, np.ndarr
     mn = _first_extreme(XT, XT.min(axis=0))
     mx = _first_extreme(XT, XT.max(axis=0))
     d = np.divide(mx - mn, F32(nmax), dtype=F32)
-    v = np.subtract(x, mn[:, None], dtype=F32)
+    v = np.subtract(x, mn[:, None], out=scratch("Lv", x.shape))
     v *= _inv(d)[:, None]
     v += F32(0.5)
     q = _cast_i8(v)
@@ -152,18 +184,20 @@ def _affine(x: np.ndarray, nmax: int, clamp: bool) -> tuple[np.ndarray, np.ndarr
 @quiet
 def q4_1(x: np.ndarray, out: np.ndarray) -> None:
     d, mn, q = _affine(x, 15, True)
-    out[:, 0:2] = fp16_bits(d).view(np.uint8).reshape(-1, 2)
-    out[:, 2:4] = fp16_bits(mn).view(np.uint8).reshape(-1, 2)
-    _put_nibbles(out, 4, q)
+    f = _fields(out, {"d": (0, "<u2"), "m": (2, "<u2"), **_qs_layout(4)})
+    f["d"] = fp16_bits(d)
+    f["m"] = fp16_bits(mn)
+    _put_nibbles(f, q)
 
 
 @quiet
 def q5_1(x: np.ndarray, out: np.ndarray) -> None:
     d, mn, q = _affine(x, 31, False)
-    out[:, 0:2] = fp16_bits(d).view(np.uint8).reshape(-1, 2)
-    out[:, 2:4] = fp16_bits(mn).view(np.uint8).reshape(-1, 2)
-    _put_high_bits(out, 4, q)
-    _put_nibbles(out, 8, q)
+    f = _fields(out, {"d": (0, "<u2"), "m": (2, "<u2"), "qh": (4, "<u4"), **_qs_layout(8)})
+    f["d"] = fp16_bits(d)
+    f["m"] = fp16_bits(mn)
+    _put_high_bits(f, q)
+    _put_nibbles(f, q)
 
 
 #: qtype name -> block function ``fn(x_blocks [nb, 32] float32, out [nb, block_bytes] uint8)``
