@@ -16,6 +16,7 @@ import argparse
 import importlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,17 +76,22 @@ class Probe(KiviKVCache):
             out[:] = torch.cat(self.raw_v[layer], 2)[:, :, : out.shape[3]].transpose(-1, -2)
 
 
-def probe_ppl(model, ids, bits: int, group: int, windows: int, flags: dict) -> float:
-    spec = KVCacheSpec.from_options("kivi", bits, group, 128, flags.get("sink", 0))
+@dataclass(frozen=True)
+class ProbeSpec(KVCacheSpec):
+    """A KIVI cache choice that builds :class:`Probe` caches with the variant's flags set."""
 
-    def make(config, batch, max_len, device, dtype):
-        cache = Probe(config, batch, max_len, bits, group, 128, device, dtype, sink=flags.get("sink", 0))
-        for key, value in flags.items():
-            if key != "sink":
-                setattr(cache, key, value)
+    flags: tuple[tuple[str, bool], ...] = ()
+
+    def make(self, config, batch, max_len, device, dtype):
+        cache = Probe(config, batch, max_len, self.bits, self.group, self.residual, device, dtype, sink=self.sink)
+        for key, value in self.flags:
+            setattr(cache, key, value)
         return cache
 
-    object.__setattr__(spec, "make", make)  # the spec is frozen; this instance only
+
+def probe_ppl(model, ids, bits: int, group: int, windows: int, variant: dict) -> float:
+    flags = tuple((k, v) for k, v in variant.items() if k != "sink")
+    spec = ProbeSpec("kivi", bits, group, 128, variant.get("sink", 0), flags)
     return ppl_mod.perplexity(model, ids, 2048, windows, kv_cache=spec).ppl
 
 

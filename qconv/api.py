@@ -21,6 +21,8 @@ from qconv.textdata import load_text
 if TYPE_CHECKING:  # torch is imported where it is used, so HF -> GGUF export never loads it
     import torch
 
+    from qconv.model.kv_spec import KVCacheSpec
+
 
 @dataclass
 class ConvertResult:
@@ -130,25 +132,20 @@ def generate_text(
     device: str = "auto",
     dtype: str = "f32",
     on_text: Callable[[str], None] | None = None,
-    kv_cache: str | None = None,
-    kv_bits: int | None = None,
-    kv_group: int | None = None,
-    kv_residual: int | None = None,
-    kv_sink: int | None = None,
+    kv_cache: KVCacheSpec | None = None,
 ) -> GenerateResult:
     """Generate a continuation of ``prompt``; ``on_text`` receives text as it is decoded.
 
-    ``kv_cache`` (``fp``, ``int8``, ``kivi`` with ``kv_bits``/``kv_group``/``kv_residual``/``kv_sink``)
-    picks the KV cache and adds what it held to the result; default: the plain fp cache.
+    ``kv_cache`` (see :func:`kv_cache_spec`) picks the KV cache and adds what it held to the
+    result; default: the plain fp cache.
     """
     from qconv.model.generate import generate
 
     if max_new_tokens < 1:
         raise InvalidOption("--max-new-tokens must be at least 1")
-    spec = _kv_spec(kv_cache, kv_bits, kv_group, kv_residual, kv_sink)
     with open_model(model_path) as source:
-        if spec is not None:
-            spec.check(source.config)
+        if kv_cache is not None:
+            kv_cache.check(source.config)
         tok = source.tokenizer()
         model = load_runner(source, device, dtype)
     text_in = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
@@ -166,18 +163,21 @@ def generate_text(
             on_text(text[len(shown):])
             shown = text
 
-    cache = None if spec is None else spec.make(model.config, 1, len(ids) + max_new_tokens, model.device, model.dtype)
+    cache = None if kv_cache is None else kv_cache.make(model.config, 1, len(ids) + max_new_tokens, model.device, model.dtype)
     t0 = time.perf_counter()
     generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
              seed=seed, eos_ids=tuple(tok.eos_ids), on_token=on_token, cache=cache)
     dt = time.perf_counter() - t0
-    report = None if cache is None else spec.report(cache)
+    report = None if cache is None else kv_cache.report(cache)
     return GenerateResult(prompt, tok.decode(out), len(ids), len(out), dt, len(out) / dt if dt else 0.0, report)
 
 
-def _kv_spec(mode: str | None, bits: int | None, group: int | None, residual: int | None,
-             sink: int | None = None) -> Any:
-    """The validated KV cache choice, or None for the runner's default full-precision path."""
+def kv_cache_spec(mode: str | None, bits: int | None = None, group: int | None = None,
+                  residual: int | None = None, sink: int | None = None) -> KVCacheSpec | None:
+    """The validated KV cache choice for ``generate_text``/``perplexity``/``compare`` from
+    CLI-style options (``mode``: fp, int8 or kivi; KIVI's unset options take its defaults);
+    None (no mode, no options) is the runner's default full-precision path. Validated here,
+    before any model is loaded, so a bad option costs nothing."""
     from qconv.model.kv_spec import KVCacheSpec
 
     if mode is None:
@@ -208,24 +208,19 @@ def perplexity(
     device: str = "auto",
     dtype: str = "f32",
     quiet: bool = True,
-    kv_cache: str | None = None,
-    kv_bits: int | None = None,
-    kv_group: int | None = None,
-    kv_residual: int | None = None,
-    kv_sink: int | None = None,
+    kv_cache: KVCacheSpec | None = None,
 ) -> Any:
     """GPTQ-protocol perplexity of a model on a text file; with ``kv_cache``, the perplexity
     token-by-token decoding through that cache gives, and the bytes it held."""
     from qconv.model.perplexity import perplexity as ppl
 
-    spec = _kv_spec(kv_cache, kv_bits, kv_group, kv_residual, kv_sink)
     with open_model(model_path) as source:
-        if spec is not None:
-            spec.check(source.config)
+        if kv_cache is not None:
+            kv_cache.check(source.config)
         ids, n_windows = _eval_ids(source, text_path, text_field, ctx, max_windows)
         model = load_runner(source, device, dtype)
     with progress("perplexity", n_windows, quiet) as advance:
-        return ppl(model, ids, ctx=ctx, max_windows=max_windows, on_window=lambda *_: advance(), kv_cache=spec)
+        return ppl(model, ids, ctx=ctx, max_windows=max_windows, on_window=lambda *_: advance(), kv_cache=kv_cache)
 
 
 def compare(
@@ -238,11 +233,7 @@ def compare(
     device: str = "auto",
     dtype: str = "f32",
     quiet: bool = True,
-    kv_cache: str | None = None,
-    kv_bits: int | None = None,
-    kv_group: int | None = None,
-    kv_residual: int | None = None,
-    kv_sink: int | None = None,
+    kv_cache: KVCacheSpec | None = None,
 ) -> Any:
     """PPL of both models, KL(base||other), top-1 agreement and max |dlogit| on one text.
 
@@ -251,10 +242,9 @@ def compare(
     """
     from qconv.model.compare import compare as cmp
 
-    spec = _kv_spec(kv_cache, kv_bits, kv_group, kv_residual, kv_sink)
     with open_model(base_path) as base_src, open_model(other_path) as other_src:
-        if spec is not None:
-            spec.check(other_src.config)
+        if kv_cache is not None:
+            kv_cache.check(other_src.config)
         if base_src.config.vocab_size != other_src.config.vocab_size:
             raise InvalidOption(
                 f"vocabularies differ ({base_src.config.vocab_size} vs {other_src.config.vocab_size} tokens)", other_path
@@ -263,7 +253,7 @@ def compare(
         base = load_runner(base_src, device, dtype)
         other = load_runner(other_src, device, dtype)
     with progress("comparing", n_windows, quiet) as advance:
-        return cmp(base, other, ids, ctx=ctx, max_windows=max_windows, on_window=lambda *_: advance(), kv_cache=spec)
+        return cmp(base, other, ids, ctx=ctx, max_windows=max_windows, on_window=lambda *_: advance(), kv_cache=kv_cache)
 
 
 def calibrate(model_path: Path | str, data: str, out: Path | str, device: str = "cpu", **options: Any) -> Any:

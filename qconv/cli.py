@@ -283,7 +283,7 @@ def run(
     if len(modes) != 1:
         raise InvalidOption("give exactly one of --prompt, --ppl, --compare")
     quiet_work = quiet or json_out
-    kv = dict(kv_cache=kv_cache, kv_bits=kv_bits, kv_group=kv_group, kv_residual=kv_residual, kv_sink=kv_sink)
+    kv = dict(kv_cache=api.kv_cache_spec(kv_cache, kv_bits, kv_group, kv_residual, kv_sink))
     if prompt is not None:
         stream = None if quiet_work else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         if stream:

@@ -296,11 +296,11 @@ def test_api_ppl_and_generation_on_gguf(tmp_path: Path) -> None:
     text.write_text("Once upon a time there was a little cat who liked to play in the sun. " * 40)
     kw = dict(ctx=64, max_windows=2, device="cpu")
     fp = api.perplexity(STORIES, text, **kw)
-    k8 = api.perplexity(STORIES, text, **kw, kv_cache="kivi", kv_bits=8, kv_group=8, kv_residual=16)
-    k2 = api.perplexity(STORIES, text, **kw, kv_cache="kivi", kv_bits=2, kv_group=8, kv_residual=16)
+    k8 = api.perplexity(STORIES, text, **kw, kv_cache=api.kv_cache_spec("kivi", 8, 8, 16))
+    k2 = api.perplexity(STORIES, text, **kw, kv_cache=api.kv_cache_spec("kivi", 2, 8, 16))
     assert k8.ppl == pytest.approx(fp.ppl, rel=0.01) and fp.kv_cache is None
     assert k2.kv_cache["bytes"] < k8.kv_cache["bytes"] < k8.kv_cache["fp16_bytes"]
-    g = api.generate_text(STORIES, "Once upon a time", 8, device="cpu", kv_cache="int8")
+    g = api.generate_text(STORIES, "Once upon a time", 8, device="cpu", kv_cache=api.kv_cache_spec("int8"))
     # stories260K has head_dim 8: 8 int8 codes + one 2-byte scale per token per head, vs 16 bytes in fp16.
     assert g.kv_cache["mode"] == "int8" and g.kv_cache["ratio"] == pytest.approx((8 + 2) / 16)
 

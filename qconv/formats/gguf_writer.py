@@ -124,12 +124,8 @@ def _pack_list(val: Any) -> bytes | None:
     if not isinstance(val, list) or not val:
         return None
     if all(isinstance(v, str) for v in val):
-        enc = [v.encode("utf-8") for v in val]
-        lengths = np.fromiter(map(len, enc), dtype="<u8", count=len(enc)).tobytes()
-        parts: list[bytes] = [b""] * (2 * len(enc))
-        parts[0::2] = [lengths[i:i + 8] for i in range(0, len(lengths), 8)]
-        parts[1::2] = enc
-        ltype, data = _V.STRING, b"".join(parts)
+        data = b"".join(len(e).to_bytes(8, "little") + e for e in (v.encode("utf-8") for v in val))
+        ltype = _V.STRING
     elif all(isinstance(v, int) and not isinstance(v, bool) for v in val):
         if not (-(1 << 31) <= min(val) and max(val) < (1 << 31)):
             return None
