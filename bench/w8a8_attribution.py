@@ -1,0 +1,130 @@
+"""Where W8A8's activation cost comes from on the example model, and what SmoothQuant's α does to it.
+
+    python bench/w8a8_attribution.py [--cache .cache] [--windows 4] [--calib-samples 16]
+                                     [--alphas 0.5 0.65 0.8]
+
+Diagnostic, not a product path. Weights stay fp32 throughout, so every row measures the dynamic
+per-token int8 activation quantization alone (the runner's emulation, as for a W8A8 checkpoint):
+first on one family of Linear inputs at a time without smoothing, then on all of them after
+SmoothQuant's scales for each α (norm -> q/k/v and norm -> gate/up, optionally up -> down),
+computed from per-channel input maxima over ``--calib-samples`` x 2048 tokens of the shared C4
+sample. PPL: wikitext-2 test, ctx 2048, first ``--windows`` windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from example_model import example_model  # noqa: E402
+
+from qconv.checkpoint import open_model  # noqa: E402
+from qconv.formats.compressed_tensors import ActivationScheme  # noqa: E402
+from qconv.model.act_quant import apply_activation_quant  # noqa: E402
+from qconv.model.decoder import load_model  # noqa: E402
+from qconv.model.perplexity import perplexity  # noqa: E402
+from qconv.quant.calibration import calibration_windows, load_calibration_rows  # noqa: E402
+from qconv.quant.methods.smoothquant import SMOOTH_GROUPS, divide_outputs, smoothing_scales  # noqa: E402
+from qconv.textdata import load_text  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FAMILIES = {
+    "q/k/v": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o": ("self_attn.o_proj",),
+    "gate/up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
+
+
+def input_maxima(model: torch.nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-channel max |x| of every Linear's input inside the decoder layers."""
+    maxima: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.startswith("layers."):
+            def hook(_m, args, name=name):
+                m = args[0].reshape(-1, args[0].shape[-1]).abs().amax(0).float()
+                maxima[name] = m if name not in maxima else torch.maximum(maxima[name], m)
+            hooks.append(mod.register_forward_pre_hook(hook))
+    with torch.inference_mode():
+        for w in windows:
+            model(w[None])
+    for h in hooks:
+        h.remove()
+    return maxima
+
+
+def smoothed(model: torch.nn.Module, maxima: dict[str, torch.Tensor], alpha: float, down: bool) -> torch.nn.Module:
+    """A copy of ``model`` with SmoothQuant's scales folded in (the fp function is unchanged)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, layer in enumerate(out.layers):
+            for source, linears in SMOOTH_GROUPS:
+                if source == "mlp.up_proj" and not down:
+                    continue
+                mods = [layer.get_submodule(n) for n in linears]
+                s = smoothing_scales(maxima[f"layers.{i}.{linears[0]}"], [m.weight for m in mods], alpha)
+                divide_outputs(layer.get_submodule(source), s)
+                for m in mods:
+                    m.weight.mul_(s[None, :])
+    return out
+
+
+def a8(model: torch.nn.Module, families: tuple[str, ...]) -> list:
+    scheme = ActivationScheme(bits=8)
+    names = {f"layers.{i}.{n}": scheme for i in range(len(model.layers)) for f in families for n in FAMILIES[f]}
+    return apply_activation_quant(model, names)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=Path(".cache"))
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.65, 0.8])
+    args = parser.parse_args()
+    path = example_model(args.cache)
+    with open_model(path) as source:
+        tok = source.tokenizer()
+        ids = tok.encode(load_text(DATA / "wikitext-2-raw-test.txt", "text"))
+        calib = calibration_windows(tok, load_calibration_rows(str(DATA / "c4-sample.jsonl")), args.calib_samples,
+                                    2048, 0)
+        model = load_model(source)
+
+    def ppl(m: torch.nn.Module) -> float:
+        return perplexity(m, ids, 2048, args.windows).ppl
+
+    fp = ppl(model)
+    print(f"| activations quantized (weights fp32) | smoothing | PPL | Δ vs fp ({fp:.4f}) |\n|---|---|---|---|")
+
+    def row(label: str, smoothing: str, m: torch.nn.Module, families: tuple[str, ...]) -> None:
+        t0 = time.perf_counter()
+        hooks = a8(m, families)
+        p = ppl(m)
+        for h in hooks:
+            h.remove()
+        print(f"| {label} | {smoothing} | {p:.4f} | {100 * (p / fp - 1):+.2f}% |", flush=True)
+        print(f"  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+    for fam in FAMILIES:
+        row(fam, "none", model, (fam,))
+    row("all", "none", model, tuple(FAMILIES))
+    maxima = input_maxima(model, calib)
+    for alpha in args.alphas:
+        for down in (False, True):
+            m = smoothed(model, maxima, alpha, down)
+            label = f"α {alpha}" + (" incl. up→down" if down else "")
+            for fam in (("gate/up", "down") if down else ("q/k/v", "gate/up")):
+                row(fam, label, m, (fam,))
+            row("all", label, m, tuple(FAMILIES))
+
+
+if __name__ == "__main__":
+    main()
