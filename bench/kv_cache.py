@@ -81,16 +81,19 @@ def decode_run(
     """Greedy-decode ``n`` steps after ``prompt`` through a fresh cache; returns each step's
     argmax and step time. With ``follow`` the model is fed those tokens instead of its own
     (teacher forcing), so its argmax can be compared step by step with the run that made them."""
-    cache = spec.make(model.config, 1, len(prompt) + n, model.device, model.dtype)
-    x = torch.tensor([prompt])
+    device = model.device
+    cache = spec.make(model.config, 1, len(prompt) + n, device, model.dtype)
+    x = torch.tensor([prompt], device=device)
     for a in range(0, len(prompt), PREFILL_CHUNK):
         logits = model(x[:, a: a + PREFILL_CHUNK], cache, a)
     argmax, times = [], []
     for i in range(n):
-        argmax.append(int(logits[0, -1].argmax()))
+        argmax.append(int(logits[0, -1].argmax()))  # .item() waits for the GPU: the step ends here
         fed = argmax[-1] if follow is None else follow[i]
         t0 = time.perf_counter()
-        logits = model(torch.tensor([[fed]]), cache, len(prompt) + i)
+        logits = model(torch.tensor([[fed]], device=device), cache, len(prompt) + i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return argmax, times
 
@@ -158,9 +161,10 @@ def llama_cpp_rows(gguf: Path, ids: list[int], ctxs: list[int], n_windows: list[
     return rows
 
 
-def print_tables(ppl: list[dict], decode: list[dict], anchor: list[dict], decode_ctx: int, threads: int) -> None:
+def print_tables(ppl: list[dict], decode: list[dict], anchor: list[dict], decode_ctx: int, threads: int,
+                 where: str) -> None:
     if ppl:
-        print("\n### qconv runner (fp32 compute), wikitext-2 test\n")
+        print(f"\n### qconv runner (fp32 compute, {where}), wikitext-2 test\n")
         print("| KV cache | ctx | windows | PPL | Δ PPL vs fp | KV bytes held | vs fp16 cache |")
         print("|---|---|---|---|---|---|---|")
     for r in ppl:
@@ -168,7 +172,8 @@ def print_tables(ppl: list[dict], decode: list[dict], anchor: list[dict], decode
         print(f"| {r['config']} | {r['ctx']} | {r['windows']} | {r['ppl']:.4f} | {r['delta']:+.3f}% "
               f"| {kv['bytes'] / 2**20:.2f} MiB | {kv['ratio']:.3f}x |")
     if decode:
-        print(f"\n### Decode after a {decode_ctx}-token prompt ({threads} thread(s), median step time)\n")
+        on = f"CPU, {threads} thread(s)" if where == "CPU" else where
+        print(f"\n### Decode after a {decode_ctx}-token prompt ({on}, median step time)\n")
         print("| KV cache | tok/s | vs fp | free greedy: identical prefix | top-1 = fp on fp's path |")
         print("|---|---|---|---|---|")
     for r in decode:
@@ -196,6 +201,7 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, default=None, help="f16 GGUF for llama.cpp (default: convert one)")
     parser.add_argument("--no-ppl", action="store_true", help="skip the perplexity table")
     parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the runner's device; llama.cpp stays on CPU)")
     args = parser.parse_args()
     if len(args.windows) != len(args.ctx):
         parser.error("give one --windows value per --ctx")
@@ -205,9 +211,10 @@ def main() -> None:
     hf_dir = example_model(args.cache)
     with open_model(hf_dir) as source:
         ids = source.tokenizer().encode(load_text(args.text, "text"))
-        model = load_model(source)
+        model = load_model(source, args.device)
     threads = torch.get_num_threads()
-    print(f"{len(ids)} tokens; torch threads {threads}", file=sys.stderr, flush=True)
+    where = torch.cuda.get_device_name() if model.device.type == "cuda" else "CPU"
+    print(f"{len(ids)} tokens; {where}; torch threads {threads}", file=sys.stderr, flush=True)
     ppl = [] if args.no_ppl else ppl_rows(model, ids, args.ctx, args.windows, configs)
     decode = []
     if args.decode_tokens > 0:
@@ -220,7 +227,7 @@ def main() -> None:
 
             api.convert(hf_dir, gguf, gguf_type="f16")
         anchor = llama_cpp_rows(gguf, ids, args.ctx, args.windows, threads)
-    print_tables(ppl, decode, anchor, args.decode_ctx, args.decode_threads)
+    print_tables(ppl, decode, anchor, args.decode_ctx, args.decode_threads, where)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python bench/quality.py [--cache .cache] [--rows fp rtn-w4 gptq-w4 ...] [--samples 128]
                             [--calib-dtype float32|bfloat16] [--results bench/results/quality.jsonl]
+                            [--device cpu|cuda]
 
 Protocol (the issue's, comparable with ``../shared/reference/peer-results.md``): SmolLM2-135M
 fp32, WikiText-2 test, ctx 2048, the first 20 windows (GPTQ protocol, ``qconv run --ppl``);
@@ -49,6 +50,10 @@ ROWS: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]] | None] = {
            ("gptq", f"GPTQ W{b} g64 asym (act-order static, damp 0.01)", [GPTQ]),
            ("awq", f"AWQ W{b} g64 asym (scale + clip search, RTN)", [AWQ, {"method": "rtn"}]),
            ("awq-gptq", f"AWQ + GPTQ W{b} g64 asym", [AWQ, GPTQ]),
+           # bf16 calibration computes GPTQ's Hessian products in bf16 by default; this row keeps them fp32
+           ("awq-gptq-fp32h", f"AWQ + GPTQ W{b} g64 asym, fp32 Hessians", [AWQ, {**GPTQ, "bf16_hessian": False}]),
+           ("gptq-mse", f"GPTQ W{b} g64 asym + MSE grid", [{**GPTQ, "mse": True}]),
+           ("awq-gptq-mse", f"AWQ + GPTQ W{b} g64 asym + MSE grid", [AWQ, {**GPTQ, "mse": True}]),
        )},
     "sq-w8a8": ("SmoothQuant α0.8 + GPTQ W8A8 (int8 per-channel W, dynamic per-token int8 A)",
                 {"bits": 8, "group_size": -1, "symmetric": True, "activations": {"bits": 8}},
@@ -57,16 +62,18 @@ ROWS: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]] | None] = {
 }
 
 
-def ppl(model: Path, eval_text: Path, windows: int) -> float:
+def ppl(model: Path, eval_text: Path, windows: int, device: str) -> float:
     out = subprocess.run([*QCONV, "run", str(model), "--ppl", str(eval_text), "--ctx", "2048",
-                          "--max-windows", str(windows), "--json"], check=True, capture_output=True, text=True)
+                          "--max-windows", str(windows), "--device", device, "--json"],
+                         check=True, capture_output=True, text=True)
     return float(json.loads(out.stdout)["ppl"])
 
 
 def run_row(name: str, model: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     spec = ROWS[name]
     if spec is None:
-        return {"row": name, "label": "fp32", "ppl": ppl(model, args.eval_text, args.windows)}
+        return {"row": name, "label": "fp32", "ppl": ppl(model, args.eval_text, args.windows, args.device),
+                "device": args.device}
     label, scheme, stages = spec
     recipe = {"name": name, "scheme": scheme, "ignore": ["lm_head"], "stages": stages,
               "calibration": {"data": str(args.calib), "samples": args.samples, "seqlen": 2048, "seed": 0,
@@ -75,9 +82,10 @@ def run_row(name: str, model: Path, work: Path, args: argparse.Namespace) -> dic
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     out = work / name
     m = measure([*QCONV, "quantize", str(model), "--recipe", str(recipe_path), "-o", str(out), "--force",
-                  "--quiet"])
-    return {"row": name, "label": label, "ppl": ppl(out, args.eval_text, args.windows), "seconds": m["wall"],
-            "rss_mb": m["rss_mb"], "samples": args.samples, "calib_dtype": args.calib_dtype}
+                  "--device", args.device, "--quiet"])
+    return {"row": name, "label": label, "ppl": ppl(out, args.eval_text, args.windows, args.device),
+            "seconds": m["wall"], "rss_mb": m["rss_mb"], "samples": args.samples, "calib_dtype": args.calib_dtype,
+            "device": args.device}
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -107,13 +115,15 @@ def main() -> None:
     parser.add_argument("--rerun", nargs="+", default=[], choices=list(ROWS), metavar="ROW",
                         help="rerun these rows even if --results has them (the newest line of a row wins)")
     parser.add_argument("--keep", type=Path, default=None, help="keep quantized checkpoints in this folder")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where quantize and the evaluation run (rows record it; rows of another device are not reused)")
     args = parser.parse_args()
 
     done: dict[str, dict[str, Any]] = {}
     if args.results.exists() and not args.fresh:
         for line in args.results.read_text(encoding="utf-8").splitlines():
             r = json.loads(line)
-            if r["row"] in args.rerun:
+            if r["row"] in args.rerun or r.get("device", "cpu") != args.device:
                 continue
             if r["row"] == "fp" or (r.get("samples"), r.get("calib_dtype")) == (args.samples, args.calib_dtype):
                 done[r["row"]] = r

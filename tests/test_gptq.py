@@ -18,7 +18,7 @@ import torch
 
 from qconv.errors import InvalidOption
 from qconv.quant.gptq import HessianAccumulator, gptq_quantize
-from qconv.quant.grid import WeightScheme, dequantize, group_minmax, qparams, rtn
+from qconv.quant.grid import WeightScheme, dequantize, group_minmax, mse_clip_params, qparams, rtn
 
 IN, OUT, TOKENS = 256, 48, 2048
 
@@ -195,6 +195,20 @@ def test_act_order_static_groups_use_original_group_params() -> None:
     a = gptq_quantize(W, H, per_row, act_order=True, static_groups=False)
     b = gptq_quantize(W, H, per_row, act_order=True, static_groups=True)
     assert torch.equal(a.q, b.q)
+
+
+def test_mse_grid_uses_the_clip_search_parameters_and_helps() -> None:
+    X, W = correlated_inputs(), random_weight()
+    scheme = WeightScheme(3, 32, False)
+    H = hessian(X)
+    result = gptq_quantize(W, H, scheme, act_order=True, mse=True)
+    scale, zero = mse_clip_params(W, scheme)
+    assert torch.equal(result.scale, scale) and torch.equal(result.zero, zero)
+    plain = gptq_quantize(W, H, scheme, act_order=True)
+    # at 3 bits the tighter grid lowers GPTQ's loss on these inputs (measured 0.97x)
+    assert result.loss < plain.loss
+    with pytest.raises(InvalidOption, match="mse needs static groups"):
+        gptq_quantize(W, H, scheme, static_groups=False, mse=True)
 
 
 def test_dead_columns_are_zeroed() -> None:

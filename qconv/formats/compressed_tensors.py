@@ -230,18 +230,20 @@ def module_format(act: ActivationScheme | None) -> str:
 
 
 def compress(w: QuantizedWeight, act: ActivationScheme | None) -> dict[str, torch.Tensor]:
-    """The stored tensors of one quantized Linear, keyed by local name (``weight_packed``, ...)."""
+    """The stored tensors of one quantized Linear, keyed by local name (``weight_packed``, ...).
+    Packed on the CPU whatever device quantized them: the bytes must not depend on it."""
     s = w.scheme
-    scale = w.scale.to(s.scale_dtype).contiguous()
+    q = w.q.cpu()
+    scale = w.scale.to("cpu", s.scale_dtype).contiguous()
     if act is not None:
-        return {"weight": w.q.contiguous(), "weight_scale": scale}
+        return {"weight": q.contiguous(), "weight_scale": scale}
     out: dict[str, torch.Tensor] = {
-        "weight_packed": pack_int32(w.q, s.bits, dim=1),
+        "weight_packed": pack_int32(q, s.bits, dim=1),
         "weight_scale": scale,
         "weight_shape": torch.tensor(w.shape, dtype=torch.int32),
     }
     if not s.symmetric:
-        out["weight_zero_point"] = pack_int32(w.zero.to(torch.int8), s.bits, dim=0)
+        out["weight_zero_point"] = pack_int32(w.zero.to("cpu", torch.int8), s.bits, dim=0)
     return out
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from qconv.errors import InvalidOption
-from qconv.quant.grid import WeightScheme, group_minmax, qparams, quantize
+from qconv.quant.grid import WeightScheme, group_minmax, mse_clip_params, qparams, quantize
 
 # Multipliers of ``damp`` tried in turn when the damped Hessian cannot be factored. With a
 # positive semi-definite H, ``damp = 0.01`` already bounds the condition number by 100·in, so a
@@ -173,6 +173,7 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = True,
+    mse: bool = False,
 ) -> GPTQResult:
     """Quantize ``w [out, in]`` with GPTQ against the input Hessian ``H [in, in]``.
 
@@ -187,6 +188,8 @@ def gptq_quantize(
       the lazy updates of all previous blocks but not those of the current block — the
       reference's exact behaviour, kept for parity.
     * ``group_size == -1``: one (scale, zero) per row, from the un-updated weight.
+    * ``mse``: static parameters from :func:`mse_clip_params` (the reference's ``--mse`` grid)
+      instead of the plain min/max; the error feedback then works against a tighter grid.
 
     If ``H + λI`` cannot be factored for any retried damp, the module falls back to RTN on the
     same grid and ``fell_back_to_rtn`` says so.
@@ -201,6 +204,8 @@ def gptq_quantize(
     grouped = scheme.group_size != -1
     if act_order and grouped and not static_groups:
         raise InvalidOption("act_order needs static groups: dynamic groups in permuted order would need a g_idx")
+    if mse and grouped and not static_groups:
+        raise InvalidOption("GPTQ mse needs static groups (the clip search runs on the un-updated weight)")
     width = scheme.group_width(n)
     groups = scheme.groups(n)
 
@@ -212,7 +217,7 @@ def gptq_quantize(
 
     static = static_groups or not grouped
     if static:
-        scale, zero = qparams(*group_minmax(W, scheme), scheme)
+        scale, zero = mse_clip_params(W, scheme) if mse else qparams(*group_minmax(W, scheme), scheme)
 
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
     if perm is not None:

@@ -31,7 +31,7 @@ HESSIAN_CHUNK = 16384
 class GPTQ(Quantizer):
     name = "gptq"
     options = {"damp": 0.01, "act_order": True, "block_size": 128, "static_groups": True, "true_sequential": True,
-               "bf16_hessian": None}
+               "bf16_hessian": None, "mse": False}
 
     def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
         todo = {g: [m for m in g if schemes.scheme_for(ctx.module_name(m)) is not None] for g in GROUPS}
@@ -71,7 +71,8 @@ class GPTQ(Quantizer):
             assert scheme is not None
             r = gptq_quantize(ctx.layer.get_submodule(inner).weight.data, H, scheme,
                               block_size=int(self.config["block_size"]), damp=float(self.config["damp"]),
-                              act_order=bool(self.config["act_order"]), static_groups=bool(self.config["static_groups"]))
+                              act_order=bool(self.config["act_order"]), static_groups=bool(self.config["static_groups"]),
+                              mse=bool(self.config["mse"]))
             if r.fell_back_to_rtn:
                 log.warning("%s: Hessian not positive definite even with extra damping; used RTN",
                             ctx.module_name(inner))

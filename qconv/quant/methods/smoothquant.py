@@ -37,7 +37,7 @@ SMOOTH_GROUPS = (
 def smoothing_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """Per-channel scales from activation maxima and the balanced weights' column maxima."""
     w_max = torch.stack([w.abs().amax(0) for w in weights]).amax(0).clamp(min=1e-5)
-    return (act_max.float().pow(alpha) / w_max.float().pow(1 - alpha)).clamp(min=1e-5)
+    return (act_max.to(w_max.device, torch.float32).pow(alpha) / w_max.float().pow(1 - alpha)).clamp(min=1e-5)
 
 
 def divide_outputs(source: nn.Module, s: torch.Tensor) -> None:
