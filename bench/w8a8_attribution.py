@@ -1,7 +1,7 @@
 """Where W8A8's activation cost comes from on the example model, and what SmoothQuant's α does to it.
 
     python bench/w8a8_attribution.py [--cache .cache] [--windows 4] [--calib-samples 16]
-                                     [--alphas 0.5 0.65 0.8]
+                                     [--alphas 0.5 0.65 0.8] [--w8 --down-alphas 0.5 0.8]
 
 Diagnostic, not a product path. Weights stay fp32 throughout, so every row measures the dynamic
 per-token int8 activation quantization alone (the runner's emulation, as for a W8A8 checkpoint):
@@ -30,6 +30,7 @@ from qconv.formats.compressed_tensors import ActivationScheme  # noqa: E402
 from qconv.model.act_quant import apply_activation_quant  # noqa: E402
 from qconv.model.decoder import load_model  # noqa: E402
 from qconv.model.perplexity import perplexity  # noqa: E402
+from qconv.quant.grid import WeightScheme, fake_quantize  # noqa: E402
 from qconv.quant.calibration import calibration_windows, load_calibration_rows  # noqa: E402
 from qconv.quant.methods.smoothquant import SMOOTH_GROUPS, divide_outputs, smoothing_scales  # noqa: E402
 from qconv.textdata import load_text  # noqa: E402
@@ -61,20 +62,34 @@ def input_maxima(model: torch.nn.Module, windows: torch.Tensor) -> dict[str, tor
     return maxima
 
 
-def smoothed(model: torch.nn.Module, maxima: dict[str, torch.Tensor], alpha: float, down: bool) -> torch.nn.Module:
-    """A copy of ``model`` with SmoothQuant's scales folded in (the fp function is unchanged)."""
+def smoothed(model: torch.nn.Module, maxima: dict[str, torch.Tensor], alpha: float,
+             down_alpha: float | None) -> torch.nn.Module:
+    """A copy of ``model`` with SmoothQuant's scales folded in (the fp function is unchanged);
+    ``down_alpha`` (None = not smoothed) is the α of the up -> down pair."""
     out = copy.deepcopy(model)
     with torch.no_grad():
         for i, layer in enumerate(out.layers):
             for source, linears in SMOOTH_GROUPS:
-                if source == "mlp.up_proj" and not down:
+                a = down_alpha if source == "mlp.up_proj" else alpha
+                if a is None:
                     continue
                 mods = [layer.get_submodule(n) for n in linears]
-                s = smoothing_scales(maxima[f"layers.{i}.{linears[0]}"], [m.weight for m in mods], alpha)
+                s = smoothing_scales(maxima[f"layers.{i}.{linears[0]}"], [m.weight for m in mods], a)
                 divide_outputs(layer.get_submodule(source), s)
                 for m in mods:
                     m.weight.mul_(s[None, :])
     return out
+
+
+def w8(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every decoder Linear's weight round-to-nearest int8, per channel, symmetric
+    (the W8A8 recipe's grid; RTN, not GPTQ, to keep the diagnostic fast)."""
+    scheme = WeightScheme(8, -1, True)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.startswith("layers."):
+                mod.weight.copy_(fake_quantize(mod.weight, scheme))
+    return model
 
 
 def a8(model: torch.nn.Module, families: tuple[str, ...]) -> list:
@@ -89,6 +104,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.65, 0.8])
+    parser.add_argument("--w8", action="store_true",
+                        help="also quantize the weights (RTN int8 per channel) and print whole-model rows only")
+    parser.add_argument("--down-alphas", type=float, nargs="+", default=[],
+                        help="with --w8: also try these α for the up -> down pair (under each --alphas)")
     args = parser.parse_args()
     path = example_model(args.cache)
     with open_model(path) as source:
@@ -113,13 +132,21 @@ def main() -> None:
         print(f"| {label} | {smoothing} | {p:.4f} | {100 * (p / fp - 1):+.2f}% |", flush=True)
         print(f"  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
+    if args.w8:
+        maxima = input_maxima(model, calib)
+        row("all, W8 weights", "none", w8(copy.deepcopy(model)), tuple(FAMILIES))
+        for alpha in args.alphas:
+            for down_alpha in (None, *args.down_alphas):
+                label = f"α {alpha}" + ("" if down_alpha is None else f", up→down α {down_alpha}")
+                row("all, W8 weights", label, w8(smoothed(model, maxima, alpha, down_alpha)), tuple(FAMILIES))
+        return
     for fam in FAMILIES:
         row(fam, "none", model, (fam,))
     row("all", "none", model, tuple(FAMILIES))
     maxima = input_maxima(model, calib)
     for alpha in args.alphas:
         for down in (False, True):
-            m = smoothed(model, maxima, alpha, down)
+            m = smoothed(model, maxima, alpha, alpha if down else None)
             label = f"α {alpha}" + (" incl. up→down" if down else "")
             for fam in (("gate/up", "down") if down else ("q/k/v", "gate/up")):
                 row(fam, label, m, (fam,))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qconv.checkpoint import open_model
+from qconv.errors import InvalidOption
 from qconv.quant.grid import WeightScheme
 from qconv.quant.methods import get_method
 from qconv.quant.pipeline import LayerPipeline
@@ -112,6 +113,25 @@ def test_smoothquant_down_proj_is_opt_in(outlier_model: Path) -> None:
     assert not torch.equal(ctx.layer.mlp.down_proj.weight, down)
     out = ctx.forward()
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (out - ref).abs().max()
+
+
+def test_smoothquant_down_proj_alpha(outlier_model: Path) -> None:
+    """``down_proj_alpha`` sets the up -> down pair's α alone; the function is still unchanged."""
+    scales = []
+    for down_alpha in (None, 0.5):
+        _, ctx = first_layer(outlier_model)
+        ref, up = ctx.forward(), ctx.layer.mlp.up_proj.weight.clone()
+        norm = ctx.layer.input_layernorm.weight.clone()
+        get_method("smoothquant")(alpha=0.8, down_proj=True, down_proj_alpha=down_alpha).apply(
+            ctx, SchemeMap(WeightScheme(8, -1, True)))
+        out = ctx.forward()
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+        scales.append((ctx.layer.input_layernorm.weight / norm, ctx.layer.mlp.up_proj.weight / up))
+    assert torch.equal(scales[0][0], scales[1][0])  # the norm -> q/k/v pair keeps α 0.8
+    assert not torch.allclose(scales[0][1], scales[1][1])
+    _, ctx = first_layer(outlier_model)
+    with pytest.raises(InvalidOption, match="down_proj_alpha must be between 0 and 1"):
+        get_method("smoothquant")(down_proj=True, down_proj_alpha=1.5).apply(ctx, SchemeMap(WeightScheme(8, -1, True)))
 
 
 @pytest.mark.parametrize("stages", [[("rtn", {"mse": True})], [("awq", {}), ("rtn", {})], [("smoothquant", {}), ("rtn", {})],

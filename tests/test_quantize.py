@@ -37,6 +37,8 @@ def test_shipped_recipes_validate(path: Path) -> None:
     ({"stages": [{"method": "magic"}]}, "unknown method 'magic'"),
     ({"scheme": {"bits": 4, "activations": {"bits": 8}}}, "W8A8"),
     ({"calibration": {"dtype": "float16"}}, "calibration.dtype must be one of float32, bfloat16, got 'float16'"),
+    ({"stages": [{"method": "gptq", "damp": "high"}]}, "stages[0].damp must be int or float, got 'high'"),
+    ({"stages": [{"method": "gptq", "act_order": 1}]}, "stages[0].act_order must be bool, got 1"),
 ])
 def test_invalid_recipes(raw: dict, message: str) -> None:
     with pytest.raises(InvalidOption, match=re.escape(message)):

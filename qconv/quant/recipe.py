@@ -119,6 +119,19 @@ def _typed(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
     return value
 
 
+def _option_typed(value: Any, default: Any, where: str) -> None:
+    """A stage option must have its default's type (an int is a valid float); an option whose
+    default is None (meaning "derived") takes None or any scalar, which the method checks."""
+    if default is None:
+        _typed(value, (bool, int, float, str, type(None)), where)
+    elif isinstance(default, float):
+        if isinstance(value, bool):
+            raise InvalidOption(f"recipe: {where} must be float, got {value!r}")
+        _typed(value, (int, float), where)
+    else:
+        _typed(value, type(default), where)
+
+
 def _section(raw: dict[str, Any], key: str) -> dict[str, Any]:
     value = raw.get(key) or {}
     return _typed(value, dict, key)
@@ -154,6 +167,8 @@ def recipe_from_dict(raw: Any, origin: str = "recipe") -> Recipe:
         cls = get_method(_typed(s["method"], str, f"stages[{i}].method"))
         opts = {k: v for k, v in s.items() if k != "method"}
         _check_keys(opts, set(cls.options), f"stages[{i}] ({cls.name})")
+        for key, value in opts.items():
+            _option_typed(value, cls.options[key], f"stages[{i}].{key}")
         stages.append(Stage(cls.name, opts))
     recipe = Recipe(
         name=str(raw.get("name", origin)),

@@ -12,6 +12,8 @@ int8 quantizer sees are flatter. Sources:
   ``silu(gate) * up``, so dividing up_proj's output row j by ``s_j`` divides that input's channel
   j exactly. It flattens the input with the largest per-channel outliers in Llama-family MLPs,
   but measured on SmolLM2-135M (α 0.8, GPTQ W8A8) it did not help: 21.27 vs 21.25 PPL without.
+  At α 0.8 it pushes the outliers into down_proj's weights, which per-channel int8 then rounds
+  badly; ``down_proj_alpha`` gives the pair its own, lower α (docs/methods.md has the scan).
 
 o_proj has no exact source on GQA models (its input channels are the attention's value heads,
 shared between query heads), so it is left alone.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qconv.errors import InvalidOption
 from qconv.quant.methods.base import Transform
 from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
@@ -52,7 +55,7 @@ def divide_outputs(source: nn.Module, s: torch.Tensor) -> None:
 
 class SmoothQuant(Transform):
     name = "smoothquant"
-    options = {"alpha": 0.5, "down_proj": False}
+    options = {"alpha": 0.5, "down_proj": False, "down_proj_alpha": None}
 
     def apply(self, ctx: LayerContext, schemes: SchemeMap) -> None:
         groups = [g for g in SMOOTH_GROUPS if self.config["down_proj"] or g[0] != "mlp.up_proj"]
@@ -66,6 +69,10 @@ class SmoothQuant(Transform):
 
         ctx.forward(record)
         alpha = float(self.config["alpha"])
+        down_alpha = self.config["down_proj_alpha"]
+        for name, a in (("alpha", alpha), ("down_proj_alpha", down_alpha)):
+            if a is not None and not 0 <= float(a) <= 1:
+                raise InvalidOption(f"smoothquant: {name} must be between 0 and 1, got {a}")
         with torch.no_grad():
             # all maxima come from one pass over the unsmoothed layer: each group's scale only
             # rescales its own input channels, which no other group's input depends on
@@ -73,7 +80,8 @@ class SmoothQuant(Transform):
                 if linears[0] not in act_max:  # no calibration tokens reached it
                     continue
                 mods = [ctx.layer.get_submodule(n) for n in linears]
-                s = smoothing_scales(act_max[linears[0]], [m.weight for m in mods], alpha)
+                a = float(down_alpha) if source == "mlp.up_proj" and down_alpha is not None else alpha
+                s = smoothing_scales(act_max[linears[0]], [m.weight for m in mods], a)
                 divide_outputs(ctx.layer.get_submodule(source), s)
                 for m in mods:
                     m.weight.mul_(s.to(m.weight)[None, :])
