@@ -28,7 +28,8 @@ test: venv-test
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) bench/example_model.py --cache $(CACHE) --demo --eval-text $(SHARED)/data/wikitext-2-raw-test.txt
+	$(PY) bench/example_model.py --cache $(CACHE) --demo --eval-text $(SHARED)/data/wikitext-2-raw-test.txt \
+		--calib $(SHARED)/data/c4-sample.jsonl
 
 clean:
 	rm -rf $(VENV) $(CACHE) .pytest_cache

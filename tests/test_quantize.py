@@ -92,9 +92,20 @@ def test_cli_quantize_errors(model: Path, tmp_path: Path) -> None:
     assert res.returncode == 2 and "--act-order does not apply" in res.stderr
     res = run(model, "-o", tmp_path / "o", "--recipe", tmp_path / "missing.yaml")
     assert res.returncode == 2 and "recipe not found" in res.stderr
+    res = run(model, "-o", tmp_path / "o", "--method", "gptq", "-g", "32", "--data", tmp_path / "none.jsonl")
+    assert res.returncode == 2 and "none.jsonl" in res.stderr and "not found" in res.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    res = run(model, "-o", tmp_path / "o", "--method", "gptq", "-g", "32", "--data", empty, "--seqlen", "16")
+    assert res.returncode == 2 and "empty.txt" in res.stderr
     assert not (tmp_path / "o").exists()
     res = run(model, "-o", tmp_path / "o", "--method", "rtn", "-g", "32", "--dry-run", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["dry_run"] is True
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep").write_text("keep me")
+    res = run(model, "-o", tmp_path / "o", "--method", "rtn", "-g", "32")
+    assert res.returncode == 2 and "--force" in res.stderr
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep"]
 
 
 def test_entry_point_plugin(monkeypatch: pytest.MonkeyPatch, model: Path, tmp_path: Path) -> None:

@@ -36,13 +36,13 @@ def load_calibration_rows(source: str, text_field: str = "text") -> list[str]:
     """Text rows from a local file, a folder of files, or (online) a ``datasets`` name
     written ``name[:config[:split]]``."""
     path = Path(source)
-    if path.is_file():
-        return load_rows(path, text_field)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        if not files:
-            raise InputNotFound("calibration folder is empty", path)
-        return [row for f in files for row in load_rows(f, text_field)]
+    if path.is_file() or path.is_dir():
+        files = [path] if path.is_file() else sorted(
+            p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        rows = [row for f in files for row in load_rows(f, text_field)]
+        if not any(row.strip() for row in rows):
+            raise InvalidOption("calibration text is empty", path)
+        return rows
     if _looks_like_path(source):
         raise InputNotFound("calibration data not found", path)
     import datasets
