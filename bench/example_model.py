@@ -80,7 +80,7 @@ def _size(path: Path) -> int:
 
 #: The demo's AWQ calibration: small enough to finish in minutes on 2 cores (bench/quality.py
 #: runs the full 128 x 2048 protocol).
-DEMO_CALIB = ("--samples", "32", "--seqlen", "512")
+DEMO_CALIB = ("--samples", "8", "--seqlen", "512")
 
 
 def demo(cache: Path, eval_text: Path | None, windows: int, calib: Path | None) -> None:
