@@ -78,9 +78,9 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
 
 
-#: The demo's AWQ calibration: small enough to finish in minutes on 2 cores (bench/quality.py
-#: runs the full 128 x 2048 protocol).
-DEMO_CALIB = ("--samples", "8", "--seqlen", "512")
+#: The demo's AWQ job; its calibration is small enough to finish in minutes on 2 cores
+#: (bench/quality.py runs the full 128 x 2048 protocol).
+DEMO_AWQ = ("--method", "awq", "--bits", "4", "--group-size", "64", "--samples", "8", "--seqlen", "512")
 
 
 def demo(cache: Path, eval_text: Path | None, windows: int, calib: Path | None) -> None:
@@ -99,9 +99,8 @@ def demo(cache: Path, eval_text: Path | None, windows: int, calib: Path | None) 
         outputs.append((gguf_type, out))
     if calib and calib.is_file():
         out = cache / "SmolLM2-135M-Instruct-awq-w4g64"
-        print(f"== quantize --method awq --bits 4 --group-size 64 ({' '.join(DEMO_CALIB)}) -> {out}", flush=True)
-        subprocess.run([*QCONV, "quantize", str(model), "--method", "awq", "--bits", "4", "--group-size", "64",
-                        "--data", str(calib), *DEMO_CALIB, "-o", str(out), "--force"],
+        print(f"== quantize {' '.join(DEMO_AWQ)} -> {out}", flush=True)
+        subprocess.run([*QCONV, "quantize", str(model), *DEMO_AWQ, "--data", str(calib), "-o", str(out), "--force"],
                        check=True)
         outputs.append(("AWQ W4 g64 (compressed-tensors)", out))
     else:

@@ -37,9 +37,7 @@ def load_calibration_rows(source: str, text_field: str = "text") -> list[str]:
     written ``name[:config[:split]]``."""
     path = Path(source)
     if path.is_file() or path.is_dir():
-        files = [path] if path.is_file() else sorted(
-            p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        rows = [row for f in files for row in load_rows(f, text_field)]
+        rows = [row for f in _local_files(path) for row in load_rows(f, text_field)]
         if not any(row.strip() for row in rows):
             raise InvalidOption("calibration text is empty", path)
         return rows
@@ -58,6 +56,13 @@ def load_calibration_rows(source: str, text_field: str = "text") -> list[str]:
     if text_field not in ds.column_names:
         raise InvalidOption(f"dataset {source!r} has no field {text_field!r} (fields: {', '.join(ds.column_names)})")
     return [str(t) for t in ds[text_field]]
+
+
+def _local_files(path: Path) -> list[Path]:
+    """``path`` itself, or the visible files under a folder in a stable order."""
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 def calibration_windows(tokenizer: Tokenizer, rows: list[str], samples: int, seqlen: int, seed: int) -> torch.Tensor:

@@ -153,9 +153,9 @@ class LayerPipeline:
         self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
         self.compute_dtype = compute_dtype
         if self.device.type == "cpu" and compute_dtype == torch.bfloat16 and not _native_cpu_bf16():
-            # measured on a 2-core AVX2 EPYC: bf16 GEMMs 0.25 GFLOP/s against 60-80 in float32
+            # measured on a 2-core AVX2 EPYC: bf16 GEMMs 0.25 GFLOP/s against 53-79 in float32
             log.warning("bfloat16 calibration on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and "
-                        "~100x slower than float32: use --calib-dtype float32 here")
+                        "hundreds of times slower than float32: use --calib-dtype float32 here")
         self.tokens = tokens
         positions = torch.arange(tokens.shape[1], device=self.device)
         # in the compute dtype, as a bf16 model's own rotary tables: float32 tables would promote
