@@ -276,8 +276,8 @@ def quantize(
     **flags: Any,
 ) -> Any:
     """Quantize with a YAML recipe or a method name; ``flags`` (bits, group_size, symmetric, data,
-    samples, seqlen, seed, text_field, dtype (calibration arithmetic), damp, act_order, alpha, mse; None = not
-    given) override it."""
+    samples, seqlen, seed, text_field, dtype (calibration arithmetic), damp, act_order, alpha, mse,
+    rotate; None = not given) override it."""
     from qconv.quant.quantize import quantize_model
     from qconv.quant.recipe import apply_flags, load_recipe, recipe_for_method
 

@@ -192,6 +192,8 @@ def quantize(
     damp: Optional[float] = typer.Option(None, "--damp", help="GPTQ: relative Hessian dampening."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant: migration strength."),
     mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="RTN: MSE clip search."),
+    rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate",
+                                          help="Rotate the residual stream (Hadamard, folded into the weights) first."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan and memory estimate; write nothing."),
     device: str = DeviceOpt,
     force: bool = ForceOpt,
@@ -214,7 +216,7 @@ def quantize(
     r = api.quantize(model, output, recipe=recipe, method=method, force=force, device=device,
                      quiet=quiet or json_out, dry_run=dry_run, bits=bits, group_size=group_size, symmetric=symmetric,
                      data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field, dtype=calib_dtype,
-                     act_order=act_order, damp=damp, alpha=alpha, mse=mse)
+                     act_order=act_order, damp=damp, alpha=alpha, mse=mse, rotate=rotate)
     if json_out:
         _print_json(r.to_dict())
         return

@@ -115,6 +115,20 @@ def test_smoothquant_down_proj_is_opt_in(outlier_model: Path) -> None:
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (out - ref).abs().max()
 
 
+def test_smoothquant_norms_off(outlier_model: Path) -> None:
+    """``norms: false`` (for rotated models) smooths only up -> down; the function is unchanged."""
+    _, ctx = first_layer(outlier_model)
+    ref = ctx.forward()
+    norms = [ctx.layer.get_submodule(n).weight.clone() for n in ("input_layernorm", "post_attention_layernorm")]
+    down = ctx.layer.mlp.down_proj.weight.clone()
+    get_method("smoothquant")(alpha=0.8, norms=False, down_proj=True).apply(ctx, SchemeMap(WeightScheme(8, -1, True)))
+    for n, before in zip(("input_layernorm", "post_attention_layernorm"), norms):
+        assert torch.equal(ctx.layer.get_submodule(n).weight, before)
+    assert not torch.equal(ctx.layer.mlp.down_proj.weight, down)
+    out = ctx.forward()
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_smoothquant_down_proj_alpha(outlier_model: Path) -> None:
     """``down_proj_alpha`` sets the up -> down pair's α alone; the function is still unchanged."""
     scales = []

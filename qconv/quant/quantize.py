@@ -18,7 +18,7 @@ from qconv.checkpoint.source import ModelSource
 from qconv.errors import InvalidOption
 from qconv.progress import progress
 from qconv.quant.calibration import calibration_windows, load_calibration_rows
-from qconv.quant.methods import Quantizer, Transform, get_method
+from qconv.quant.methods import Quantizer, SourceTransform, Transform, get_method
 from qconv.quant.pipeline import LayerPipeline, pipeline_memory_bytes
 from qconv.quant.recipe import Recipe
 
@@ -73,10 +73,14 @@ def quantize_model(
     check_output(out, force)
     stages = [get_method(s.method)(**s.options) for s in recipe.stages]
     transforms = [m for m in stages if isinstance(m, Transform)]
+    rewrites = [m for m in stages if isinstance(m, SourceTransform)]
     quantizer = stages[-1]
     assert isinstance(quantizer, Quantizer)
     calib = recipe.calibration
     with open_model(model_path) as source:
+        original = source
+        for m in rewrites:
+            source = m.wrap(source)
         model_dtype = parse_dtype(source.config.torch_dtype)
         schemes = recipe.schemes(scale_dtype=model_dtype)
         widths = _linear_widths(source)
@@ -94,7 +98,7 @@ def quantize_model(
         else:
             tokens = torch.zeros((0, 1), dtype=torch.long)
         act = ActivationScheme(bits=recipe.act_bits) if recipe.act_bits else None
-        metadata = {"recipe": recipe.to_dict(), "qconv_version": __version__, "input_sha256": fingerprint(source)}
+        metadata = {"recipe": recipe.to_dict(), "qconv_version": __version__, "input_sha256": fingerprint(original)}
         pipeline = LayerPipeline(source, tokens, device, batch_size, getattr(torch, calib.dtype))
         with CompressedTensorsWriter(out, source.config, source.tokenizer_files(), parse_size(recipe.max_shard_size),
                                      force, metadata, dtype=model_dtype) as writer, \

@@ -9,8 +9,8 @@
       - {method: gptq, damp: 0.01, act_order: true}
     output: {format: compressed-tensors, max_shard_size: 5GB}
 
-Stages run in order on every layer: transforms (smoothquant, awq) first, then exactly one
-quantizer (rtn, gptq) last. CLI flags override recipe fields. Validation names the offending
+Stages run in order: model-wide source transforms (rotate) first, then on every layer the
+transforms (smoothquant, awq), then exactly one quantizer (rtn, gptq) last. CLI flags override recipe fields. Validation names the offending
 key (with a suggestion for typos) before any model is read; the resolved recipe is embedded in
 the output so a checkpoint says how it was made.
 """
@@ -194,6 +194,8 @@ def validate(recipe: Recipe) -> Recipe:
     roles = [get_method(s.method).role for s in recipe.stages]
     if roles.count("quantizer") != 1 or roles[-1] != "quantizer":
         raise InvalidOption("recipe: stages must be transforms followed by exactly one quantizer (rtn or gptq) last")
+    if roles != sorted(roles, key=("source", "transform", "quantizer").index):
+        raise InvalidOption("recipe: a model-wide stage (rotate) must come before the per-layer stages")
     if recipe.output_format not in OUTPUT_FORMATS:
         raise InvalidOption(f"recipe: unknown output.format {recipe.output_format!r} (valid: {', '.join(OUTPUT_FORMATS)})")
     if recipe.act_bits and (recipe.bits != 8 or recipe.group_size != -1 or not recipe.symmetric):
@@ -233,7 +235,13 @@ def recipe_for_method(method: str) -> Recipe:
 
 def apply_flags(recipe: Recipe, **flags: Any) -> Recipe:
     """Flags override recipe fields; ``None`` means "not given". Method options
-    (``damp``, ``act_order``, ``alpha``, ``mse``) go to every stage that declares them."""
+    (``damp``, ``act_order``, ``alpha``, ``mse``) go to every stage that declares them;
+    ``rotate`` True puts a rotate stage first (if the recipe has none), False drops it."""
+    rotate = flags.pop("rotate", None)
+    if rotate is not None:
+        rotations = [s for s in recipe.stages if s.method == "rotate"] or [Stage("rotate")]
+        others = tuple(s for s in recipe.stages if s.method != "rotate")
+        recipe = replace(recipe, stages=(*rotations, *others) if rotate else others)
     top = {k: flags.pop(k) for k in ("bits", "group_size", "symmetric") if flags.get(k) is not None}
     calib = {k: flags.pop(k) for k in ("data", "samples", "seqlen", "seed", "text_field", "dtype")
              if flags.get(k) is not None}

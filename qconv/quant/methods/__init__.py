@@ -9,14 +9,15 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 from qconv.errors import InvalidOption
-from qconv.quant.methods.base import Method, Quantizer, Transform
+from qconv.quant.methods.base import Method, Quantizer, SourceTransform, Transform
 from qconv.quant.methods.awq import AWQ
 from qconv.quant.methods.gptq import GPTQ
+from qconv.quant.methods.rotate import Rotate
 from qconv.quant.methods.rtn import RTN
 from qconv.quant.methods.smoothquant import SmoothQuant
 
 ENTRY_POINT_GROUP = "qconv.methods"
-_BUILTIN: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, AWQ, SmoothQuant)}
+_BUILTIN: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, AWQ, SmoothQuant, Rotate)}
 
 
 def registry() -> dict[str, type[Method]]:
@@ -36,4 +37,4 @@ def get_method(name: str) -> type[Method]:
         raise InvalidOption(f"unknown method {name!r} (available: {', '.join(sorted(methods))})") from None
 
 
-__all__ = ["Method", "Quantizer", "Transform", "get_method", "registry"]
+__all__ = ["Method", "Quantizer", "SourceTransform", "Transform", "get_method", "registry"]

@@ -1,7 +1,10 @@
 """The method interface: what a quantization method does to one decoder layer.
 
-Two roles, so recipes can chain them (``smoothquant -> gptq``, ``awq -> rtn``):
+Three roles, so recipes can chain them (``rotate -> awq -> gptq``, ``smoothquant -> rtn``):
 
+- a **source transform** rewrites the whole model before the layer pipeline reads it, without
+  changing what it computes in full precision (a rotation of the residual stream touches the
+  embeddings, every layer and the head, which no per-layer step can);
 - a **transform** rewrites a layer's fp weights in place without changing what the model
   computes in full precision (SmoothQuant, AWQ scaling folds scales into norms and Linears);
 - a **quantizer** turns every Linear the scheme map selects into integer codes, leaves the
@@ -16,6 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+from qconv.checkpoint.source import ModelSource
 from qconv.formats.compressed_tensors import QuantizedWeight
 from qconv.quant.grid import dequantize
 from qconv.quant.pipeline import LayerContext
@@ -35,6 +39,15 @@ class Method(ABC):
 
     def __init__(self, **options: Any) -> None:
         self.config = {**self.options, **options}
+
+
+class SourceTransform(Method):
+    role = "source"
+    needs_calibration = False
+
+    @abstractmethod
+    def wrap(self, source: ModelSource) -> ModelSource:
+        """A lazy view of ``source`` that yields the rewritten tensors (and config)."""
 
 
 class Transform(Method):

@@ -8,6 +8,8 @@ int8 quantizer sees are flatter. Sources:
 
 * ``input_layernorm -> q/k/v`` and ``post_attention_layernorm -> gate/up`` (the norm's weight
   absorbs ``1/s``), as in the paper and llm-compressor's Llama mappings;
+  (option ``norms``, default on; off leaves only the pair below, for a rotated model whose
+  norm outputs are already flat);
 * ``up_proj -> down_proj`` (option ``down_proj``, default off): down_proj's input is
   ``silu(gate) * up``, so dividing up_proj's output row j by ``s_j`` divides that input's channel
   j exactly. It flattens the input with the largest per-channel outliers in Llama-family MLPs,
@@ -55,10 +57,10 @@ def divide_outputs(source: nn.Module, s: torch.Tensor) -> None:
 
 class SmoothQuant(Transform):
     name = "smoothquant"
-    options = {"alpha": 0.5, "down_proj": False, "down_proj_alpha": None}
+    options = {"alpha": 0.5, "norms": True, "down_proj": False, "down_proj_alpha": None}
 
     def apply(self, ctx: LayerContext, schemes: SchemeMap) -> None:
-        groups = [g for g in SMOOTH_GROUPS if self.config["down_proj"] or g[0] != "mlp.up_proj"]
+        groups = [g for g in SMOOTH_GROUPS if self.config["down_proj" if g[0] == "mlp.up_proj" else "norms"]]
         act_max: dict[str, torch.Tensor] = {}
         firsts = {linears[0] for _, linears in groups}
 
