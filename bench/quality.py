@@ -39,6 +39,9 @@ GPTQ = {"method": "gptq", "damp": 0.01, "act_order": True}
 #: bench searches on 8 windows (16k tokens; the method's default is 32 = AutoAWQ's 64k tokens)
 AWQ = {"method": "awq", "search_samples": 8}
 
+#: QuaRot-style residual-stream rotation folded into the weights (exact in fp)
+ROT = {"method": "rotate"}
+
 W8A8 = {"bits": 8, "group_size": -1, "symmetric": True, "activations": {"bits": 8}}
 SQ = {"method": "smoothquant", "alpha": 0.8}
 SQ_DOWN = {**SQ, "down_proj": True, "down_proj_alpha": 0.65}
@@ -59,12 +62,16 @@ ROWS: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]] | None] = {
            ("awq-gptq-fp32h", f"AWQ + GPTQ W{b} g64 asym, fp32 Hessians", [AWQ, {**GPTQ, "bf16_hessian": False}]),
            ("gptq-mse", f"GPTQ W{b} g64 asym + MSE grid", [{**GPTQ, "mse": True}]),
            ("awq-gptq-mse", f"AWQ + GPTQ W{b} g64 asym + MSE grid", [AWQ, {**GPTQ, "mse": True}]),
+           ("rot-gptq-mse", f"Hadamard rotation + GPTQ W{b} g64 asym + MSE grid", [ROT, {**GPTQ, "mse": True}]),
+           ("rot-awq-gptq-mse", f"Hadamard rotation + AWQ + GPTQ W{b} g64 asym + MSE grid",
+            [ROT, AWQ, {**GPTQ, "mse": True}]),
        )},
     "sq-w8a8": ("SmoothQuant α0.8 + GPTQ W8A8 (int8 per-channel W, dynamic per-token int8 A)",
                 W8A8, [SQ, W8_GPTQ]),
     "sq-w8a8-down065": ("SmoothQuant α0.8, up→down α0.65 + GPTQ W8A8", W8A8, [SQ_DOWN, W8_GPTQ]),
     "sq-rtn-w8a8": ("SmoothQuant α0.8 + RTN W8A8", W8A8, [SQ, {"method": "rtn"}]),
     "sq-rtn-w8a8-down065": ("SmoothQuant α0.8, up→down α0.65 + RTN W8A8", W8A8, [SQ_DOWN, {"method": "rtn"}]),
+    "rot-rtn-w8a8": ("Hadamard rotation + RTN W8A8 (no calibration)", W8A8, [ROT, {"method": "rtn"}]),
     "rtn-w8": ("RTN W8 g64", {"bits": 8, "group_size": 64, "symmetric": True}, [{"method": "rtn"}]),
 }
 

@@ -1,14 +1,15 @@
 """Where W8A8's activation cost comes from on the example model, and what SmoothQuant's α does to it.
 
-    python bench/w8a8_attribution.py [--cache .cache] [--windows 4] [--calib-samples 16]
-                                     [--alphas 0.5 0.65 0.8] [--w8 --down-alphas 0.5 0.8]
+    python bench/w8a8_attribution.py [--cache .cache | --model DIR] [--windows 4] [--calib-samples 16]
+                                     [--alphas none 0.5 0.65 0.8] [--w8 --down-alphas 0.5 0.8]
 
 Diagnostic, not a product path. Weights stay fp32 throughout, so every row measures the dynamic
 per-token int8 activation quantization alone (the runner's emulation, as for a W8A8 checkpoint):
 first on one family of Linear inputs at a time without smoothing, then on all of them after
 SmoothQuant's scales for each α (norm -> q/k/v and norm -> gate/up, optionally up -> down),
 computed from per-channel input maxima over ``--calib-samples`` x 2048 tokens of the shared C4
-sample. PPL: wikitext-2 test, ctx 2048, first ``--windows`` windows.
+sample. PPL: wikitext-2 test, ctx 2048, first ``--windows`` windows. ``--model`` points it at
+another fp checkpoint (e.g. a rotated one); α ``none`` leaves the norm pairs unsmoothed.
 """
 
 from __future__ import annotations
@@ -98,18 +99,24 @@ def a8(model: torch.nn.Module, families: tuple[str, ...]) -> list:
     return apply_activation_quant(model, names)
 
 
+def _alpha(value: str) -> float | None:
+    return None if value == "none" else float(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--calib-samples", type=int, default=16)
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.65, 0.8])
+    parser.add_argument("--model", type=Path, default=None, help="fp checkpoint (default: the example model)")
+    parser.add_argument("--alphas", type=_alpha, nargs="+", default=[0.5, 0.65, 0.8],
+                        help="α of the norm pairs; none = not smoothed")
     parser.add_argument("--w8", action="store_true",
                         help="also quantize the weights (RTN int8 per channel) and print whole-model rows only")
     parser.add_argument("--down-alphas", type=float, nargs="+", default=[],
                         help="with --w8: also try these α for the up -> down pair (under each --alphas)")
     args = parser.parse_args()
-    path = example_model(args.cache)
+    path = args.model or example_model(args.cache)
     with open_model(path) as source:
         tok = source.tokenizer()
         ids = tok.encode(load_text(DATA / "wikitext-2-raw-test.txt", "text"))
@@ -137,14 +144,17 @@ def main() -> None:
         row("all, W8 weights", "none", w8(copy.deepcopy(model)), tuple(FAMILIES))
         for alpha in args.alphas:
             for down_alpha in (None, *args.down_alphas):
-                label = f"α {alpha}" + ("" if down_alpha is None else f", up→down α {down_alpha}")
+                if alpha is None and down_alpha is None:  # the unsmoothed row above
+                    continue
+                label = ("norms unsmoothed" if alpha is None else f"α {alpha}") + (
+                    "" if down_alpha is None else f", up→down α {down_alpha}")
                 row("all, W8 weights", label, w8(smoothed(model, maxima, alpha, down_alpha)), tuple(FAMILIES))
         return
     for fam in FAMILIES:
         row(fam, "none", model, (fam,))
     row("all", "none", model, tuple(FAMILIES))
     maxima = input_maxima(model, calib)
-    for alpha in args.alphas:
+    for alpha in (a for a in args.alphas if a is not None):
         for down in (False, True):
             m = smoothed(model, maxima, alpha, alpha if down else None)
             label = f"α {alpha}" + (" incl. up→down" if down else "")
