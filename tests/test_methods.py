@@ -16,7 +16,7 @@ import torch
 
 from qconv.checkpoint import open_model
 from qconv.errors import InvalidOption
-from qconv.quant.grid import WeightScheme
+from qconv.quant.grid import WeightScheme, fake_quantize
 from qconv.quant.methods import get_method
 from qconv.quant.pipeline import LayerPipeline
 from qconv.quant.schemes import SchemeMap
@@ -125,6 +125,29 @@ def test_smoothquant_norms_off(outlier_model: Path) -> None:
     for n, before in zip(("input_layernorm", "post_attention_layernorm"), norms):
         assert torch.equal(ctx.layer.get_submodule(n).weight, before)
     assert not torch.equal(ctx.layer.mlp.down_proj.weight, down)
+    out = ctx.forward()
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_smoothquant_search(outlier_model: Path) -> None:
+    """``search: true`` picks, per pair, the grid α with the least W8A8 output error (never worse
+    than the configured α, which is in the grid), and still leaves the fp function unchanged."""
+    from qconv.quant.methods.smoothquant import search_alpha, smoothed_error, smoothing_scales
+
+    _, ctx = first_layer(outlier_model)
+    xs: dict[str, torch.Tensor] = {}
+    ctx.forward(lambda name, x: xs.__setitem__(name, x.reshape(-1, x.shape[-1]).clone()) if name not in xs else None)
+    x = xs["self_attn.q_proj"]
+    ws = [ctx.layer.get_submodule(n).weight for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")]
+    quant = [lambda w: fake_quantize(w, WeightScheme(8, -1, True))] * 3
+    act_max = x.abs().amax(0)
+    grid = [i / 10 for i in range(11)]
+    best = search_alpha(act_max, x, ws, quant, grid)
+    errors = {a: smoothed_error(x, ws, smoothing_scales(act_max, ws, a), quant) for a in grid}
+    assert errors[best] == min(errors.values())
+    ref = ctx.forward()
+    get_method("smoothquant")(alpha=0.8, down_proj=True, search=True, search_tokens=256).apply(
+        ctx, SchemeMap(WeightScheme(8, -1, True)))
     out = ctx.forward()
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 

@@ -17,19 +17,33 @@ int8 quantizer sees are flatter. Sources:
   At α 0.8 it pushes the outliers into down_proj's weights, which per-channel int8 then rounds
   badly; ``down_proj_alpha`` gives the pair its own, lower α (docs/methods.md has the scan).
 
+With ``search: true`` each pair of each layer gets its own α instead: a grid over α = 0, 0.05,
+..., 1 (the configured α included) picks the one whose smoothed, W8A8-quantized Linears
+(per-token int8 inputs, the quantizer's weight grid by RTN) best reproduce the fp Linears'
+outputs on ``search_tokens`` calibration tokens (least squared error), the scale search AWQ
+does for weight-only grids, here with the activation grid in the loss.
+
 o_proj has no exact source on GQA models (its input channels are the attention's value heads,
 shared between query heads), so it is left alone.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from qconv.errors import InvalidOption
+from qconv.model.act_quant import fake_quant_per_token
+from qconv.quant.grid import WeightScheme, fake_quantize
 from qconv.quant.methods.base import Transform
 from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
+
+log = logging.getLogger(__name__)
+WeightQuantizer = Callable[[torch.Tensor], torch.Tensor]
 
 #: (source module, Linears it feeds) inside a Llama-family decoder layer, in execution order.
 SMOOTH_GROUPS = (
@@ -45,6 +59,24 @@ def smoothing_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: 
     return (act_max.to(w_max.device, torch.float32).pow(alpha) / w_max.float().pow(1 - alpha)).clamp(min=1e-5)
 
 
+def smoothed_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor,
+                   quantize_weight: list[WeightQuantizer]) -> float:
+    """Squared error of the smoothed W8A8 Linears' outputs against the fp outputs on tokens ``x``
+    ``[N, in]``: inputs ``x / s`` rounded per token to int8, weights ``W·s`` through
+    ``quantize_weight[i]`` (their fake-quantizer, or identity for Linears kept in fp)."""
+    xq = fake_quant_per_token(x / s[None, :])
+    return sum(((xq @ q(w * s[None, :]).T) - x @ w.T).pow(2).sum().item()
+               for w, q in zip(weights, quantize_weight))
+
+
+def search_alpha(act_max: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
+                 quantize_weight: list[WeightQuantizer], alphas: list[float]) -> float:
+    """The α of ``alphas`` with the least :func:`smoothed_error` (ties: the first)."""
+    w = [t.float() for t in weights]
+    errors = [smoothed_error(x, w, smoothing_scales(act_max, w, a), quantize_weight) for a in alphas]
+    return alphas[min(range(len(alphas)), key=errors.__getitem__)]
+
+
 def divide_outputs(source: nn.Module, s: torch.Tensor) -> None:
     """Divide ``source``'s output channel j by ``s_j``: a norm's weight, or a Linear's row (and bias)."""
     if isinstance(source, nn.Linear):
@@ -57,17 +89,25 @@ def divide_outputs(source: nn.Module, s: torch.Tensor) -> None:
 
 class SmoothQuant(Transform):
     name = "smoothquant"
-    options = {"alpha": 0.5, "norms": True, "down_proj": False, "down_proj_alpha": None}
+    options = {"alpha": 0.5, "norms": True, "down_proj": False, "down_proj_alpha": None,
+               "search": False, "search_tokens": 4096}
 
     def apply(self, ctx: LayerContext, schemes: SchemeMap) -> None:
         groups = [g for g in SMOOTH_GROUPS if self.config["down_proj" if g[0] == "mlp.up_proj" else "norms"]]
         act_max: dict[str, torch.Tensor] = {}
         firsts = {linears[0] for _, linears in groups}
 
+        search, budget = bool(self.config["search"]), int(self.config["search_tokens"])
+        kept: dict[str, list[torch.Tensor]] = {}
+        stride = max(1, ctx.inputs.shape[0] * ctx.inputs.shape[1] // max(budget, 1))
+
         def record(inner: str, x: torch.Tensor) -> None:
             if inner in firsts:
-                m = x.reshape(-1, x.shape[-1]).abs().amax(0).float().cpu()
+                rows = x.reshape(-1, x.shape[-1])
+                m = rows.abs().amax(0).float().cpu()
                 act_max[inner] = m if inner not in act_max else torch.maximum(act_max[inner], m)
+                if search:  # an even subsample of the calibration tokens
+                    kept.setdefault(inner, []).append(rows[::stride].float().cpu())
 
         ctx.forward(record)
         alpha = float(self.config["alpha"])
@@ -83,7 +123,18 @@ class SmoothQuant(Transform):
                     continue
                 mods = [ctx.layer.get_submodule(n) for n in linears]
                 a = float(down_alpha) if source == "mlp.up_proj" and down_alpha is not None else alpha
+                if search:
+                    grid = sorted({a, *(i / 20 for i in range(21))})
+                    quantizers = [_weight_quantizer(schemes.scheme_for(ctx.module_name(n))) for n in linears]
+                    a = search_alpha(act_max[linears[0]], torch.cat(kept[linears[0]])[:budget],
+                                     [m.weight for m in mods], quantizers, grid)
+                    log.debug("layer %d, %s -> %s: alpha %.2f", ctx.index, source, linears[0], a)
                 s = smoothing_scales(act_max[linears[0]], [m.weight for m in mods], a)
                 divide_outputs(ctx.layer.get_submodule(source), s)
                 for m in mods:
                     m.weight.mul_(s.to(m.weight)[None, :])
+
+
+def _weight_quantizer(scheme: WeightScheme | None) -> WeightQuantizer:
+    """The fake-quantizer of a Linear's weight grid (identity for a Linear kept in fp)."""
+    return (lambda w: w) if scheme is None else (lambda w: fake_quantize(w, scheme))
