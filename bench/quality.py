@@ -45,6 +45,8 @@ ROT = {"method": "rotate"}
 W8A8 = {"bits": 8, "group_size": -1, "symmetric": True, "activations": {"bits": 8}}
 SQ = {"method": "smoothquant", "alpha": 0.8}
 SQ_DOWN = {**SQ, "down_proj": True, "down_proj_alpha": 0.65}
+#: after a rotation the norm outputs are flat: smooth only down_proj's input, α searched per layer
+SQ_SEARCH_DOWN = {"method": "smoothquant", "norms": False, "down_proj": True, "search": True}
 W8_GPTQ = {"method": "gptq", "damp": 0.01, "act_order": False}
 
 #: row name -> (label, scheme, stages); None = the unquantized model
@@ -71,6 +73,10 @@ ROWS: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]] | None] = {
     "sq-w8a8-down065": ("SmoothQuant α0.8, up→down α0.65 + GPTQ W8A8", W8A8, [SQ_DOWN, W8_GPTQ]),
     "sq-rtn-w8a8": ("SmoothQuant α0.8 + RTN W8A8", W8A8, [SQ, {"method": "rtn"}]),
     "sq-rtn-w8a8-down065": ("SmoothQuant α0.8, up→down α0.65 + RTN W8A8", W8A8, [SQ_DOWN, {"method": "rtn"}]),
+    "rot-sq-search-w8a8": ("Hadamard rotation + SmoothQuant up→down only, per-layer α search + RTN W8A8",
+                           W8A8, [ROT, SQ_SEARCH_DOWN, {"method": "rtn"}]),
+    "rot-sq-search-gptq-w8a8": ("Hadamard rotation + SmoothQuant up→down only, per-layer α search + GPTQ W8A8",
+                                W8A8, [ROT, SQ_SEARCH_DOWN, W8_GPTQ]),
     "rot-rtn-w8a8": ("Hadamard rotation + RTN W8A8 (no calibration)", W8A8, [ROT, {"method": "rtn"}]),
     "rtn-w8": ("RTN W8 g64", {"bits": 8, "group_size": 64, "symmetric": True}, [{"method": "rtn"}]),
 }

@@ -10,9 +10,9 @@
     output: {format: compressed-tensors, max_shard_size: 5GB}
 
 Stages run in order: model-wide source transforms (rotate) first, then on every layer the
-transforms (smoothquant, awq), then exactly one quantizer (rtn, gptq) last. CLI flags override recipe fields. Validation names the offending
-key (with a suggestion for typos) before any model is read; the resolved recipe is embedded in
-the output so a checkpoint says how it was made.
+transforms (smoothquant, awq), then exactly one quantizer (rtn, gptq) last. CLI flags override
+recipe fields. Validation names the offending key (with a suggestion for typos) before any model
+is read; the resolved recipe is embedded in the output so a checkpoint says how it was made.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The method interface: what a quantization method does to one decoder layer.
+"""The method interface: what a quantization method does to the model, one decoder layer at a time.
 
 Three roles, so recipes can chain them (``rotate -> awq -> gptq``, ``smoothquant -> rtn``):
 

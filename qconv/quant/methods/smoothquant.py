@@ -60,20 +60,23 @@ def smoothing_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: 
 
 
 def smoothed_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor,
-                   quantize_weight: list[WeightQuantizer]) -> float:
-    """Squared error of the smoothed W8A8 Linears' outputs against the fp outputs on tokens ``x``
-    ``[N, in]``: inputs ``x / s`` rounded per token to int8, weights ``W·s`` through
-    ``quantize_weight[i]`` (their fake-quantizer, or identity for Linears kept in fp)."""
+                   quantize_weight: list[WeightQuantizer], refs: list[torch.Tensor] | None = None) -> float:
+    """Squared error of the smoothed W8A8 Linears' outputs against the fp outputs (``refs``,
+    computed when not given) on tokens ``x`` ``[N, in]``: inputs ``x / s`` rounded per token to
+    int8, weights ``W·s`` through ``quantize_weight[i]`` (their fake-quantizer, or identity for
+    Linears kept in fp)."""
     xq = fake_quant_per_token(x / s[None, :])
-    return sum(((xq @ q(w * s[None, :]).T) - x @ w.T).pow(2).sum().item()
-               for w, q in zip(weights, quantize_weight))
+    refs = refs or [x @ w.T for w in weights]
+    return sum(((xq @ q(w * s[None, :]).T) - r).pow(2).sum().item()
+               for w, q, r in zip(weights, quantize_weight, refs))
 
 
 def search_alpha(act_max: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
                  quantize_weight: list[WeightQuantizer], alphas: list[float]) -> float:
     """The α of ``alphas`` with the least :func:`smoothed_error` (ties: the first)."""
     w = [t.float() for t in weights]
-    errors = [smoothed_error(x, w, smoothing_scales(act_max, w, a), quantize_weight) for a in alphas]
+    refs = [x @ t.T for t in w]
+    errors = [smoothed_error(x, w, smoothing_scales(act_max, w, a), quantize_weight, refs) for a in alphas]
     return alphas[min(range(len(alphas)), key=errors.__getitem__)]
 
 
