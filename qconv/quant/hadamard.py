@@ -46,11 +46,9 @@ def paley(order: int) -> torch.Tensor:
 def hadamard(n: int) -> torch.Tensor | None:
     """A Hadamard matrix of order ``n`` (entries ±1, ``H Hᵀ = n I``) in float64, or None when
     ``n`` is not ``2^k`` times a Paley order."""
-    two = n & -n  # the largest power of two dividing n
-    odd = n // two
-    m = odd
+    m = n // (n & -n)  # the odd part of n; candidates are m, 2m, 4m, ... (all divide n)
     while m <= n:
-        if m == 1 or (n % m == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3):
+        if m == 1 or (_is_prime(m - 1) and (m - 1) % 4 == 3):
             h = paley(m) if m > 1 else torch.ones(1, 1, dtype=torch.float64)
             h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
             for _ in range((n // m).bit_length() - 1):
@@ -64,10 +62,10 @@ def random_rotation(n: int, seed: int, kind: str = "hadamard") -> torch.Tensor:
     """An ``n × n`` orthogonal matrix in float64: a Hadamard matrix with random column signs,
     scaled by 1/√n (``kind="hadamard"``, falling back to ``"random"`` where no Hadamard matrix is
     constructed), or the Q factor of a seeded Gaussian matrix (``kind="random"``)."""
-    gen = torch.Generator().manual_seed(seed)
-    h = hadamard(n) if kind == "hadamard" else None
     if kind not in ("hadamard", "random"):
         raise ValueError(f"unknown rotation kind {kind!r} (valid: hadamard, random)")
+    gen = torch.Generator().manual_seed(seed)
+    h = hadamard(n) if kind == "hadamard" else None
     if h is not None:
         signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
         return h * signs[None, :] / n ** 0.5
