@@ -63,10 +63,12 @@ class RotatedSource(ModelSource):
         self.base, self.q, self.head = base, q.double(), None if head is None else head.double()
         self.path, self.format = base.path, base.format
         self.config: ModelConfig = replace(c, tie_word_embeddings=False)
+        #: the base has no lm_head of its own (tied): the rotated head starts from the embeddings
+        self._tied = HEAD not in base.tensor_names()
 
     def tensor_names(self) -> list[str]:
         names = self.base.tensor_names()
-        return names if HEAD in names else [*names, HEAD]
+        return [*names, HEAD] if self._tied else names
 
     def tokenizer_files(self) -> dict[str, bytes]:
         return self.base.tokenizer_files()
@@ -75,10 +77,7 @@ class RotatedSource(ModelSource):
         self.base.close()
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        if name == HEAD and HEAD not in self.base.tensor_names():  # tied: the head starts as E
-            raw = self.base.get_tensor(EMBED)
-        else:
-            raw = self.base.get_tensor(name)
+        raw = self.base.get_tensor(EMBED if name == HEAD and self._tied else name)
         w = raw.double()
         if name == EMBED:
             out = w @ self.q
@@ -102,12 +101,10 @@ class RotatedSource(ModelSource):
             if kind == "weight":
                 norm = self.base.get_tensor(f"{prefix}{READERS[inner]}.weight").double()
                 t = (t * norm[None, :]) @ self.q
-            elif inner != "self_attn.v_proj":  # q/k biases live in head space: untouched
-                return None
             if inner == "self_attn.v_proj" and self.head is not None:  # each value head's rows ← Hᵀ·rows
                 rows = t.reshape(c.num_kv_heads, hd, -1)
-                t = torch.einsum("ji,hj...->hi...", self.head, rows).reshape(t.shape)
-            return t
+                return torch.einsum("ji,hj...->hi...", self.head, rows).reshape(t.shape)
+            return t if kind == "weight" else None  # other biases live in head/MLP space: untouched
         if inner in WRITERS:
             if inner == "self_attn.o_proj" and kind == "weight" and self.head is not None:
                 t = (t.reshape(c.hidden_size, c.num_heads, hd) @ self.head).reshape(t.shape)
