@@ -224,12 +224,14 @@ def quantize(
         return
     if r.dry_run:
         mem = r.memory_estimate
+        fp = (f" + fp stream (its hidden states, group inputs and cross products) {mem['fp_stream'] / 2**20:.0f}"
+              if "fp_stream" in mem else "")
         _console().print(
             f"plan: {r.quantized_modules} Linears with recipe {r.recipe['name']}; peak memory ~ "
             f"{mem['total'] / 2**20:.0f} MiB = layer weights {mem['layer_weights'] / 2**20:.0f} + hidden states "
             f"2 x samples x seqlen x hidden x 4 B = {mem['hidden_states'] / 2**20:.0f} + group inputs "
-            f"samples x seqlen x (2 hidden + intermediate) x 4 B = {mem['group_inputs'] / 2**20:.0f} + Hessians "
-            f"{mem['hessians'] / 2**20:.0f}"
+            f"samples x seqlen x (4 hidden + c x (hidden + intermediate)) B, c = compute dtype bytes, "
+            f"= {mem['group_inputs'] / 2**20:.0f} + Hessians {mem['hessians'] / 2**20:.0f}{fp}"
         )
     else:
         _console().print(f"wrote [bold]{r.output}[/] ({r.quantized_modules} quantized Linears) in {r.seconds:.1f}s")

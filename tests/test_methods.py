@@ -199,7 +199,7 @@ def test_sequential_pass_equals_forward(outlier_model: Path) -> None:
     hooked: dict[str, torch.Tensor] = {}
     ref = ctx.forward(lambda inner, x: hooked.setdefault(inner, x.clone()) if inner not in hooked else None)
     seen: dict[tuple[str, ...], torch.Tensor] = {}
-    out = ctx.sequential(lambda group, x: seen.__setitem__(group, x.clone()))  # buffers are recycled
+    out = ctx.sequential(lambda group, x, fp: seen.__setitem__(group, x.clone()))  # buffers are recycled
     assert list(seen) == list(GROUPS)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     assert ctx.outputs is out
@@ -212,7 +212,7 @@ def test_sequential_pass_feeds_quantized_groups_forward(outlier_model: Path) -> 
     _, ctx = first_layer(outlier_model)
     ref = ctx.forward()
 
-    def visit(group: tuple[str, ...], _x: torch.Tensor) -> None:
+    def visit(group: tuple[str, ...], _x: torch.Tensor, _fp: torch.Tensor | None) -> None:
         if group[0] == "self_attn.o_proj":
             ctx.layer.self_attn.o_proj.weight.data.mul_(0.5)
 
@@ -231,7 +231,7 @@ def test_sequential_pass_stores_group_inputs_in_compute_dtype(outlier_model: Pat
     for _ in range(2):
         ctx, seen = next(layers), set()
 
-        def visit(group: tuple[str, ...], x: torch.Tensor, seen: set[int] = seen) -> None:
+        def visit(group: tuple[str, ...], x: torch.Tensor, _fp: torch.Tensor | None, seen: set[int] = seen) -> None:
             assert x.dtype == torch.bfloat16, group
             seen.add(x.data_ptr())
 
@@ -266,3 +266,63 @@ def test_bf16_calibration_warns_without_native_bf16(outlier_model: Path, monkeyp
         LayerPipeline(source, tokens)
     warned = [r for r in caplog.records if "--calib-dtype float32" in r.getMessage()]
     assert len(warned) == (0 if native else 1)
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) -> Path:
+    """Four layers with outlier norms: enough depth for quantization error to build up."""
+    model = tiny_hf_model_builder("llama", rope_scaling=None, num_hidden_layers=4)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:4] *= 20.0
+    path = tmp_path_factory.mktemp("deep")
+    model.save_pretrained(path)
+    return path
+
+
+def run_layers(path: Path, gptq: dict | None, fp_stream: bool = False) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer (GPTQ W3 g32 with options ``gptq``, or none): (inputs, fp inputs if streamed) as
+    the pipeline fed them, then (outputs,)."""
+    source = open_model(path)
+    tokens = torch.randint(0, source.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
+    seen: list[tuple[torch.Tensor, ...]] = []
+    schemes = SchemeMap(WeightScheme(3, 32, False))
+    for ctx in LayerPipeline(source, tokens, fp_stream=fp_stream).layers():
+        seen.append((ctx.inputs.clone(), *([ctx.fp_inputs.clone()] if fp_stream else [])))
+        if gptq is not None:
+            get_method("gptq")(**gptq).quantize(ctx, schemes)
+        seen.append(((ctx.outputs if ctx.outputs is not None else ctx.forward()).clone(),))
+    return seen
+
+
+def test_fp_stream_carries_the_fp_model(deep_model: Path) -> None:
+    """With GPTQ's fp targets every layer's fp inputs are the unquantized model's hidden states,
+    while its quantized inputs drift away from them."""
+    fp = run_layers(deep_model, None)
+    quantized = run_layers(deep_model, {"fp_targets": True}, fp_stream=True)
+    for i in range(0, len(fp), 2):
+        torch.testing.assert_close(quantized[i][1], fp[i][0], rtol=0, atol=1e-5)
+    assert not torch.allclose(quantized[-2][0], fp[-2][0], atol=1e-3)
+
+
+def test_gptq_fp_targets_track_the_fp_model_better(deep_model: Path) -> None:
+    fp = run_layers(deep_model, None)[-1][0]
+    plain = run_layers(deep_model, {})[-1][0]
+    targeted = run_layers(deep_model, {"fp_targets": True}, fp_stream=True)[-1][0]
+    assert (targeted - fp).pow(2).mean() < (plain - fp).pow(2).mean()
+
+
+def test_fp_stream_needs_the_sequential_pass(deep_model: Path) -> None:
+    source = open_model(deep_model)
+    tokens = torch.zeros((2, 8), dtype=torch.long)
+    layers = LayerPipeline(source, tokens, fp_stream=True).layers()
+    next(layers)
+    with pytest.raises(RuntimeError, match="sequential pass"):
+        next(layers)
+
+
+def test_fp_targets_need_true_sequential() -> None:
+    from qconv.quant.recipe import recipe_from_dict
+
+    with pytest.raises(InvalidOption, match="fp_targets needs true_sequential"):
+        recipe_from_dict({"stages": [{"method": "gptq", "fp_targets": True, "true_sequential": False}]})

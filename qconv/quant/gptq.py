@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from qconv.errors import InvalidOption
-from qconv.quant.grid import WeightScheme, group_minmax, mse_clip_params, qparams, quantize
+from qconv.quant.grid import WeightScheme, dequantize, group_minmax, mse_clip_params, qparams, quantize
 
 # Multipliers of ``damp`` tried in turn when the damped Hessian cannot be factored. With a
 # positive semi-definite H, ``damp = 0.01`` already bounds the condition number by 100·in, so a
@@ -102,6 +102,44 @@ class HessianAccumulator:
         return lower.add_(lower.tril(-1).T).mul_(2.0 / self._tokens)
 
 
+def cross_products(x: torch.Tensor, y: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """``(2/N) Σ_tokens x yᵀ`` ``[in, in]`` in float32 for aligned inputs ``x, y [..., in]``:
+    the cross term of GPTQ's fp-target objective, scaled like :attr:`HessianAccumulator.hessian`
+    (``x`` = the quantized model's inputs, ``y`` = the fp model's)."""
+    xs, ys = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    if xs.shape != ys.shape or not len(xs):
+        raise ValueError(f"cross products need aligned, non-empty inputs, got {tuple(xs.shape)} and {tuple(ys.shape)}")
+    total = torch.zeros(xs.shape[1], xs.shape[1], dtype=torch.float32, device=xs.device)
+    for a, b in zip(xs.split(chunk), ys.split(chunk)):
+        total.addmm_(a.T.float(), b.float())
+    return total.mul_(2.0 / len(xs))
+
+
+def retarget(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight ``V`` that GPTQ should approximate so that its quantized layer fits the
+    full-precision model's outputs rather than reproduce ``w`` on already-drifted inputs.
+
+    GPTAQ's asymmetric objective (Li et al., 2025) is ``|X_fp wᵀ - X̃ qᵀ|²``: quantized weights
+    ``q`` on the quantized model's inputs ``X̃`` should give what ``w`` gives on the fp model's
+    inputs ``X_fp``. With ``V`` its unconstrained least-squares solution, the residual
+    ``X_fp wᵀ - X̃ Vᵀ`` is orthogonal to every ``X̃ u``, so the objective splits exactly into a
+    constant plus ``(V - q) H̃ (V - q)ᵀ``: plain GPTQ of ``V`` against ``H̃``. Damped the way
+    GPTQ damps (``λ = damp · mean diag H̃``, i.e. ``+ λ|w - q|²`` on the objective):
+    ``Vᵀ = (H̃ + λI)⁻¹ (C + λI) wᵀ`` with ``H̃ = (2/N) X̃ᵀX̃`` and ``C = (2/N) X̃ᵀX_fp``. When the
+    inputs agree (``C = H̃``), ``V = w``. Solved in float64; if ``H̃ + λI`` cannot be factored,
+    ``w`` is returned unchanged (GPTQ then retries its own dampening).
+    """
+    A = H.to(torch.float64)
+    lam = damp * A.diagonal().mean()
+    A = A + lam * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
+    L, info = torch.linalg.cholesky_ex(A)
+    if info.item():
+        return w.detach().float().clone()
+    B = C.to(torch.float64) + lam * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
+    v = torch.cholesky_solve(B @ w.detach().to(torch.float64).T, L)
+    return v.T.to(torch.float32).contiguous()
+
+
 @dataclass(frozen=True)
 class GPTQResult:
     """One Linear's GPTQ output, ready for a writer: ``dequantize(q, scale, zero)`` is Ŵ.
@@ -174,6 +212,7 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = True,
     mse: bool = False,
+    refine: int = 0,
 ) -> GPTQResult:
     """Quantize ``w [out, in]`` with GPTQ against the input Hessian ``H [in, in]``.
 
@@ -190,6 +229,9 @@ def gptq_quantize(
     * ``group_size == -1``: one (scale, zero) per row, from the un-updated weight.
     * ``mse``: static parameters from :func:`mse_clip_params` (the reference's ``--mse`` grid)
       instead of the plain min/max; the error feedback then works against a tighter grid.
+    * ``refine``: that many rounds of :func:`refit_scales` then :func:`descend_codes` on GPTQ's
+      result, against the same damped ``H`` (GPTQ is one greedy pass; these only ever lower its
+      objective). ``loss`` stays GPTQ's own.
 
     If ``H + λI`` cannot be factored for any retried damp, the module falls back to RTN on the
     same grid and ``fell_back_to_rtn`` says so.
@@ -270,7 +312,104 @@ def gptq_quantize(
     q = codes.T
     if perm is not None:
         q = q[:, torch.argsort(perm)]
-    return GPTQResult(q.to(torch.int8).contiguous(), scale, zero, loss.item() / 2, damp_used, False)
+    q = q.to(torch.int8).contiguous()
+    if refine:
+        Hd = H[torch.argsort(perm)][:, torch.argsort(perm)] if perm is not None else H
+        Hd = Hd.clone()
+        Hd.diagonal().add_(damp_used * Hd.diagonal().mean())
+        for _ in range(refine):
+            scale = refit_scales(W, Hd, q, scale, zero, scheme)
+            q = descend_codes(W, Hd, q, scale, zero, scheme)
+    return GPTQResult(q, scale, zero, loss.item() / 2, damp_used, False)
+
+
+def row_errors(target: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``(w - ŵ) H (w - ŵ)ᵀ`` per output row: the layer-output error GPTQ minimizes."""
+    e = (wq - target).float()
+    return ((e @ H) * e).sum(1)
+
+
+def refit_scales(target: torch.Tensor, H: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 scheme: WeightScheme) -> torch.Tensor:
+    """Per-(row, group) scales that minimize :func:`row_errors` for fixed codes and zero points.
+
+    GPTQ's static scales are chosen from the weight before any error feedback, and its feedback
+    then moves the weights they quantize; with the codes fixed, ``ŵ = Σ_g s_g (q - z_g)·1_g`` is
+    linear in a row's scales, so the best ones solve a ``groups x groups`` system
+    ``(Aᵀ H A) s = Aᵀ H w`` per row (float64, batched). A row keeps its old scales unless the
+    new ones (rounded to the storage dtype) are positive and lower its error; a group whose
+    codes all sit on the zero point keeps its scale (it does not enter the error).
+    """
+    out, n = target.shape
+    groups, width = scheme.groups(n), scheme.group_width(n)
+    D = (q.double() - zero.double().repeat_interleave(width, 1)).reshape(out, groups, width)
+    H64 = H.double()
+    M = torch.empty(out, groups, groups, dtype=torch.float64, device=target.device)
+    for g in range(groups):
+        # row r: Σ_ij D[r,g,i] H[gi, hj] D[r,h,j], for every h at once
+        T = D[:, g] @ H64[g * width:(g + 1) * width]
+        M[:, g] = (T.reshape(out, groups, width) * D).sum(-1)
+    b = ((target.double() @ H64).reshape(out, groups, width) * D).sum(-1)
+    idle = D.abs().sum(-1) == 0
+    M = M + torch.diag_embed(idle.double())  # an idle group's row/column is zero: pin its scale
+    fit, info = torch.linalg.solve_ex(M, b.unsqueeze(-1))
+    new = fit.squeeze(-1).to(scheme.scale_dtype).float()
+    new = torch.where(idle | (info != 0)[:, None], scale, new)
+    ok = (new > 0).all(1)
+    new = torch.where(ok[:, None], new, scale)
+    before = row_errors(target, dequantize(q, scale, zero, scheme), H)
+    after = row_errors(target, dequantize(q, new, zero, scheme), H)
+    return torch.where((after < before)[:, None], new, scale)
+
+
+def descend_codes(target: torch.Tensor, H: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  scheme: WeightScheme, sweeps: int = 3, block_size: int = 128) -> torch.Tensor:
+    """Cyclic coordinate descent over the codes on a fixed grid (CDQuant, Nair & Suggala 2024).
+
+    With ``G = (Ŵ - W) H``, moving one weight ``ŵ_j`` by ``δ`` changes a row's error by
+    ``2δ G_j + δ² H_jj``: the best code for column ``j`` with the others fixed is the grid point
+    nearest ``ŵ_j - G_j / H_jj``, exactly (a 1-D quadratic), so no step raises the error. Each
+    sweep visits every column once in order, for all rows at once, until a sweep changes nothing
+    or ``sweeps`` are done. ``G`` is updated lazily by blocks of columns as GPTQ updates its
+    weights: exact inside the block, the rest of the row in one GEMM per block.
+    """
+    out, n = target.shape
+    width = scheme.group_width(n)
+    S = scale.float().repeat_interleave(width, 1).T.contiguous()  # per column, rows contiguous
+    Z = zero.float().repeat_interleave(width, 1).T.contiguous()
+    Q = q.float().T.contiguous()
+    Wq = (Q - Z) * S
+    G = H.float() @ (Wq - target.float().T)  # [n, out]: row j is column j's gradient (H is symmetric)
+    inv_diag = H.diagonal().reciprocal().tolist()
+    qmin, qmax = float(scheme.qmin), float(scheme.qmax)
+    t, c, delta = (torch.empty(out, device=target.device) for _ in range(3))
+    with _one_thread():
+        for _ in range(sweeps):
+            changed = False
+            for i1 in range(0, n, block_size):
+                i2 = min(i1 + block_size, n)
+                D = torch.zeros(i2 - i1, out, device=target.device)
+                for j in range(i1, i2):
+                    torch.mul(G[j], inv_diag[j], out=t)
+                    torch.sub(Wq[j], t, out=t)
+                    torch.div(t, S[j], out=c)
+                    c.round_().add_(Z[j]).clamp_(qmin, qmax)
+                    torch.sub(c, Z[j], out=t)
+                    t.mul_(S[j])
+                    torch.sub(t, Wq[j], out=delta)
+                    if delta.any():
+                        changed = True
+                        G[i1:i2].addr_(H[i1:i2, j], delta)
+                        D[j - i1] = delta
+                        Wq[j] = t
+                        Q[j] = c
+                if i1:
+                    G[:i1].addmm_(H[:i1, i1:i2], D)
+                if i2 < n:
+                    G[i2:].addmm_(H[i2:, i1:i2], D)
+            if not changed:
+                break
+    return Q.T.to(torch.int8).contiguous()
 
 
 @contextmanager

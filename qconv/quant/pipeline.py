@@ -9,8 +9,10 @@ so later layers calibrate on what the quantized model will actually feed them.
 Peak memory ≈ one layer's weights (fp32, plus methods' scratch such as Hessians) +
 2 × n·T·h·4 bytes of hidden states (inputs and outputs of the current layer); a
 :meth:`LayerContext.sequential` pass (GPTQ) also keeps the intermediate activations at the
-Linear-group boundaries, at most n·T·(2h + f)·c bytes more (f = intermediate size, c = bytes of
-the compute dtype: 4 for float32, 2 for bfloat16).
+Linear-group boundaries, at most n·T·(4h + c(h + f)) bytes more (f = intermediate size, c = bytes
+of the compute dtype: 4 for float32, 2 for bfloat16). The optional fp stream (GPTQ's
+``fp_targets``) carries the full-precision model's hidden states beside the quantized ones and
+doubles the activation terms.
 
 The layer's arithmetic can run in bfloat16 (``compute_dtype``, through autocast): on CPUs with
 AVX512-BF16/AMX its GEMMs are ~4x faster than float32. Weights stay float32 (what methods
@@ -53,13 +55,14 @@ GROUPS: tuple[tuple[str, ...], ...] = (
 log = logging.getLogger(__name__)
 
 InputHook = Callable[[str, torch.Tensor], None]
-#: Called by a sequential pass with a Linear group and its inputs ``[n, T, in]`` for every sample
-#: (in the compute dtype; the buffer is reused after the call returns, so copy what must outlive it).
-GroupVisitor = Callable[[tuple[str, ...], torch.Tensor], None]
+#: Called by a sequential pass with a Linear group, its inputs ``[n, T, in]`` for every sample and
+#: the fp model's inputs to it (None without the pipeline's fp stream); in the compute dtype, and
+#: the buffers are reused after the call returns, so copy what must outlive it.
+GroupVisitor = Callable[[tuple[str, ...], torch.Tensor, torch.Tensor | None], None]
 
 
 def pipeline_memory_bytes(config: ModelConfig, samples: int, seqlen: int,
-                          compute_dtype: torch.dtype = torch.float32) -> dict[str, int]:
+                          compute_dtype: torch.dtype = torch.float32, fp_stream: bool = False) -> dict[str, int]:
     """The peak-memory formula printed by ``quantize --dry-run``."""
     h, f = config.hidden_size, config.intermediate_size
     layer = 4 * (h * config.num_heads * config.head_dim * 2 + h * config.num_kv_heads * config.head_dim * 2 + 3 * h * f)
@@ -67,48 +70,76 @@ def pipeline_memory_bytes(config: ModelConfig, samples: int, seqlen: int,
     # sequential pass: the residual (float32), a norm output and the MLP hidden (compute dtype)
     staged = samples * seqlen * (4 * h + compute_dtype.itemsize * (h + f))
     hessians = 4 * f * f  # the largest one alive at once (GPTQ)
-    return {"layer_weights": layer, "hidden_states": 2 * hidden, "group_inputs": staged, "hessians": hessians,
-            "total": layer + 2 * hidden + staged + hessians}
+    parts = {"layer_weights": layer, "hidden_states": 2 * hidden, "group_inputs": staged, "hessians": hessians}
+    if fp_stream:
+        # the fp model's layer inputs and outputs, its staged residual and group inputs, and a
+        # cross-product matrix beside each Hessian
+        parts["fp_stream"] = 2 * hidden + staged + hessians
+    return {**parts, "total": sum(parts.values())}
 
 
 class LayerContext:
     """Runs one decoder layer over every calibration sample."""
 
-    def __init__(self, pipeline: "LayerPipeline", index: int, layer: DecoderLayer, inputs: torch.Tensor) -> None:
+    def __init__(self, pipeline: "LayerPipeline", index: int, layer: DecoderLayer, inputs: torch.Tensor,
+                 fp_inputs: torch.Tensor | None = None) -> None:
         self.pipeline = pipeline
         self.index = index
         self.layer = layer
         self.inputs = inputs
         #: set by a consumer that already ran the final layer over all inputs (saves a pass)
         self.outputs: torch.Tensor | None = None
+        #: the full-precision model's inputs to this layer, with the pipeline's fp stream
+        self.fp_inputs = fp_inputs
+        #: their outputs through the fp layer: set by :meth:`sequential` (needed when fp_inputs is)
+        self.fp_outputs: torch.Tensor | None = None
 
     @torch.inference_mode()
     def sequential(self, visit: GroupVisitor) -> torch.Tensor:
         """One pass over every sample, one Linear group at a time (:data:`GROUPS`).
 
-        Before each group is applied, ``visit(group, inputs)`` sees that group's inputs for
-        all samples and may change the group's weights (quantize them): the rest of the pass
-        then computes with the changed weights. So each group's inputs come from the already
-        quantized groups before it ("true sequential" inside the layer) at the cost of a
-        single forward pass, whose output becomes :attr:`outputs` (the next layer's input).
+        Before each group is applied, ``visit(group, inputs, fp_inputs)`` sees that group's
+        inputs for all samples and may change the group's weights (quantize them): the rest of
+        the pass then computes with the changed weights. So each group's inputs come from the
+        already quantized groups before it ("true sequential" inside the layer) at the cost of
+        a single forward pass, whose output becomes :attr:`outputs` (the next layer's input).
+
+        With the pipeline's fp stream, ``fp_inputs`` are the same group's inputs in the
+        full-precision model, and :attr:`fp_outputs` its next-layer input: the fp stream runs
+        one step ahead, through each group before ``visit`` changes it. Otherwise ``None``.
         """
         layer, p = self.layer, self.pipeline
         attn, mlp = layer.self_attn, layer.mlp
         x, staged = self.inputs, p.compute_dtype  # group inputs: stored as the matmuls read them
-        h = p.map(layer.input_layernorm, x, dtype=staged)
-        visit(GROUPS[0], h)
-        a = p.map(lambda t: attn.mix(t, p.cos, p.sin, None, 0), h, dtype=staged)
-        p.recycle(h)
-        visit(GROUPS[1], a)
+        fx = self.fp_inputs
+
+        def fp_map(fn: Callable[..., torch.Tensor], *args: torch.Tensor | None, dtype: torch.dtype = torch.float32
+                 ) -> torch.Tensor | None:
+            """``fn`` over the fp stream's tensors (None without the stream)."""
+            return None if fx is None else p.map(fn, *args, dtype=dtype)  # type: ignore[arg-type]
+
+        def mix(t: torch.Tensor) -> torch.Tensor:
+            return attn.mix(t, p.cos, p.sin, None, 0)
+
+        h, fh = p.map(layer.input_layernorm, x, dtype=staged), fp_map(layer.input_layernorm, fx, dtype=staged)
+        fa = fp_map(mix, fh, dtype=staged)
+        visit(GROUPS[0], h, fh)
+        a = p.map(mix, h, dtype=staged)
+        p.recycle(h, *_present(fh))
+        fr = fp_map(lambda x_, a_: x_ + attn.o_proj(a_), fx, fa)
+        visit(GROUPS[1], a, fa)
         r = p.map(lambda x_, a_: x_ + attn.o_proj(a_), x, a)
-        p.recycle(a)
+        p.recycle(a, *_present(fa))
         h = p.map(layer.post_attention_layernorm, r, dtype=staged)
-        visit(GROUPS[2], h)
+        fh = fp_map(layer.post_attention_layernorm, fr, dtype=staged)
+        fm = fp_map(mlp.hidden, fh, dtype=staged)
+        visit(GROUPS[2], h, fh)
         m = p.map(mlp.hidden, h, dtype=staged)
-        p.recycle(h)
-        visit(GROUPS[3], m)
+        p.recycle(h, *_present(fh))
+        self.fp_outputs = fp_map(lambda r_, m_: r_ + mlp.down_proj(m_), fr, fm)
+        visit(GROUPS[3], m, fm)
         self.outputs = p.map(lambda r_, m_: r_ + mlp.down_proj(m_), r, m)
-        p.recycle(m, r)
+        p.recycle(m, r, *_present(fm, fr))
         return self.outputs
 
     def module_name(self, inner: str) -> str:
@@ -125,6 +156,10 @@ class LayerContext:
         p = self.pipeline
         with _input_hooks(self.layer, hook):
             return p.map(lambda t: self.layer(t, p.cos, p.sin, None, 0), x_all)
+
+
+def _present(*tensors: torch.Tensor | None) -> list[torch.Tensor]:
+    return [t for t in tensors if t is not None]
 
 
 @contextmanager
@@ -145,8 +180,10 @@ class LayerPipeline:
     """Streams a model's decoder layers over calibration tokens ``[n, T]``."""
 
     def __init__(self, source: ModelSource, tokens: torch.Tensor, device: torch.device | str = "cpu",
-                 batch_size: int = 4, compute_dtype: torch.dtype = torch.float32) -> None:
+                 batch_size: int = 4, compute_dtype: torch.dtype = torch.float32, fp_stream: bool = False) -> None:
         self.source = source
+        #: also carry the full-precision model's hidden states, for methods that fit against them
+        self.fp_stream = fp_stream
         self.config = source.config
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -206,12 +243,21 @@ class LayerPipeline:
     def layers(self) -> Iterator[LayerContext]:
         """Yield each layer's context in order; after the caller is done with a context (the
         layer possibly modified in place), its forward output feeds the next layer, and its
-        inputs buffer is recycled (so a consumer must not keep views of ``ctx.inputs``)."""
+        inputs buffer is recycled (so a consumer must not keep views of ``ctx.inputs``).
+
+        With the fp stream, each context also carries ``fp_inputs``, and the consumer must run
+        :meth:`LayerContext.sequential` (which computes ``fp_outputs`` before the layer changes)."""
         hidden = self.embeddings()
+        fp_hidden = hidden.clone() if self.fp_stream else None
         for i in range(self.config.num_layers):
-            ctx = LayerContext(self, i, self.load_layer(i), hidden)
+            ctx = LayerContext(self, i, self.load_layer(i), hidden, fp_hidden)
             yield ctx
             hidden = ctx.outputs if ctx.outputs is not None else ctx.forward()
+            if fp_hidden is not None:
+                if ctx.fp_outputs is None:
+                    raise RuntimeError("a method asked for the fp stream but did not run the layer's sequential pass")
+                self.recycle(fp_hidden)
+                fp_hidden = ctx.fp_outputs
             if ctx.inputs.numel():
                 self.recycle(ctx.inputs)
             del ctx

@@ -86,7 +86,7 @@ def quantize_model(
         widths = _linear_widths(source)
         schemes.check_shapes(widths)
         memory = pipeline_memory_bytes(source.config, calib.samples if recipe.needs_calibration else 0, calib.seqlen,
-                                       getattr(torch, calib.dtype))
+                                       getattr(torch, calib.dtype), quantizer.fp_stream)
         quantized = [m for m in widths if schemes.scheme_for(m) is not None]
         if dry_run:
             return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, True, memory)
@@ -99,7 +99,7 @@ def quantize_model(
             tokens = torch.zeros((0, 1), dtype=torch.long)
         act = ActivationScheme(bits=recipe.act_bits) if recipe.act_bits else None
         metadata = {"recipe": recipe.to_dict(), "qconv_version": __version__, "input_sha256": fingerprint(original)}
-        pipeline = LayerPipeline(source, tokens, device, batch_size, getattr(torch, calib.dtype))
+        pipeline = LayerPipeline(source, tokens, device, batch_size, getattr(torch, calib.dtype), quantizer.fp_stream)
         with CompressedTensorsWriter(out, source.config, source.tokenizer_files(), parse_size(recipe.max_shard_size),
                                      force, metadata, dtype=model_dtype) as writer, \
                 progress(f"quantizing ({recipe.name})", source.config.num_layers, quiet) as advance:

@@ -191,6 +191,8 @@ def validate(recipe: Recipe) -> Recipe:
     recipe.schemes()  # bits / group size / patterns
     for o in recipe.overrides:
         replace(recipe.schemes().default, **o.changes)
+    for s in recipe.stages:
+        get_method(s.method)(**s.options)  # a method checks its own option combinations
     roles = [get_method(s.method).role for s in recipe.stages]
     if roles.count("quantizer") != 1 or roles[-1] != "quantizer":
         raise InvalidOption("recipe: stages must be transforms followed by exactly one quantizer (rtn or gptq) last")

@@ -61,6 +61,12 @@ class Transform(Method):
 class Quantizer(Method):
     role = "quantizer"
 
+    @property
+    def fp_stream(self) -> bool:
+        """Whether the pipeline must carry the fp model's activations beside the quantized
+        ones (then :meth:`quantize` must run the layer's sequential pass)."""
+        return False
+
     @abstractmethod
     def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
         """Quantize the layer's Linears (inner name -> codes); ``ctx.layer`` ends up holding the

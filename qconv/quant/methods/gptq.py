@@ -8,6 +8,16 @@ layer (:meth:`LayerContext.sequential` stops at each group boundary for all samp
 that same pass produces the next layer's inputs. Off: all four Hessians come from one fp pass
 (llm-compressor's per-layer order) and a second pass computes the quantized layer's outputs.
 Between layers the pipeline always feeds quantized outputs forward.
+
+``refine`` (0 by default): rounds of scale refitting and coordinate descent over the codes
+after GPTQ's pass (:func:`qconv.quant.gptq.refit_scales`, :func:`qconv.quant.gptq.descend_codes`).
+
+``fp_targets`` (off by default; needs ``true_sequential``): the pipeline also carries the
+full-precision model's activations, and each Linear is fitted to what the fp model computes on
+*its* inputs instead of to its own weight on the drifted inputs (GPTAQ's asymmetric calibration,
+solved by :func:`qconv.quant.gptq.retarget`), so each layer also corrects the error that the
+quantized layers before it left. Costs a second forward pass per layer, one cross-product
+matrix per Linear group (as much as its Hessian) and the fp stream's activations in memory.
 """
 
 from __future__ import annotations
@@ -17,7 +27,8 @@ import logging
 import torch
 
 from qconv.formats.compressed_tensors import QuantizedWeight
-from qconv.quant.gptq import HessianAccumulator, gptq_quantize
+from qconv.errors import InvalidOption
+from qconv.quant.gptq import HessianAccumulator, cross_products, gptq_quantize, retarget
 from qconv.quant.methods.base import Quantizer, set_weight
 from qconv.quant.pipeline import GROUPS, LayerContext
 from qconv.quant.schemes import SchemeMap
@@ -31,15 +42,26 @@ HESSIAN_CHUNK = 16384
 class GPTQ(Quantizer):
     name = "gptq"
     options = {"damp": 0.01, "act_order": True, "block_size": 128, "static_groups": True, "true_sequential": True,
-               "bf16_hessian": None, "mse": False}
+               "bf16_hessian": None, "mse": False, "fp_targets": False, "refine": 0}
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        if self.config["fp_targets"] and not self.config["true_sequential"]:
+            raise InvalidOption("gptq: fp_targets needs true_sequential (the fp inputs come from the sequential pass)")
+
+    @property
+    def fp_stream(self) -> bool:
+        return bool(self.config["fp_targets"])
 
     def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
         todo = {g: [m for m in g if schemes.scheme_for(ctx.module_name(m)) is not None] for g in GROUPS}
         result: dict[str, QuantizedWeight] = {}
         if self.config["true_sequential"]:
-            def visit(group: tuple[str, ...], inputs: torch.Tensor) -> None:
+            def visit(group: tuple[str, ...], inputs: torch.Tensor, fp_inputs: torch.Tensor | None) -> None:
                 if todo[group]:
-                    result.update(self._quantize_group(ctx, schemes, todo[group], self._hessian(ctx, group, inputs)))
+                    H = self._hessian(ctx, group, inputs)
+                    C = cross_products(inputs, fp_inputs) if fp_inputs is not None else None
+                    result.update(self._quantize_group(ctx, schemes, todo[group], H, C))
             ctx.sequential(visit)
         else:
             firsts = {g[0]: g for g in GROUPS if todo[g]}
@@ -64,15 +86,20 @@ class GPTQ(Quantizer):
             acc.add(part)
         return acc.hessian
 
-    def _quantize_group(self, ctx: LayerContext, schemes: SchemeMap, group: list[str], H) -> dict[str, QuantizedWeight]:
+    def _quantize_group(self, ctx: LayerContext, schemes: SchemeMap, group: list[str], H: torch.Tensor,
+                        C: torch.Tensor | None = None) -> dict[str, QuantizedWeight]:
+        """GPTQ of each Linear in ``group`` against ``H``; with the fp cross products ``C``, of
+        its fp-target weight (:func:`retarget`) instead of its own."""
         out: dict[str, QuantizedWeight] = {}
+        damp = float(self.config["damp"])
         for inner in group:
             scheme = schemes.scheme_for(ctx.module_name(inner))
             assert scheme is not None
-            r = gptq_quantize(ctx.layer.get_submodule(inner).weight.data, H, scheme,
-                              block_size=int(self.config["block_size"]), damp=float(self.config["damp"]),
+            w = ctx.layer.get_submodule(inner).weight.data
+            r = gptq_quantize(w if C is None else retarget(w, H, C, damp), H, scheme,
+                              block_size=int(self.config["block_size"]), damp=damp,
                               act_order=bool(self.config["act_order"]), static_groups=bool(self.config["static_groups"]),
-                              mse=bool(self.config["mse"]))
+                              mse=bool(self.config["mse"]), refine=int(self.config["refine"]))
             if r.fell_back_to_rtn:
                 log.warning("%s: Hessian not positive definite even with extra damping; used RTN",
                             ctx.module_name(inner))
