@@ -67,6 +67,8 @@ ROWS: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]] | None] = {
            ("rot-gptq-mse", f"Hadamard rotation + GPTQ W{b} g64 asym + MSE grid", [ROT, {**GPTQ, "mse": True}]),
            ("rot-awq-gptq-mse", f"Hadamard rotation + AWQ + GPTQ W{b} g64 asym + MSE grid",
             [ROT, AWQ, {**GPTQ, "mse": True}]),
+           ("rot-gptq-mse-fpt-refine", f"Hadamard rotation + GPTQ W{b} g64 asym + MSE grid, fp targets, 2 refine rounds",
+            [ROT, {**GPTQ, "mse": True, "fp_targets": True, "refine": 2}]),
        )},
     "sq-w8a8": ("SmoothQuant α0.8 + GPTQ W8A8 (int8 per-channel W, dynamic per-token int8 A)",
                 W8A8, [SQ, W8_GPTQ]),

@@ -1,12 +1,12 @@
 """Per-Linear output error of a weight quantizer with and without the residual-stream rotation.
 
     python bench/rotation_error.py [--cache .cache] [--quantizer gptq|rtn] [--bits 3 --group-size 64]
-                                   [--samples 8 --seqlen 512] [--layers 2 10 18 26]
+                                   [--samples 8 --seqlen 512] [--layers 2 10 18 26] [--refine R]
 
 Diagnostic, not a product path. Calibration windows of the shared C4 sample flow through the fp
 model (plain, then rotated by ``rotate``'s default Hadamard); at each listed layer every Linear's
 inputs are captured, its weight quantized (GPTQ: act order, MSE grid, Hessian from the first half
-of the tokens; RTN: min/max), and the relative output error ``|X (W - Ŵ)ᵀ|² / |X Wᵀ|²`` measured on
+of the tokens, ``--refine`` rounds of GPTQ's refinement; RTN: min/max), and the relative output error ``|X (W - Ŵ)ᵀ|² / |X Wᵀ|²`` measured on
 the second half of the tokens. Prints one row per Linear: plain / rotated error for each layer.
 """
 
@@ -32,7 +32,8 @@ from qconv.quant.pipeline import LINEARS, LayerPipeline  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def errors(source, tokens: torch.Tensor, layers: set[int], scheme: WeightScheme, quantizer: str) -> dict:
+def errors(source, tokens: torch.Tensor, layers: set[int], scheme: WeightScheme, quantizer: str,
+           refine: int = 0) -> dict:
     """(layer, Linear) -> held-out relative output error."""
     out = {}
     for ctx in LayerPipeline(source, tokens).layers():
@@ -43,7 +44,7 @@ def errors(source, tokens: torch.Tensor, layers: set[int], scheme: WeightScheme,
                 w, x = ctx.layer.get_submodule(name).weight, xs[name]
                 fit, held = x[: len(x) // 2], x[len(x) // 2:]
                 if quantizer == "gptq":
-                    r = gptq_quantize(w, 2 * fit.T @ fit / len(fit), scheme, act_order=True, mse=True)
+                    r = gptq_quantize(w, 2 * fit.T @ fit / len(fit), scheme, act_order=True, mse=True, refine=refine)
                     wq = dequantize(r.q, r.scale, r.zero, scheme)
                 else:
                     wq = fake_quantize(w, scheme)
@@ -62,13 +63,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 10, 18, 26])
+    parser.add_argument("--refine", type=int, default=0, help="GPTQ refinement rounds")
     args = parser.parse_args()
     scheme = WeightScheme(args.bits, args.group_size, False)
     with open_model(example_model(args.cache)) as base:
         tokens = calibration_windows(base.tokenizer(), load_calibration_rows(str(DATA / "c4-sample.jsonl")),
                                      args.samples, args.seqlen, 0)
-        plain = errors(base, tokens, set(args.layers), scheme, args.quantizer)
-        rotated = errors(Rotate().wrap(base), tokens, set(args.layers), scheme, args.quantizer)
+        plain = errors(base, tokens, set(args.layers), scheme, args.quantizer, args.refine)
+        rotated = errors(Rotate().wrap(base), tokens, set(args.layers), scheme, args.quantizer, args.refine)
     print(f"{args.quantizer} W{args.bits} g{args.group_size}: held-out relative output error, plain / rotated")
     print("| Linear | " + " | ".join(f"layer {i}" for i in args.layers) + " |")
     print("|---|" + "---|" * len(args.layers))

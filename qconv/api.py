@@ -277,7 +277,7 @@ def quantize(
 ) -> Any:
     """Quantize with a YAML recipe or a method name; ``flags`` (bits, group_size, symmetric, data,
     samples, seqlen, seed, text_field, dtype (calibration arithmetic), damp, act_order, alpha, mse,
-    rotate; None = not given) override it."""
+    fp_targets, refine, rotate; None = not given) override it."""
     from qconv.quant.quantize import quantize_model
     from qconv.quant.recipe import apply_flags, load_recipe, recipe_for_method
 

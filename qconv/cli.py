@@ -191,7 +191,10 @@ def quantize(
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: activation order (static groups)."),
     damp: Optional[float] = typer.Option(None, "--damp", help="GPTQ: relative Hessian dampening."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant: migration strength."),
-    mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="RTN: MSE clip search."),
+    mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="RTN / GPTQ: MSE-searched grid ranges."),
+    fp_targets: Optional[bool] = typer.Option(None, "--fp-targets/--no-fp-targets",
+                                              help="GPTQ: fit each Linear to the fp model's outputs (carries an fp stream)."),
+    refine: Optional[int] = typer.Option(None, "--refine", help="GPTQ: rounds of scale refit + coordinate descent."),
     rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate",
                                           help="Rotate the residual stream (Hadamard, folded into the weights) first."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan and memory estimate; write nothing."),
@@ -216,7 +219,8 @@ def quantize(
     r = api.quantize(model, output, recipe=recipe, method=method, force=force, device=device,
                      quiet=quiet or json_out, dry_run=dry_run, bits=bits, group_size=group_size, symmetric=symmetric,
                      data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field, dtype=calib_dtype,
-                     act_order=act_order, damp=damp, alpha=alpha, mse=mse, rotate=rotate)
+                     act_order=act_order, damp=damp, alpha=alpha, mse=mse, fp_targets=fp_targets, refine=refine,
+                     rotate=rotate)
     if json_out:
         _print_json(r.to_dict())
         return

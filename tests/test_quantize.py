@@ -117,6 +117,10 @@ def test_cli_quantize_errors(model: Path, tmp_path: Path) -> None:
     assert res.returncode == 2 and "bits must be between 2 and 8" in res.stderr
     res = run(model, "-o", tmp_path / "o", "--method", "rtn", "-g", "32", "--act-order")
     assert res.returncode == 2 and "--act-order does not apply" in res.stderr
+    res = run(model, "-o", tmp_path / "o", "--method", "rtn", "-g", "32", "--fp-targets")
+    assert res.returncode == 2 and "--fp-targets does not apply" in res.stderr
+    res = run(model, "-o", tmp_path / "o", "--method", "gptq", "-g", "32", "--refine", "-1")
+    assert res.returncode == 2 and "refine must be a non-negative" in res.stderr
     res = run(model, "-o", tmp_path / "o", "--recipe", tmp_path / "missing.yaml")
     assert res.returncode == 2 and "recipe not found" in res.stderr
     res = run(model, "-o", tmp_path / "o", "--method", "gptq", "-g", "32", "--data", tmp_path / "none.jsonl")

@@ -237,7 +237,7 @@ def recipe_for_method(method: str) -> Recipe:
 
 def apply_flags(recipe: Recipe, **flags: Any) -> Recipe:
     """Flags override recipe fields; ``None`` means "not given". Method options
-    (``damp``, ``act_order``, ``alpha``, ``mse``) go to every stage that declares them;
+    (``damp``, ``act_order``, ``alpha``, ``mse``, ``fp_targets``, ``refine``) go to every stage that declares them;
     ``rotate`` True puts a rotate stage first (if the recipe has none), False drops it."""
     rotate = flags.pop("rotate", None)
     if rotate is not None:

@@ -48,6 +48,8 @@ class GPTQ(Quantizer):
         super().__init__(**options)
         if self.config["fp_targets"] and not self.config["true_sequential"]:
             raise InvalidOption("gptq: fp_targets needs true_sequential (the fp inputs come from the sequential pass)")
+        if int(self.config["refine"]) < 0:
+            raise InvalidOption(f"gptq: refine must be a non-negative number of rounds, got {self.config['refine']}")
 
     @property
     def fp_stream(self) -> bool:
