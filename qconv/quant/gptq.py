@@ -310,12 +310,13 @@ def gptq_quantize(
                 Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, block_err, alpha=-1.0)
 
     q = codes.T
-    if perm is not None:
-        q = q[:, torch.argsort(perm)]
+    unperm = torch.argsort(perm) if perm is not None else None
+    if unperm is not None:
+        q = q[:, unperm]
     q = q.to(torch.int8).contiguous()
     if refine:
-        Hd = H[torch.argsort(perm)][:, torch.argsort(perm)] if perm is not None else H
-        Hd = Hd.clone()
+        # the damped H GPTQ factored, back in the original column order (indexing copies it)
+        Hd = H[unperm][:, unperm] if unperm is not None else H.clone()
         Hd.diagonal().add_(damp_used * Hd.diagonal().mean())
         for _ in range(refine):
             scale = refit_scales(W, Hd, q, scale, zero, scheme)
