@@ -13,6 +13,10 @@ and runs its default sequential pipeline. Each run is its own child process, tim
 outside (wall time, peak RSS), one after the other; then both outputs are scored by
 ``qconv run --ppl`` on the first ``--windows`` windows (a sanity check that both did the job,
 not the quality protocol). Prints a markdown table with the speed ratio.
+
+``--tools`` runs only some of them (``--tools qconv`` to time a change to qconv against an
+llm-compressor run already made on the same machine: the calibration windows are the same
+for the same ``--samples``); the ratio column then needs llm-compressor in the same run.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--calib-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="qconv's calibration arithmetic (llm-compressor computes in the checkpoint's fp32)")
+    parser.add_argument("--tools", nargs="+", choices=["llm-compressor", "qconv"], default=["llm-compressor", "qconv"])
     args = parser.parse_args()
     model = example_model(args.cache)
     calib = SHARED / "c4-sample.jsonl"
@@ -88,17 +93,18 @@ def main() -> None:
                       "--quiet"],
         }
         results = {}
-        for name, cmd in runs.items():
-            m = measure(cmd)
+        for name in args.tools:
+            m = measure(runs[name])
             results[name] = {**m, "ppl": ppl(work / ("llmc" if name == "llm-compressor" else "qconv"), args.windows)}
             print(f"{name}: {json.dumps(results[name])}", flush=True)
-    base = results["llm-compressor"]["wall"]
+    base = results["llm-compressor"]["wall"] if "llm-compressor" in results else None
     print(f"\nGPTQ W4 g64 asym, act order (static), damp 0.01; {args.samples} x 2048 calibration tokens; "
           f"qconv calibration {args.calib_dtype}; PPL on the first {args.windows} windows")
     print("| tool | wall | peak RSS | PPL | speed vs llm-compressor |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['wall']:.0f} s | {r['rss_mb'] / 1024:.2f} GB | {r['ppl']:.2f} | {base / r['wall']:.2f}x |")
+        ratio = f"{base / r['wall']:.2f}x" if base else "—"
+        print(f"| {name} | {r['wall']:.0f} s | {r['rss_mb'] / 1024:.2f} GB | {r['ppl']:.2f} | {ratio} |")
 
 
 if __name__ == "__main__":
