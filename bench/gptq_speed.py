@@ -8,6 +8,13 @@
   matmul) on the same batches.
 * ``gptq_quantize`` at 4-bit, group 64, asymmetric, act_order with static groups, for every
   Linear shape of one decoder layer ([out, in]).
+* The one forward pass per layer that feeds the Hessians and the next layer: each Linear's GEMM
+  and the causal attention (the runner's SDPA call), over batches of ``--batch`` tokens.
+
+Each kernel's FLOPs are counted (a GEMM ``[m,k]@[k,n]`` as ``2mkn``, causal attention as half of
+its two ``T x T`` products, the Hessians as the lower block triangle actually computed), so the
+table shows the rate this machine reaches at these shapes and the model estimate is a floor:
+what a whole GPTQ run costs in arithmetic alone, next to which a measured run can be judged.
 
 Wall times are medians over ``--reps``; CPU times (all threads) are printed beside them because
 the development box is shared and a busy neighbour inflates wall time but barely CPU time. The
@@ -26,6 +33,7 @@ from collections.abc import Callable
 
 import torch
 
+from qconv.model.kv_cache import causal_attention
 from qconv.quant.gptq import HessianAccumulator, gptq_quantize
 from qconv.quant.grid import WeightScheme
 
@@ -36,6 +44,12 @@ LINEARS = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (KV, HIDDEN), "v_proj": (KV, HI
            "gate_proj": (FFN, HIDDEN), "up_proj": (FFN, HIDDEN), "down_proj": (HIDDEN, FFN)}
 # distinct Linear inputs per layer: width -> how many Hessians of that width
 HESSIANS = {HIDDEN: 3, FFN: 1}  # attention input, o_proj input, MLP input; down_proj input
+HEADS, KV_HEADS, HEAD_DIM, SEQLEN = 9, 3, 64, 2048
+
+
+def hessian_flops(acc: HessianAccumulator, tokens: int) -> float:
+    """FLOPs of ``acc.add`` over ``tokens`` rows: its lower-block-triangle products."""
+    return sum(2.0 * tokens * (j1 - j0) * j1 for j0, j1 in acc._blocks)
 
 
 def timed(fn: Callable[[], object], reps: int) -> tuple[float, float]:
@@ -80,7 +94,7 @@ def main() -> None:
     calls = args.tokens // args.batch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs; {calls} batches of {args.batch} tokens")
-    print(f"{'kernel':<34}{'shape':>12}{'wall s':>10}{'cpu s':>10}")
+    print(f"{'kernel':<34}{'shape':>12}{'wall s':>10}{'cpu s':>10}{'GFLOP/s':>10}")
 
     hessian_times: dict[int, tuple[float, float]] = {}
     for n in HESSIANS:
@@ -94,7 +108,8 @@ def main() -> None:
 
         wall, cpu = timed(lambda: accumulate(False), max(1, args.reps - 1))
         hessian_times[n] = wall, cpu
-        print(f"{'HessianAccumulator':<34}{f'in={n}':>12}{wall:>10.2f}{cpu:>10.2f}")
+        flops = hessian_flops(HessianAccumulator(n), calls * args.batch)
+        print(f"{'HessianAccumulator':<34}{f'in={n}':>12}{wall:>10.2f}{cpu:>10.2f}{flops / wall / 1e9:>10.0f}")
         wall, cpu = timed(lambda: accumulate(True), max(1, args.reps - 1))
         print(f"{'  bf16_matmul=True':<34}{f'in={n}':>12}{wall:>10.2f}{cpu:>10.2f}")
         wall, cpu = timed(lambda: reference_accumulate(batch, calls), max(1, args.reps - 1))
@@ -111,12 +126,35 @@ def main() -> None:
         gptq_times[name] = wall, cpu
         print(f"{'gptq_quantize ' + name:<34}{f'[{out},{n}]':>12}{wall:>10.3f}{cpu:>10.3f}")
 
+    # one batch of the forward pass: every Linear's GEMM, then causal GQA attention
+    seqs = max(1, args.batch // SEQLEN)
+    forward_times: dict[str, tuple[float, float]] = {}
+    forward_flops: dict[str, float] = {}
+    for name, (out, n) in LINEARS.items():
+        x, w = correlated(seqs * SEQLEN, n, seed=1), torch.randn(out, n) * 0.02
+        forward_times[name] = timed(lambda: x @ w.T, args.reps)
+        forward_flops[name] = 2.0 * seqs * SEQLEN * n * out
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(seqs, HEADS, SEQLEN, HEAD_DIM, generator=g)
+    k, v = (torch.randn(seqs, KV_HEADS, SEQLEN, HEAD_DIM, generator=g) for _ in range(2))
+    forward_times["attention"] = timed(lambda: causal_attention(q, k, v), args.reps)
+    forward_flops["attention"] = 2.0 * seqs * HEADS * SEQLEN * SEQLEN * HEAD_DIM  # 2 products x 2 FLOPs, halved
+    for name, (wall, cpu) in forward_times.items():
+        print(f"{'forward ' + name:<34}{f'{seqs * SEQLEN} tok':>12}{wall:>10.3f}{cpu:>10.3f}"
+              f"{forward_flops[name] / wall / 1e9:>10.0f}")
+
     scale_to_tokens = args.tokens / (calls * args.batch)
+    batches = args.tokens / (seqs * SEQLEN)
+    flops = LAYERS * (sum(count * hessian_flops(HessianAccumulator(n), args.tokens) for n, count in HESSIANS.items())
+                      + batches * sum(forward_flops.values()))
     for kind, k in (("wall", 0), ("cpu", 1)):
         hessians = sum(count * hessian_times[n][k] * scale_to_tokens for n, count in HESSIANS.items())
         gptq = sum(t[k] for t in gptq_times.values())
-        print(f"{kind:>4} per layer: Hessians {hessians:.2f} s + GPTQ {gptq:.2f} s; {LAYERS} layers: "
-              f"{LAYERS * hessians:.0f} s + {LAYERS * gptq:.0f} s (forward passes not included)")
+        forward = batches * sum(t[k] for t in forward_times.values())
+        print(f"{kind:>4} per layer: forward {forward:.2f} s + Hessians {hessians:.2f} s + GPTQ {gptq:.2f} s; "
+              f"{LAYERS} layers: {LAYERS * forward:.0f} s + {LAYERS * hessians:.0f} s + {LAYERS * gptq:.0f} s "
+              f"= {LAYERS * (forward + hessians + gptq):.0f} s")
+    print(f"arithmetic of one pass + Hessians over {args.tokens} tokens: {flops / 1e12:.1f} TFLOP")
 
 
 if __name__ == "__main__":
