@@ -135,9 +135,9 @@ def main() -> None:
         forward_times[name] = timed(lambda: x @ w.T, args.reps)
         forward_flops[name] = 2.0 * seqs * SEQLEN * n * out
     g = torch.Generator().manual_seed(2)
-    q = torch.randn(seqs, HEADS, SEQLEN, HEAD_DIM, generator=g)
-    k, v = (torch.randn(seqs, KV_HEADS, SEQLEN, HEAD_DIM, generator=g) for _ in range(2))
-    forward_times["attention"] = timed(lambda: causal_attention(q, k, v), args.reps)
+    queries = torch.randn(seqs, HEADS, SEQLEN, HEAD_DIM, generator=g)
+    keys, values = (torch.randn(seqs, KV_HEADS, SEQLEN, HEAD_DIM, generator=g) for _ in range(2))
+    forward_times["attention"] = timed(lambda: causal_attention(queries, keys, values), args.reps)
     forward_flops["attention"] = 2.0 * seqs * HEADS * SEQLEN * SEQLEN * HEAD_DIM  # 2 products x 2 FLOPs, halved
     for name, (wall, cpu) in forward_times.items():
         print(f"{'forward ' + name:<34}{f'{seqs * SEQLEN} tok':>12}{wall:>10.3f}{cpu:>10.3f}"
