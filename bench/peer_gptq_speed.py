@@ -84,18 +84,18 @@ def main() -> None:
             tokens = calibration_windows(source.tokenizer(), load_calibration_rows(str(calib)), args.samples, 2048, 0)
         torch.save(tokens, work / "tokens.pt")
         (work / "llmc.py").write_text(LLMC_SCRIPT, encoding="utf-8")
+        outputs = {"llm-compressor": work / "llmc", "qconv": work / "qconv"}
         runs = {
             "llm-compressor": [str(args.llmc_python), str(work / "llmc.py"), str(model), str(work / "tokens.pt"),
-                               str(work / "llmc")],
+                               str(outputs["llm-compressor"])],
             "qconv": [*QCONV, "quantize", str(model), "--method", "gptq", "--bits", "4", "--group-size", "64",
                       "--asym", "--act-order", "--damp", "0.01", "--data", str(calib), "--samples", str(args.samples),
-                      "--seqlen", "2048", "--seed", "0", "--calib-dtype", args.calib_dtype, "-o", str(work / "qconv"),
+                      "--seqlen", "2048", "--seed", "0", "--calib-dtype", args.calib_dtype, "-o", str(outputs["qconv"]),
                       "--quiet"],
         }
         results = {}
         for name in args.tools:
-            m = measure(runs[name])
-            results[name] = {**m, "ppl": ppl(work / ("llmc" if name == "llm-compressor" else "qconv"), args.windows)}
+            results[name] = {**measure(runs[name]), "ppl": ppl(outputs[name], args.windows)}
             print(f"{name}: {json.dumps(results[name])}", flush=True)
     base = results["llm-compressor"]["wall"] if "llm-compressor" in results else None
     print(f"\nGPTQ W4 g64 asym, act order (static), damp 0.01; {args.samples} x 2048 calibration tokens; "
