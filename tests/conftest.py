@@ -12,6 +12,26 @@ from tests_support import write_tokenizer
 
 TINY_ARCHS = ("llama", "mistral", "qwen2")
 
+#: CPU features the llama.cpp oracle must not be built with (see the Makefile's ORACLE_CMAKE_ARGS):
+#: a -march=native build on an AMX / AVX512-BF16 Xeon crashes evaluating quantized GGUFs.
+NON_BASELINE = ("AVX512", "AMX")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to run against a natively built llama.cpp oracle: it segfaults the whole session on
+    AMX machines, and its numbers would depend on the CPU the tests run on."""
+    try:
+        import llama_cpp
+    except ImportError:  # the llama.cpp tests skip themselves
+        return
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    enabled = sorted({f.split("=")[0].strip() for f in info.replace("|", "\n").splitlines()
+                      if f.strip().endswith("= 1") and f.split("=")[0].strip().startswith(NON_BASELINE)})
+    if enabled:
+        raise pytest.UsageError(
+            f"llama-cpp-python was built for this CPU ({', '.join(enabled)}), not for the AVX2 baseline the "
+            "tests use: run `make test`, which builds and installs the portable oracle")
+
 
 def tiny_hf_config(arch: str, **overrides: object):
     """A tiny transformers config for ``arch`` (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 300).

@@ -1,0 +1,212 @@
+"""ModelConfig: the numbers of one model (sizes, RoPE, biases), read from HF ``config.json``.
+
+One normalized view over the config dialects that transformers versions write (``rope_theta``
+and ``rope_scaling`` at the top level in published checkpoints, ``rope_parameters`` in
+transformers 5), so the runner, the pipeline and the writers never parse JSON themselves.
+The raw dict is kept so an HF -> HF conversion writes the user's config back unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qconv.arch.families import BY_ARCHITECTURE, FAMILIES, spec_for
+from qconv.errors import CheckpointMismatch, CorruptFile, UnsupportedModel
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from qconv.arch.spec import ArchSpec
+
+#: RoPE variants the runner implements.
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Non-default RoPE frequency scaling (``linear`` or Llama 3's piecewise ``llama3``)."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def llama3_factors(self, theta: float, head_dim: int) -> np.ndarray:
+        """Per-frequency divisors of Llama 3 scaling (what GGUF stores as ``rope_freqs.weight``):
+        1 for high frequencies, ``factor`` for low ones, a smooth blend between."""
+        import numpy as np
+
+        inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        wavelen = 2 * np.pi / inv_freq
+        orig, low, high = self.original_max_position_embeddings, self.low_freq_factor, self.high_freq_factor
+        smooth = (orig / wavelen - low) / (high - low)
+        blended = 1.0 / ((1 - smooth) / self.factor + smooth)
+        return np.where(wavelen < orig / high, 1.0, np.where(wavelen > orig / low, self.factor, blended))
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``rope_scaling`` dict transformers reads."""
+        d: dict[str, Any] = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "llama3":
+            d.update(
+                low_freq_factor=self.low_freq_factor,
+                high_freq_factor=self.high_freq_factor,
+                original_max_position_embeddings=self.original_max_position_embeddings,
+            )
+        return d
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Normalized decoder-only transformer config (Llama / Mistral / Qwen2 family)."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    torch_dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def spec(self) -> ArchSpec:
+        """The family's layout (tensor names, Linear groups, ...)."""
+        return spec_for(self.model_type)
+
+    @property
+    def architecture(self) -> str:
+        """HF class name, e.g. ``LlamaForCausalLM``."""
+        return self.spec.architectures[0]
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor an HF checkpoint of this config must hold, with its shape.
+
+        The single source of truth for "is this checkpoint complete and consistent".
+        """
+        return self.spec.expected_shapes(self)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A ``config.json`` transformers (4.45+ and 5) reads back to this config.
+
+        Starts from the raw dict when there is one, so unknown keys survive a round trip.
+        """
+        d = dict(self.raw)
+        d.pop("rope_parameters", None)
+        d.update(
+            architectures=[self.architecture],
+            model_type=self.model_type,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            vocab_size=self.vocab_size,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling.to_hf() if self.rope_scaling else None,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            torch_dtype=self.torch_dtype,
+            hidden_act="silu",
+        )
+        spec = self.spec
+        for key, on in ((spec.qkv_bias, self.qkv_bias), (spec.o_bias, self.o_bias)):
+            if isinstance(key, str):
+                d[key] = on
+        d.update(spec.hf_config)
+        if self.bos_token_id is not None:
+            d["bos_token_id"] = self.bos_token_id
+        if self.eos_token_id is not None:
+            d["eos_token_id"] = self.eos_token_id
+        return d
+
+
+def _rope(raw: dict[str, Any], path: Path) -> tuple[float, RopeScaling | None]:
+    """Read rope theta and scaling from either dialect of config.json."""
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or None
+    theta = raw.get("rope_theta", params.get("rope_theta", 10000.0))
+    if scaling is None and params.get("rope_type", params.get("type", "default")) != "default":
+        scaling = params
+    if not scaling:
+        return float(theta), None
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type not in ROPE_TYPES:
+        raise UnsupportedModel(
+            f"unsupported rope scaling type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})", path
+        )
+    return float(theta), RopeScaling(
+        rope_type=rope_type,
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def _flag(rule: bool | str, raw: dict[str, Any]) -> bool:
+    """A spec's bias rule: a constant, or the config.json key that switches it on."""
+    return bool(raw.get(rule, False)) if isinstance(rule, str) else rule
+
+
+def config_from_dict(raw: dict[str, Any], path: Path | str = "config.json") -> ModelConfig:
+    """Validate and normalize a parsed config.json."""
+    path = Path(path)
+    archs = raw.get("architectures") or []
+    arch = archs[0] if archs else None
+    spec = BY_ARCHITECTURE.get(arch) if arch else None
+    if spec is None:
+        spec = FAMILIES.get(raw.get("model_type"))  # type: ignore[arg-type]
+        if spec is None:
+            name = arch or raw.get("model_type") or "<none>"
+            raise UnsupportedModel(
+                f"unsupported architecture {name} (supported: {', '.join(BY_ARCHITECTURE)})", path
+            )
+    if raw.get("mlp_bias"):
+        raise UnsupportedModel("mlp_bias=true is not supported", path)
+    try:
+        hidden = int(raw["hidden_size"])
+        heads = int(raw["num_attention_heads"])
+        theta, scaling = _rope(raw, path)
+        return ModelConfig(
+            model_type=spec.model_type,
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            vocab_size=int(raw["vocab_size"]),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=_flag(spec.qkv_bias, raw),
+            o_bias=_flag(spec.o_bias, raw),
+            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_id=raw.get("eos_token_id"),
+            raw=raw,
+        )
+    except KeyError as e:
+        raise CheckpointMismatch(f"config is missing required key {e.args[0]!r}", path) from None
+    except (TypeError, ValueError) as e:
+        raise CorruptFile(f"config has an invalid value: {e}", path) from None
