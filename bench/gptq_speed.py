@@ -35,7 +35,7 @@ import torch
 
 from qconv.model.kv_cache import causal_attention
 from qconv.quant.gptq import HessianAccumulator, gptq_quantize
-from qconv.quant.grid import WeightScheme
+from qconv.core.grid import WeightScheme
 
 LAYERS = 30
 HIDDEN, FFN, KV = 576, 1536, 192

@@ -25,9 +25,9 @@ from example_model import example_model  # noqa: E402
 from qconv.checkpoint import open_model  # noqa: E402
 from qconv.quant.calibration import calibration_windows, load_calibration_rows  # noqa: E402
 from qconv.quant.gptq import gptq_quantize  # noqa: E402
-from qconv.quant.grid import WeightScheme, dequantize, fake_quantize  # noqa: E402
+from qconv.core.grid import WeightScheme, dequantize, fake_quantize  # noqa: E402
 from qconv.quant.methods.rotate import Rotate  # noqa: E402
-from qconv.quant.pipeline import LINEARS, LayerPipeline  # noqa: E402
+from qconv.quant.pipeline import LayerPipeline  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -40,7 +40,7 @@ def errors(source, tokens: torch.Tensor, layers: set[int], scheme: WeightScheme,
         if ctx.index in layers:
             xs: dict[str, torch.Tensor] = {}
             ctx.forward(lambda name, x: xs.__setitem__(name, x.reshape(-1, x.shape[-1]).clone()))
-            for name in LINEARS:
+            for name in ctx.spec.linear_names:
                 w, x = ctx.layer.get_submodule(name).weight, xs[name]
                 fit, held = x[: len(x) // 2], x[len(x) // 2:]
                 if quantizer == "gptq":
@@ -74,7 +74,7 @@ def main() -> None:
     print(f"{args.quantizer} W{args.bits} g{args.group_size}: held-out relative output error, plain / rotated")
     print("| Linear | " + " | ".join(f"layer {i}" for i in args.layers) + " |")
     print("|---|" + "---|" * len(args.layers))
-    for name in LINEARS:
+    for name in base.config.spec.linear_names:
         cells = [f"{plain[i, name]:.4f} / {rotated[i, name]:.4f}" for i in args.layers]
         print(f"| {name} | " + " | ".join(cells) + " |")
 

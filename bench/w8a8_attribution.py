@@ -27,13 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from example_model import example_model  # noqa: E402
 
 from qconv.checkpoint import open_model  # noqa: E402
-from qconv.formats.compressed_tensors import ActivationScheme  # noqa: E402
+from qconv.core.quantized import ActivationScheme  # noqa: E402
 from qconv.model.act_quant import apply_activation_quant  # noqa: E402
 from qconv.model.decoder import load_model  # noqa: E402
 from qconv.model.perplexity import perplexity  # noqa: E402
-from qconv.quant.grid import WeightScheme, fake_quantize  # noqa: E402
+from qconv.core.grid import WeightScheme, fake_quantize  # noqa: E402
 from qconv.quant.calibration import calibration_windows, load_calibration_rows  # noqa: E402
-from qconv.quant.methods.smoothquant import SMOOTH_GROUPS, divide_outputs, smoothing_scales  # noqa: E402
+from qconv.quant.methods.scaling import fold_scales  # noqa: E402
+from qconv.quant.methods.smoothquant import smoothing_scales  # noqa: E402
 from qconv.textdata import load_text  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -70,15 +71,15 @@ def smoothed(model: torch.nn.Module, maxima: dict[str, torch.Tensor], alpha: flo
     out = copy.deepcopy(model)
     with torch.no_grad():
         for i, layer in enumerate(out.layers):
-            for source, linears in SMOOTH_GROUPS:
-                a = down_alpha if source == "mlp.up_proj" else alpha
+            for group in out.config.spec.groups:
+                if group.source_kind == "value":
+                    continue
+                a = down_alpha if group.source_kind == "linear" else alpha
                 if a is None:
                     continue
-                mods = [layer.get_submodule(n) for n in linears]
-                s = smoothing_scales(maxima[f"layers.{i}.{linears[0]}"], [m.weight for m in mods], a)
-                divide_outputs(layer.get_submodule(source), s)
-                for m in mods:
-                    m.weight.mul_(s[None, :])
+                mods = [layer.get_submodule(n) for n in group.linears]
+                s = smoothing_scales(maxima[f"layers.{i}.{group.linears[0]}"], [m.weight for m in mods], a)
+                fold_scales(layer.get_submodule(group.source), mods, s)
     return out
 
 

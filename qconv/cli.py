@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     except QconvError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(e.exit_code)
-    except SystemExit as e:
+    except SystemExit:
         if _interrupted:
             sys.stderr.write("error: interrupted\n")
             sys.exit(130)

@@ -21,17 +21,11 @@ from qconv.checkpoint.compressed_source import CompressedTensorsSource
 from qconv.checkpoint.hf import HFSource
 from qconv.checkpoint.hf_writer import write_hf_checkpoint
 from qconv.errors import CheckpointMismatch, InvalidOption, UnsupportedModel
-from qconv.formats.compressed_tensors import (
-    ActivationScheme,
-    CompressedTensorsWriter,
-    QuantizedWeight,
-    compress,
-    pack_int32,
-    unpack_int32,
-)
+from qconv.core.quantized import ActivationScheme, QuantizedWeight
+from qconv.formats.compressed_tensors import CompressedTensorsWriter, compress, pack_int32, unpack_int32
 from qconv.model import load_model
 from qconv.model.act_quant import apply_activation_quant, fake_quant_per_token
-from qconv.quant.grid import WeightScheme, dequantize, rtn
+from qconv.core.grid import WeightScheme, dequantize, rtn
 
 W4_ASYM = WeightScheme(4, 32, symmetric=False)
 W4_SYM = WeightScheme(4, 32, symmetric=True)

@@ -204,7 +204,7 @@ def test_gguf_export_does_not_import_torch(export_model: Path, tmp_path: Path) -
 def test_mix_matches_llama_cpp_rules_on_smollm_shapes() -> None:
     """Q4_K_M on SmolLM2's shapes (576-wide rows, 30 layers, tied): Q5_0/Q8_0 fallbacks and
     Q4_K/Q6_K only on ffn_down, as peer-results.md describes."""
-    from qconv.checkpoint.config import ModelConfig
+    from qconv.arch.config import ModelConfig
     from qconv.formats.gguf_types import file_type
     from qconv.formats.gguf_writer import plan_tensors
 

@@ -16,7 +16,7 @@ import torch
 
 from qconv import api
 from qconv.checkpoint import open_model
-from qconv.checkpoint.gguf_names import permute_rows, unpermute_rows
+from qconv.arch.rope_layout import permute_rows, unpermute_rows
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "stories260K.gguf"
 needs_stories = pytest.mark.skipif(not STORIES.is_file(), reason="../shared/data/stories260K.gguf not present")

@@ -26,7 +26,7 @@ import torch
 from qconv.errors import InvalidOption
 from qconv.quant.gptq import (HessianAccumulator, cross_products, descend_codes, gptq_quantize, refit_scales,
                               retarget, row_errors)
-from qconv.quant.grid import WeightScheme, dequantize, group_minmax, mse_clip_params, qparams, rtn
+from qconv.core.grid import WeightScheme, dequantize, group_minmax, mse_clip_params, qparams, rtn
 
 IN, OUT, TOKENS = 256, 48, 2048
 

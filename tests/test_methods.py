@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from qconv.arch.spec import GroupSpec
 from qconv.checkpoint import open_model
 from qconv.errors import InvalidOption
-from qconv.quant.grid import WeightScheme, fake_quantize
+from qconv.core.grid import WeightScheme, fake_quantize
 from qconv.quant.methods import get_method
 from qconv.quant.pipeline import LayerPipeline
 from qconv.quant.schemes import SchemeMap
@@ -180,7 +181,7 @@ def test_methods_are_deterministic(outlier_model: Path, stages) -> None:
 
 
 def test_mse_clip_never_worse_than_minmax() -> None:
-    from qconv.quant.grid import fake_quantize
+    from qconv.core.grid import fake_quantize
     from qconv.quant.methods.rtn import rtn_weight
 
     w = torch.randn(64, 128) * torch.rand(1, 128) * 3
@@ -193,14 +194,12 @@ def test_mse_clip_never_worse_than_minmax() -> None:
 def test_sequential_pass_equals_forward(outlier_model: Path) -> None:
     """The staged pass GPTQ uses computes exactly the layer's forward when nothing changes, and
     shows each group the inputs the hooks of a plain forward see."""
-    from qconv.quant.pipeline import GROUPS
-
     _, ctx = first_layer(outlier_model)
     hooked: dict[str, torch.Tensor] = {}
     ref = ctx.forward(lambda inner, x: hooked.setdefault(inner, x.clone()) if inner not in hooked else None)
     seen: dict[tuple[str, ...], torch.Tensor] = {}
-    out = ctx.sequential(lambda group, x, fp: seen.__setitem__(group, x.clone()))  # buffers are recycled
-    assert list(seen) == list(GROUPS)
+    out = ctx.sequential(lambda group, x, fp: seen.__setitem__(group.linears, x.clone()))  # buffers are recycled
+    assert list(seen) == [g.linears for g in ctx.spec.groups]
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     assert ctx.outputs is out
     for group, x in seen.items():  # the hook saw the first batch (4 samples)
@@ -212,8 +211,8 @@ def test_sequential_pass_feeds_quantized_groups_forward(outlier_model: Path) -> 
     _, ctx = first_layer(outlier_model)
     ref = ctx.forward()
 
-    def visit(group: tuple[str, ...], _x: torch.Tensor, _fp: torch.Tensor | None) -> None:
-        if group[0] == "self_attn.o_proj":
+    def visit(group: GroupSpec, _x: torch.Tensor, _fp: torch.Tensor | None) -> None:
+        if group.linears[0] == "self_attn.o_proj":
             ctx.layer.self_attn.o_proj.weight.data.mul_(0.5)
 
     out = ctx.sequential(visit)
@@ -231,7 +230,7 @@ def test_sequential_pass_stores_group_inputs_in_compute_dtype(outlier_model: Pat
     for _ in range(2):
         ctx, seen = next(layers), set()
 
-        def visit(group: tuple[str, ...], x: torch.Tensor, _fp: torch.Tensor | None, seen: set[int] = seen) -> None:
+        def visit(group: GroupSpec, x: torch.Tensor, _fp: torch.Tensor | None, seen: set[int] = seen) -> None:
             assert x.dtype == torch.bfloat16, group
             seen.add(x.data_ptr())
 

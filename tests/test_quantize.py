@@ -50,11 +50,13 @@ def test_group_size_must_divide_width(model: Path, tmp_path: Path) -> None:
         api.quantize(model, tmp_path / "o", method="rtn", group_size=48, dry_run=True)
 
 
-def _logits(path: Path) -> torch.Tensor:
+def _logits(path: Path, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of the model at ``path`` on ``tokens`` ``[n, T]`` (default: tokens 0..31, one row)."""
     from qconv.model import load_model
 
     with open_model(path) as src:
-        return load_model(src)(torch.arange(32)[None])[0]
+        out = load_model(src)(torch.arange(32)[None] if tokens is None else tokens)
+    return out[0] if tokens is None else out
 
 
 @pytest.mark.parametrize("method,flags", [
@@ -80,7 +82,12 @@ def test_quantize_roundtrip_and_determinism(model: Path, calib: Path, tmp_path: 
 
 def test_gptq_fp_targets_and_refine_end_to_end(model: Path, calib: Path, tmp_path: Path) -> None:
     """rotate + GPTQ with fp targets and refinement: a valid, deterministic checkpoint closer to
-    the fp model than plain GPTQ on the same calibration (KL of the logits)."""
+    the fp model than plain GPTQ on the same calibration (KL of the logits on the calibration
+    windows, what both fit: measured there the gap is ~10x; on the 32 arbitrary tokens of
+    ``_logits`` the two are within noise of each other and their order depends on the CPU's
+    float kernels, which made this test fail on AMX machines)."""
+    from qconv.quant.calibration import calibration_windows, load_calibration_rows
+
     import yaml
 
     def run(out: str, gptq: dict) -> Path:
@@ -96,10 +103,12 @@ def test_gptq_fp_targets_and_refine_end_to_end(model: Path, calib: Path, tmp_pat
     b = run("b", {"fp_targets": True, "refine": 2})
     for f in sorted(p.name for p in a.iterdir()):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
-    ref = _logits(model).log_softmax(-1)
+    with open_model(model) as src:
+        windows = calibration_windows(src.tokenizer(), load_calibration_rows(str(calib), "text"), 4, 32, 0)
+    ref = _logits(model, windows).log_softmax(-1).flatten(0, 1)
 
     def kl(path: Path) -> float:
-        out = _logits(path).log_softmax(-1)
+        out = _logits(path, windows).log_softmax(-1).flatten(0, 1)
         return torch.nn.functional.kl_div(out, ref, log_target=True, reduction="batchmean").item()
 
     assert kl(a) < kl(run("plain", {}))
@@ -146,7 +155,6 @@ def test_entry_point_plugin(monkeypatch: pytest.MonkeyPatch, model: Path, tmp_pa
     from qconv.quant.methods import Quantizer
     from qconv.quant.methods.base import set_weight
     from qconv.quant.methods.rtn import rtn_weight
-    from qconv.quant.pipeline import LINEARS
 
     class HalfRange(Quantizer):
         name = "halfrange"
@@ -155,7 +163,7 @@ def test_entry_point_plugin(monkeypatch: pytest.MonkeyPatch, model: Path, tmp_pa
 
         def quantize(self, ctx, schemes):
             out = {}
-            for inner in LINEARS:
+            for inner in ctx.spec.linear_names:
                 scheme = schemes.scheme_for(ctx.module_name(inner))
                 if scheme is None:
                     continue

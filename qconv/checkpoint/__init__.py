@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qconv.checkpoint.config import ModelConfig, load_config, quantization_method
+from qconv.arch.config import ModelConfig
+from qconv.checkpoint.config import load_config, quantization_method
 from qconv.checkpoint.source import ModelSource
 from qconv.errors import InputNotFound, InvalidOption, UnsupportedModel
 

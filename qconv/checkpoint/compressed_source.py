@@ -22,24 +22,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from qconv.checkpoint.config import ModelConfig
+from qconv.arch.config import ModelConfig
+from qconv.arch.spec import EMBED
 from qconv.checkpoint.hf import HFSource
 from qconv.checkpoint.source import ModelSource
 from qconv.errors import CheckpointMismatch, CorruptFile, InvalidOption, UnsupportedModel
+from qconv.core.quantized import ActivationScheme, QuantizedWeight
 from qconv.formats.compressed_tensors import (
-    EMBEDDING,
     INT_QUANTIZED,
     MIXED,
     NAIVE_QUANTIZED,
     PACKED,
     QUANT_METHOD,
-    ActivationScheme,
-    QuantizedWeight,
     decompress,
-    linear_modules,
     stored_shapes,
 )
-from qconv.quant.grid import WeightScheme
+from qconv.core.grid import WeightScheme
 
 #: Formats whose layout this reader decodes.
 READABLE_FORMATS = (PACKED, INT_QUANTIZED, NAIVE_QUANTIZED)
@@ -144,13 +142,13 @@ def resolve_modules(qcfg: Any, config: ModelConfig, path: Path) -> dict[str, Mod
     def ignored(name: str, cls: str) -> bool:
         return any(t == cls or _rank(name, t) in (0, 1) for t in ignore)
 
-    embed = EMBEDDING[: -len(".weight")]
+    embed = EMBED
     if not ignored(embed, "Embedding") and any(
         t == "Embedding" or _rank(embed, t) in (0, 1) for _, targets, _ in groups for t in targets
     ):
         raise _unsupported("quantized embeddings", path)
     modules: dict[str, ModuleQuant] = {}
-    for name in linear_modules(config):
+    for name in config.spec.linear_modules(config):
         if ignored(name, "Linear"):
             continue
         ranked: list[tuple[int, str, ModuleQuant]] = []

@@ -1,4 +1,4 @@
-"""GGUF import: a llama-arch (or qwen2) GGUF file seen as an HF checkpoint.
+"""GGUF import: a GGUF file of a supported family seen as an HF checkpoint.
 
 Metadata becomes a :class:`ModelConfig`, ``blk.N.*`` names become HF names, every tensor
 type gguf-py can dequantize is dequantized to float32 on access (one tensor at a time, from
@@ -13,16 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qconv.checkpoint.config import ModelConfig, RopeScaling
-from qconv.checkpoint.gguf_names import hf_name, qk_heads, unpermute_rows
+from qconv.arch.config import ModelConfig, RopeScaling
+from qconv.arch.families import BY_GGUF_ARCH
+from qconv.arch.rope_layout import unpermute_rows
 from qconv.checkpoint.source import ModelSource
 from qconv.errors import CheckpointMismatch, CorruptFile, UnsupportedModel
 
 if TYPE_CHECKING:
     import torch
 
-#: general.architecture values qconv imports -> HF model_type.
-GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
 
 def _f32(v: Any) -> float:
     """GGUF stores floats as f32; print them as the decimal the model author wrote."""
@@ -72,9 +71,10 @@ class GGUFSource(ModelSource):
 
     def _config(self) -> ModelConfig:
         arch = self.meta.get("general.architecture")
-        if arch not in GGUF_ARCHS:
+        spec = BY_GGUF_ARCH.get(arch)  # type: ignore[arg-type]
+        if spec is None:
             raise UnsupportedModel(
-                f"unsupported GGUF architecture {arch} (supported: {', '.join(GGUF_ARCHS)})", self.path
+                f"unsupported GGUF architecture {arch} (supported: {', '.join(BY_GGUF_ARCH)})", self.path
             )
         hidden, heads = int(self._key("embedding_length")), int(self._key("attention.head_count"))
         head_dim = int(self.meta.get(f"{arch}.attention.key_length") or hidden // heads)
@@ -88,8 +88,13 @@ class GGUFSource(ModelSource):
         if embd is None:
             raise CheckpointMismatch("tensor token_embd.weight is missing", self.path)
         tok_ids = {k: self.meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos")}
+        # a bias flag is on when block 0 holds the bias of any Linear the flag governs
+        biases = {lin.bias: False for lin in spec.linears if lin.bias}
+        for lin in spec.linears:
+            if lin.bias and f"blk.0.{lin.gguf}.bias" in self._tensors:
+                biases[lin.bias] = True
         return ModelConfig(
-            model_type=GGUF_ARCHS[arch],
+            model_type=spec.model_type,
             hidden_size=hidden,
             intermediate_size=int(self._key("feed_forward_length")),
             num_layers=int(self._key("block_count")),
@@ -102,14 +107,15 @@ class GGUFSource(ModelSource):
             rope_scaling=scaling,
             max_position_embeddings=int(self._key("context_length", 2048)),
             tie_word_embeddings="output.weight" not in self._tensors,
-            qkv_bias="blk.0.attn_q.bias" in self._tensors,
+            **biases,
             torch_dtype="float32",
             bos_token_id=tok_ids["bos"],
             eos_token_id=tok_ids["eos"],
         )
 
     def _validate(self) -> list[str]:
-        self._gguf_of = {h: g for g in self._tensors if (h := hf_name(g)) is not None}
+        spec = self.config.spec
+        self._gguf_of = {h: g for g in self._tensors if (h := spec.hf_name(g)) is not None}
         expected = self.config.expected_shapes()
         for name, shape in expected.items():
             g = self._gguf_of.get(name)
@@ -143,8 +149,8 @@ class GGUFSource(ModelSource):
 
     def get_array(self, name: str) -> np.ndarray:
         w = self._array(self._gguf_of[name])
-        heads = qk_heads(name, self.config.num_heads, self.config.num_kv_heads)
-        if heads and self.config.model_type == "llama":
+        heads = self.config.spec.rope_heads(name, self.config)
+        if heads:
             w = unpermute_rows(w, heads)
         return np.ascontiguousarray(w)
 

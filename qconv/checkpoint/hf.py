@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 from safetensors import safe_open
 
-from qconv.checkpoint.config import ModelConfig, load_config
+from qconv.arch.config import ModelConfig
+from qconv.checkpoint.config import load_config
 from qconv.checkpoint.source import ModelSource
 from qconv.checkpoint.tokenizer import read_tokenizer_files
 from qconv.errors import CheckpointMismatch, CorruptFile, InputNotFound, UnsupportedModel

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qconv.checkpoint.config import ModelConfig
+from qconv.arch.config import ModelConfig
+from qconv.arch.spec import LAYER_PREFIX
 from qconv.checkpoint.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class ModelSource(ABC):
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         """All tensors of decoder layer ``index``, keyed by the name inside the layer
         (``self_attn.q_proj.weight``)."""
-        prefix = f"model.layers.{index}."
+        prefix = LAYER_PREFIX.format(index)
         return {n[len(prefix):]: self.get_tensor(n) for n in self.tensor_names() if n.startswith(prefix)}
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ are replaced by their integer codes plus per-(row, group) parameters, described 
   activations): ``X.weight`` int8 ``[out, in]`` and ``X.weight_scale`` ``[out, 1]``; nothing is
   stored for the activations (their scales are computed per token at run time).
 
-Codes and parameters follow :mod:`qconv.quant.grid`, which uses compressed-tensors' own
+Codes and parameters follow :mod:`qconv.core.grid`, which uses compressed-tensors' own
 convention (``x = (q - zero) * scale``, signed codes), so writing is pure re-layout: the
 stored codes dequantize to exactly what the quantizer produced.
 
@@ -35,7 +35,6 @@ import json
 import math
 import sys
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -43,10 +42,12 @@ from typing import Any
 import torch
 
 from qconv.atomic import atomic_output
-from qconv.checkpoint.config import ModelConfig
+from qconv.arch.config import ModelConfig
+from qconv.arch.spec import LM_HEAD
 from qconv.checkpoint.hf_writer import ShardWriter, write_config_and_tokenizer
 from qconv.errors import CheckpointMismatch, InvalidOption
-from qconv.quant.grid import WeightScheme, dequantize
+from qconv.core.grid import WeightScheme
+from qconv.core.quantized import ActivationScheme, QuantizedWeight
 
 QUANT_METHOD = "compressed-tensors"
 PACKED = "pack-quantized"
@@ -55,7 +56,6 @@ NAIVE_QUANTIZED = "naive-quantized"
 MIXED = "mixed-precision"
 #: The compressed-tensors release whose layout qconv writes (recorded as ``version``).
 CT_VERSION = "0.20.0"
-EMBEDDING = "model.embed_tokens.weight"
 
 
 # --------------------------------------------------------------------------- packing
@@ -146,74 +146,6 @@ def packed_width(n: int, bits: int) -> int:
 # --------------------------------------------------------------------------- schemes
 
 
-@dataclass(frozen=True)
-class ActivationScheme:
-    """How a Linear's *inputs* are quantized at run time (W8A8): dynamic, symmetric, per token.
-
-    Only this variant is supported: it is what vLLM runs with its int8 ``scaled_mm`` kernels
-    and what needs no calibration data (no stored activation scales).
-    """
-
-    bits: int = 8
-    symmetric: bool = True
-    strategy: str = "token"
-    dynamic: bool = True
-
-    def __post_init__(self) -> None:
-        if (self.bits, self.symmetric, self.strategy, self.dynamic) != (8, True, "token", True):
-            raise InvalidOption(
-                "only dynamic symmetric per-token int8 activation quantization is supported, got "
-                f"bits={self.bits} symmetric={self.symmetric} strategy={self.strategy} dynamic={self.dynamic}"
-            )
-
-    def to_args(self) -> dict[str, Any]:
-        """compressed-tensors ``QuantizationArgs`` for ``input_activations``."""
-        return {
-            "num_bits": self.bits, "type": "int", "symmetric": self.symmetric, "strategy": self.strategy,
-            "group_size": None, "dynamic": self.dynamic, "actorder": None, "block_structure": None,
-            "observer": None, "observer_kwargs": {},
-        }
-
-
-@dataclass
-class QuantizedWeight:
-    """One Linear weight on an integer grid: codes ``q`` int8 ``[out, in]``, ``scale`` ``[out, groups]``
-    and ``zero`` int32 ``[out, groups]`` per :mod:`qconv.quant.grid` (``x = (q - zero) * scale``)."""
-
-    q: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    scheme: WeightScheme
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self.q.shape[0]), int(self.q.shape[1]))
-
-    def dequantize(self) -> torch.Tensor:
-        """float32 weights; exact (an integer times a float16/bfloat16/float32 scale fits float32)."""
-        return dequantize(self.q, self.scale, self.zero, self.scheme)
-
-    def check(self, name: str) -> None:
-        """Raise ValueError if the parts disagree with each other or the scheme: a writer would
-        otherwise store codes that silently dequantize to something else."""
-        s = self.scheme
-        if self.q.dtype != torch.int8 or self.q.dim() != 2:
-            raise ValueError(f"{name}: codes must be a 2-D int8 tensor, got {self.q.dtype} {list(self.q.shape)}")
-        out, n = self.shape
-        groups = s.groups(n)
-        for part, t in (("scale", self.scale), ("zero", self.zero)):
-            if tuple(t.shape) != (out, groups):
-                raise ValueError(f"{name}: {part} has shape {list(t.shape)}, expected {[out, groups]}")
-        if self.q.numel() and (int(self.q.min()) < s.qmin or int(self.q.max()) > s.qmax):
-            raise ValueError(f"{name}: codes outside the {s.bits}-bit range [{s.qmin}, {s.qmax}]")
-        if s.symmetric and bool(self.zero.any()):
-            raise ValueError(f"{name}: symmetric scheme with non-zero zero points")
-        if not s.symmetric and (int(self.zero.min()) < s.qmin or int(self.zero.max()) > s.qmax):
-            raise ValueError(f"{name}: zero points outside [{s.qmin}, {s.qmax}]")
-        if not torch.equal(self.scale.to(s.scale_dtype).float(), self.scale.float()):
-            raise ValueError(f"{name}: scales are not representable in {s.scale_dtype}")
-
-
 def weight_args(scheme: WeightScheme) -> dict[str, Any]:
     """compressed-tensors ``QuantizationArgs`` (as JSON) for a weight scheme."""
     channel = scheme.group_size == -1
@@ -299,12 +231,6 @@ def decompress(fmt: str, scheme: WeightScheme, shape: tuple[int, int], tensors: 
 # --------------------------------------------------------------------------- writer
 
 
-def linear_modules(config: ModelConfig) -> list[str]:
-    """HF module names (no ``.weight``) of every Linear the model stores, in checkpoint order."""
-    return [n[: -len(".weight")] for n, s in config.expected_shapes().items()
-            if n.endswith(".weight") and len(s) == 2 and n != EMBEDDING]
-
-
 class CompressedTensorsWriter:
     """Streaming writer of a compressed-tensors checkpoint directory; use as a context manager.
 
@@ -341,7 +267,7 @@ class CompressedTensorsWriter:
         self.dtype = dtype
         self.quantization_config: dict[str, Any] | None = None
         self._expected = config.expected_shapes()
-        self._linear = set(linear_modules(config))
+        self._linear = set(config.spec.linear_modules(config))
         self._added: set[str] = set()
         self._modules: dict[str, tuple[WeightScheme, ActivationScheme | None]] = {}
         self._float_dtype: torch.dtype | None = dtype
@@ -434,7 +360,7 @@ def build_quantization_config(
     group). ``ignore`` lists every Linear left in floating point (``lm_head`` always, since
     transformers builds that module even when it is tied to the embeddings).
     """
-    order = linear_modules(config)
+    order = config.spec.linear_modules(config)
     quantized = [m for m in order if m in modules]
     distinct: list[tuple[WeightScheme, ActivationScheme | None]] = []
     for m in quantized:
@@ -453,8 +379,8 @@ def build_quantization_config(
             group["format"] = module_format(act)
         groups[f"group_{i}"] = group
     ignore = [m for m in order if m not in modules]
-    if config.tie_word_embeddings and "lm_head" not in ignore:
-        ignore.append("lm_head")
+    if config.tie_word_embeddings and LM_HEAD not in ignore:
+        ignore.append(LM_HEAD)
     return {
         "quant_method": QUANT_METHOD, "format": fmt, "quantization_status": "compressed",
         "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,

@@ -21,15 +21,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from qconv.atomic import atomic_output
-from qconv.checkpoint.config import ModelConfig
-from qconv.checkpoint.gguf_names import gguf_name, permute_rows, qk_heads
+from qconv.arch.config import ModelConfig
+from qconv.arch.rope_layout import permute_rows
 from qconv.checkpoint.source import ModelSource
 from qconv.formats.gguf_tokenizer import gguf_tokenizer_metadata
 from qconv.formats.gguf_types import FileType, llama_cpp_order, tensor_types
 from qconv.quant import ggml
-
-#: qconv model_type -> GGUF general.architecture (Mistral runs as llama in llama.cpp).
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 
 @dataclass
@@ -64,13 +61,13 @@ class GGUFExportResult:
 def plan_tensors(config: ModelConfig, ft: FileType) -> list[PlannedTensor]:
     """Every output tensor in llama.cpp's order, with its GGML type."""
     shapes: dict[str, tuple[tuple[int, ...], str | None]] = {
-        gguf_name(hf): (shape, hf) for hf, shape in config.expected_shapes().items()
+        config.spec.gguf_name(hf): (shape, hf) for hf, shape in config.expected_shapes().items()
     }
     if config.rope_scaling is not None and config.rope_scaling.rope_type == "llama3":
         shapes["rope_freqs.weight"] = ((config.head_dim // 2,), None)
     order = llama_cpp_order(list(shapes))
     types = tensor_types([(n, shapes[n][0]) for n in order], ft, config.num_layers,
-                         is_70b=GGUF_ARCH[config.model_type] == "llama" and config.num_layers == 80
+                         is_70b=config.spec.gguf_arch == "llama" and config.num_layers == 80
                          and config.num_heads != config.num_kv_heads)
     return [PlannedTensor(n, shapes[n][1], shapes[n][0], types[n]) for n in order]
 
@@ -153,14 +150,14 @@ def _encode(x: np.ndarray, t: T) -> np.ndarray:
     return ggml.quantize(x.reshape(-1, x.shape[-1]), t)
 
 
-def _tensor_data(source: ModelSource, p: PlannedTensor, permute: bool) -> np.ndarray:
+def _tensor_data(source: ModelSource, p: PlannedTensor) -> np.ndarray:
     config = source.config
     if p.hf_name is None:  # rope_freqs: computed, never stored in HF checkpoints
         assert config.rope_scaling is not None
         return config.rope_scaling.llama3_factors(config.rope_theta, config.head_dim).astype(np.float32)
     x = source.get_array(p.hf_name)
-    heads = qk_heads(p.hf_name, config.num_heads, config.num_kv_heads)
-    if permute and heads:
+    heads = config.spec.rope_heads(p.hf_name, config)
+    if heads:
         x = permute_rows(x, heads)
     return x
 
@@ -177,7 +174,7 @@ def write_gguf(
     t0 = time.perf_counter()
     out = Path(out)
     config = source.config
-    arch = GGUF_ARCH[config.model_type]
+    arch = config.spec.gguf_arch
     plan = plan_tensors(config, ft)
     tok_meta = gguf_tokenizer_metadata(source.tokenizer_files(), config.vocab_size, tokenizer_pre)
     with atomic_output(out, force=force) as tmp:
@@ -191,7 +188,7 @@ def write_gguf(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for p in plan:  # one expression, so no tensor outlives its write
-            w.write_tensor_data(_encode(_tensor_data(source, p, permute=arch == "llama"), p.type))
+            w.write_tensor_data(_encode(_tensor_data(source, p), p.type))
             if on_tensor:
                 on_tensor(p.name)
         w.close()

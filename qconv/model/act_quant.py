@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from qconv.errors import InvalidOption
-from qconv.formats.compressed_tensors import ActivationScheme
+from qconv.core.quantized import ActivationScheme
 
 
 def fake_quant_per_token(x: torch.Tensor, bits: int = 8, range_divisor: float | None = None) -> torch.Tensor:

@@ -13,12 +13,15 @@ Module and parameter names mirror the HF checkpoint names minus the ``model.`` p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qconv.checkpoint.config import ModelConfig
+from qconv.arch.config import ModelConfig
+from qconv.arch.spec import EMBED, FINAL_NORM, LM_HEAD
 from qconv.checkpoint.source import ModelSource
 from qconv.model.kv_cache import KVCache, causal_attention
 
@@ -94,16 +97,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, kv_out, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_out, h, bias=config.o_bias)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int
-    ) -> torch.Tensor:
-        return self.o_proj(self.mix(x, cos, sin, cache, start_pos))
-
     def mix(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int
     ) -> torch.Tensor:
         """Everything before ``o_proj``: the heads' attention outputs ``[b, t, heads * head_dim]``
-        (a separate step so calibration can stop at o_proj's input)."""
+        (o_proj is applied by the block's ops, so calibration can stop at its input)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -125,17 +123,30 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.hidden(x))
-
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(gate(x)) * up(x)``: down_proj's input, computed in place in the gate's fresh
+        """``silu(gate(x)) * up(x)``: down_proj's input (down_proj is applied by the block's
+        ops), computed in place in the gate's fresh
         output (two fewer ``[tokens, intermediate]`` temporaries; inference only, no autograd)."""
         return F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x))
 
 
+class Op(NamedTuple):
+    """One step of a block's forward: ``fn(x, y)`` over the residual stream ``x`` and the current
+    branch value ``y``. It either replaces the residual (``residual=True``) or produces the
+    next branch value, which is the input of the block's next Linear group (spec order)."""
+
+    residual: bool
+    fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    The forward is written once, as :meth:`ops`: the runner runs them one batch at a time, and
+    the calibration pipeline runs each over every sample before the next, stopping at each
+    Linear group's input (the ops that produce branch values) so a method can quantize the
+    group before the rest of the pass uses it.
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -144,11 +155,42 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
+    def ops(self, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int) -> tuple[Op, ...]:
+        """The forward as a sequence of :class:`Op` (one branch op per Linear group of the spec)."""
+        attn, mlp = self.self_attn, self.mlp
+        return (
+            Op(False, lambda x, y: self.input_layernorm(x)),  # -> q/k/v
+            Op(False, lambda x, y: attn.mix(y, cos, sin, cache, start_pos)),  # -> o_proj
+            Op(True, lambda x, y: x + attn.o_proj(y)),
+            Op(False, lambda x, y: self.post_attention_layernorm(x)),  # -> gate/up
+            Op(False, lambda x, y: mlp.hidden(y)),  # -> down_proj
+            Op(True, lambda x, y: x + mlp.down_proj(y)),
+        )
+
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return run_ops(self.ops(cos, sin, cache, start_pos), x)
+
+
+def run_ops(ops: tuple[Op, ...], x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Run a block's ops from residual ``x`` (and branch value ``y``); the final residual."""
+    for op in ops:
+        if op.residual:
+            x = op.fn(x, y)
+        else:
+            y = op.fn(x, y)
+    return x
+
+
+#: The runner's block compute per ``ArchSpec.block``.
+BLOCKS: dict[str, type[DecoderLayer]] = {"llama": DecoderLayer}
+
+
+def make_block(config: ModelConfig, layer_idx: int) -> DecoderLayer:
+    """Block ``layer_idx`` of a model of ``config``'s family (parameters uninitialized on the
+    current default device: callers build it on ``meta`` and assign weights)."""
+    return BLOCKS[config.spec.block](config, layer_idx)
 
 
 class Transformer(nn.Module):
@@ -163,7 +205,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(make_block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = (
             None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -211,10 +253,10 @@ def load_model(
         converted = {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
         module.load_state_dict(converted, strict=True, assign=True)
 
-    assign(model.embed_tokens, {"weight": source.get_tensor("model.embed_tokens.weight")})
+    assign(model.embed_tokens, {"weight": source.get_tensor(f"{EMBED}.weight")})
     for i, layer in enumerate(model.layers):
         assign(layer, source.layer(i))
-    assign(model.norm, {"weight": source.get_tensor("model.norm.weight")})
+    assign(model.norm, {"weight": source.get_tensor(f"{FINAL_NORM}.weight")})
     if model.lm_head is not None:
-        assign(model.lm_head, {"weight": source.get_tensor("lm_head.weight")})
+        assign(model.lm_head, {"weight": source.get_tensor(f"{LM_HEAD}.weight")})
     return model.to(device).requires_grad_(False).eval()

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from qconv.checkpoint.config import ModelConfig
+from qconv.arch.config import ModelConfig
 from qconv.model.kv_cache import KVCache, KVMemory, causal_attention, fp16_kv_bytes
 from qconv.model.kv_quant import (
     codes_per_byte,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from qconv.checkpoint.config import ModelConfig
+from qconv.arch.config import ModelConfig
 from qconv.errors import InvalidOption
 from qconv.model.kv_cache import FpKVCache, KVCache
 from qconv.model.kv_caches import Int8KVCache, KiviKVCache

@@ -7,7 +7,7 @@ Two pieces, kept free of modules and hooks so a pipeline can drive them however 
   column's rounding error onto the columns not yet quantized (the reference algorithm of
   IST-DASLab/gptq, with llm-compressor's static-group activation ordering).
 
-The codes, scales and zero points it returns live on :mod:`qconv.quant.grid`'s one convention,
+The codes, scales and zero points it returns live on :mod:`qconv.core.grid`'s one convention,
 and ``grid.dequantize(q, scale, zero, scheme)`` is bit for bit the fake-quantized weight GPTQ
 optimized: the column quantizer below performs exactly ``grid.quantize``'s float32 operations.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from qconv.errors import InvalidOption
-from qconv.quant.grid import WeightScheme, dequantize, group_minmax, mse_clip_params, qparams, quantize
+from qconv.core.grid import WeightScheme, dequantize, group_minmax, mse_clip_params, qparams, quantize
 
 # Multipliers of ``damp`` tried in turn when the damped Hessian cannot be factored. With a
 # positive semi-definite H, ``damp = 0.01`` already bounds the condition number by 100·in, so a

@@ -14,13 +14,15 @@ import gguf
 import numpy as np
 
 from qconv.atomic import atomic_output
-from qconv.checkpoint.gguf_names import gguf_name
+from qconv.arch.spec import ArchSpec
 from qconv.quant.calibration import ActivationStats
 
 
-def write_imatrix(stats: ActivationStats, out: Path | str, dataset: str, chunks: int, chunk_size: int,
-                  force: bool = False) -> Path:
-    """Write ``stats`` as a llama.cpp imatrix GGUF (``general.type = imatrix``)."""
+def write_imatrix(stats: ActivationStats, spec: ArchSpec, out: Path | str, dataset: str, chunks: int,
+                  chunk_size: int, force: bool = False) -> Path:
+    """Write ``stats`` (of a model of family ``spec``) as a llama.cpp imatrix GGUF
+    (``general.type = imatrix``)."""
+    gguf_name = spec.gguf_name
     out = Path(out)
     with atomic_output(out, force=force) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch="")

@@ -34,23 +34,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from qconv.checkpoint.config import ModelConfig
+from qconv.arch.config import ModelConfig
+from qconv.arch.spec import EMBED, LAYER_PREFIX, ArchSpec, GroupSpec
 from qconv.checkpoint.source import ModelSource
-from qconv.model.decoder import DecoderLayer, rope_cos_sin, rope_inv_freq
-
-#: Linear modules of a decoder layer, by their name inside the layer, in execution order.
-LINEARS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
-
-#: Linears sharing one input, in execution order (the boundaries of a sequential pass).
-GROUPS: tuple[tuple[str, ...], ...] = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+from qconv.model.decoder import DecoderLayer, Op, make_block, rope_cos_sin, rope_inv_freq, run_ops
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +45,7 @@ InputHook = Callable[[str, torch.Tensor], None]
 #: Called by a sequential pass with a Linear group, its inputs ``[n, T, in]`` for every sample and
 #: the fp model's inputs to it (None without the pipeline's fp stream); in the compute dtype, and
 #: the buffers are reused after the call returns, so copy what must outlive it.
-GroupVisitor = Callable[[tuple[str, ...], torch.Tensor, torch.Tensor | None], None]
+GroupVisitor = Callable[[GroupSpec, torch.Tensor, torch.Tensor | None], None]
 
 
 def pipeline_memory_bytes(config: ModelConfig, samples: int, seqlen: int,
@@ -94,57 +81,62 @@ class LayerContext:
         #: their outputs through the fp layer: set by :meth:`sequential` (needed when fp_inputs is)
         self.fp_outputs: torch.Tensor | None = None
 
+    @property
+    def spec(self) -> ArchSpec:
+        return self.pipeline.config.spec
+
+    def ops(self) -> tuple[Op, ...]:
+        """The layer's forward ops over the calibration windows (no KV cache, position 0)."""
+        return self.layer.ops(self.pipeline.cos, self.pipeline.sin, None, 0)
+
     @torch.inference_mode()
     def sequential(self, visit: GroupVisitor) -> torch.Tensor:
-        """One pass over every sample, one Linear group at a time (:data:`GROUPS`).
+        """One pass over every sample, one Linear group at a time (the spec's groups).
 
         Before each group is applied, ``visit(group, inputs, fp_inputs)`` sees that group's
         inputs for all samples and may change the group's weights (quantize them): the rest of
         the pass then computes with the changed weights. So each group's inputs come from the
         already quantized groups before it ("true sequential" inside the layer) at the cost of
         a single forward pass, whose output becomes :attr:`outputs` (the next layer's input).
+        The pass runs the block's own forward ops (:meth:`DecoderLayer.ops`), each over all
+        samples before the next.
 
         With the pipeline's fp stream, ``fp_inputs`` are the same group's inputs in the
         full-precision model, and :attr:`fp_outputs` its next-layer input: the fp stream runs
-        one step ahead, through each group before ``visit`` changes it. Otherwise ``None``.
+        one group ahead, through each group before ``visit`` changes it. Otherwise ``None``.
         """
-        layer, p = self.layer, self.pipeline
-        attn, mlp = layer.self_attn, layer.mlp
-        x, staged = self.inputs, p.compute_dtype  # group inputs: stored as the matmuls read them
-        fx = self.fp_inputs
-
-        def fp_map(fn: Callable[..., torch.Tensor], *args: torch.Tensor | None, dtype: torch.dtype = torch.float32
-                 ) -> torch.Tensor | None:
-            """``fn`` over the fp stream's tensors (None without the stream)."""
-            return None if fx is None else p.map(fn, *args, dtype=dtype)  # type: ignore[arg-type]
-
-        def mix(t: torch.Tensor) -> torch.Tensor:
-            return attn.mix(t, p.cos, p.sin, None, 0)
-
-        h, fh = p.map(layer.input_layernorm, x, dtype=staged), fp_map(layer.input_layernorm, fx, dtype=staged)
-        fa = fp_map(mix, fh, dtype=staged)
-        visit(GROUPS[0], h, fh)
-        a = p.map(mix, h, dtype=staged)
-        p.recycle(h, *_present(fh))
-        fr = fp_map(lambda x_, a_: x_ + attn.o_proj(a_), fx, fa)
-        visit(GROUPS[1], a, fa)
-        r = p.map(lambda x_, a_: x_ + attn.o_proj(a_), x, a)
-        p.recycle(a, *_present(fa))
-        h = p.map(layer.post_attention_layernorm, r, dtype=staged)
-        fh = fp_map(layer.post_attention_layernorm, fr, dtype=staged)
-        fm = fp_map(mlp.hidden, fh, dtype=staged)
-        visit(GROUPS[2], h, fh)
-        m = p.map(mlp.hidden, h, dtype=staged)
-        p.recycle(h, *_present(fh))
-        self.fp_outputs = fp_map(lambda r_, m_: r_ + mlp.down_proj(m_), fr, fm)
-        visit(GROUPS[3], m, fm)
-        self.outputs = p.map(lambda r_, m_: r_ + mlp.down_proj(m_), r, m)
-        p.recycle(m, r, *_present(fm, fr))
+        ops, p = self.ops(), self.pipeline
+        quant = _Stream(p, ops, self.inputs)
+        fp = None if self.fp_inputs is None else _Stream(p, ops, self.fp_inputs)
+        fp_next = fp.next_input() if fp else None
+        for group in self.spec.groups:
+            y = quant.next_input()
+            fy, fp_next = fp_next, (fp.next_input() if fp else None)
+            assert y is not None, "the block's ops produce fewer group inputs than its spec has groups"
+            visit(group, y, fy)
+            p.recycle(*quant.retired(), *(fp.retired() if fp else ()))
+        self.outputs = quant.finish()
+        self.fp_outputs = fp.finish() if fp else None
         return self.outputs
+
+    def branch(self, group: GroupSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What ``group``'s input contributes to the residual stream: the block's ops from that
+        input to the next residual update, with a zero residual (for the q/k/v group the whole
+        attention, for gate/up the whole MLP, for o_proj and down_proj the Linear itself).
+        AWQ's scale search measures its error at this output."""
+        ops, k = self.ops(), self.spec.groups.index(group)
+        starts = [i + 1 for i, op in enumerate(ops) if not op.residual]
+        start = starts[k]
+        end = next(i for i in range(start, len(ops)) if ops[i].residual) + 1
+
+        def run(y: torch.Tensor) -> torch.Tensor:
+            return run_ops(ops[start:end], torch.zeros((), dtype=y.dtype, device=y.device), y)
+
+        return run
 
     def module_name(self, inner: str) -> str:
         """HF module name of a Linear inside this layer (``model.layers.3.mlp.up_proj``)."""
-        return f"model.layers.{self.index}.{inner}"
+        return f"{LAYER_PREFIX.format(self.index)}{inner}"
 
     @torch.inference_mode()
     def forward(self, hook: InputHook | None = None, inputs: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,21 +146,66 @@ class LayerContext:
         if x_all.shape[0] == 0:  # no calibration data (RTN): nothing flows
             return x_all
         p = self.pipeline
-        with _input_hooks(self.layer, hook):
+        with _input_hooks(self.layer, self.spec.linear_names, hook):
             return p.map(lambda t: self.layer(t, p.cos, p.sin, None, 0), x_all)
 
 
-def _present(*tensors: torch.Tensor | None) -> list[torch.Tensor]:
-    return [t for t in tensors if t is not None]
+class _Stream:
+    """A block's ops run over every sample, op by op, for :meth:`LayerContext.sequential`.
+
+    Residuals are stored float32, branch values (group inputs) in the compute dtype, the
+    precision the group's (autocast) matmuls read them in anyway. Intermediate buffers go back
+    to the pipeline for reuse: a replaced residual at once, a replaced group input when the
+    caller says it is done with it (:meth:`retired`); the layer's inputs stay the caller's."""
+
+    def __init__(self, pipeline: "LayerPipeline", ops: tuple[Op, ...], inputs: torch.Tensor) -> None:
+        self.p, self.ops, self.at = pipeline, ops, 0
+        self.x, self.y = inputs, None
+        self._inputs = inputs
+        self._retired: list[torch.Tensor] = []
+
+    def next_input(self) -> torch.Tensor | None:
+        """Run ops up to and including the next branch op; its output (None when the ops end)."""
+        p = self.p
+        while self.at < len(self.ops):
+            op = self.ops[self.at]
+            self.at += 1
+            args = (self.x, self.y) if self.y is not None else (self.x,)
+            fn = op.fn if self.y is not None else (lambda x, fn=op.fn: fn(x, None))
+            if op.residual:
+                new = p.map(fn, *args)
+                if self.x is not self._inputs:
+                    p.recycle(self.x)
+                self.x = new
+            else:
+                new = p.map(fn, *args, dtype=p.compute_dtype)
+                if self.y is not None:
+                    self._retired.append(self.y)
+                self.y = new
+                return new
+        return None
+
+    def retired(self) -> list[torch.Tensor]:
+        """Group inputs no op will read again (handed over once)."""
+        out, self._retired = self._retired, []
+        return out
+
+    def finish(self) -> torch.Tensor:
+        """Run the remaining ops; the block's output. The last group input is recycled."""
+        while self.next_input() is not None:
+            pass
+        self.p.recycle(*self.retired(), *([self.y] if self.y is not None else []))
+        self.y = None
+        return self.x
 
 
 @contextmanager
-def _input_hooks(layer: nn.Module, hook: InputHook | None) -> Iterator[None]:
+def _input_hooks(layer: nn.Module, names: tuple[str, ...], hook: InputHook | None) -> Iterator[None]:
     if hook is None:
         yield
         return
     handles = [layer.get_submodule(name).register_forward_pre_hook(
-        lambda _m, args, name=name: hook(name, args[0])) for name in LINEARS]
+        lambda _m, args, name=name: hook(name, args[0])) for name in names]
     try:
         yield
     finally:
@@ -201,13 +238,13 @@ class LayerPipeline:
 
     def embeddings(self) -> torch.Tensor:
         """Layer-0 inputs: token embeddings of every sample, float32 on CPU."""
-        table = self.source.get_tensor("model.embed_tokens.weight").float()
+        table = self.source.get_tensor(f"{EMBED}.weight").float()
         return table[self.tokens]
 
     def load_layer(self, index: int) -> DecoderLayer:
         """Decoder layer ``index`` in float32 on the pipeline's device."""
         with torch.device("meta"):
-            layer = DecoderLayer(self.config, index)
+            layer = make_block(self.config, index)
         tensors = {k: v.to(self.device, torch.float32) for k, v in self.source.layer(index).items()}
         layer.load_state_dict(tensors, strict=True, assign=True)
         return layer.requires_grad_(False).eval()

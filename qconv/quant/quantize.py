@@ -12,6 +12,7 @@ import torch
 
 from qconv import __version__
 from qconv.atomic import check_output
+from qconv.arch.spec import EMBED, FINAL_NORM, LAYER_PREFIX, LM_HEAD
 from qconv.checkpoint import open_model
 from qconv.checkpoint.hf_writer import parse_dtype, parse_size
 from qconv.checkpoint.source import ModelSource
@@ -50,9 +51,9 @@ def fingerprint(source: ModelSource) -> str:
 
 
 def _linear_widths(source: ModelSource) -> dict[str, int]:
+    """HF module name -> input width of every Linear the model stores (the head included)."""
     shapes = source.config.expected_shapes()
-    return {name[: -len(".weight")]: shape[1] for name, shape in shapes.items()
-            if name.endswith(".weight") and len(shape) == 2 and "embed_tokens" not in name}
+    return {m: shapes[f"{m}.weight"][1] for m in source.config.spec.linear_modules(source.config)}
 
 
 def quantize_model(
@@ -66,7 +67,8 @@ def quantize_model(
     batch_size: int = 4,
 ) -> QuantizeResult:
     """Quantize ``model_path`` with ``recipe`` into a compressed-tensors checkpoint at ``out``."""
-    from qconv.formats.compressed_tensors import ActivationScheme, CompressedTensorsWriter
+    from qconv.core.quantized import ActivationScheme
+    from qconv.formats.compressed_tensors import CompressedTensorsWriter
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -103,12 +105,12 @@ def quantize_model(
         with CompressedTensorsWriter(out, source.config, source.tokenizer_files(), parse_size(recipe.max_shard_size),
                                      force, metadata, dtype=model_dtype) as writer, \
                 progress(f"quantizing ({recipe.name})", source.config.num_layers, quiet) as advance:
-            writer.add("model.embed_tokens.weight", source.get_tensor("model.embed_tokens.weight"))
+            writer.add(f"{EMBED}.weight", source.get_tensor(f"{EMBED}.weight"))
             for ctx in pipeline.layers():
                 for t in transforms:
                     t.apply(ctx, schemes)
                 qweights = quantizer.quantize(ctx, schemes)
-                prefix = f"model.layers.{ctx.index}."
+                prefix = LAYER_PREFIX.format(ctx.index)
                 for name, tensor in ctx.layer.state_dict().items():
                     inner = name.rsplit(".", 1)[0]
                     if inner in qweights and name.endswith(".weight"):
@@ -116,8 +118,8 @@ def quantize_model(
                     else:
                         writer.add(prefix + name, tensor)
                 advance()
-            writer.add("model.norm.weight", source.get_tensor("model.norm.weight"))
+            writer.add(f"{FINAL_NORM}.weight", source.get_tensor(f"{FINAL_NORM}.weight"))
             if not source.config.tie_word_embeddings:
-                writer.add("lm_head.weight", source.get_tensor("lm_head.weight"))
+                writer.add(f"{LM_HEAD}.weight", source.get_tensor(f"{LM_HEAD}.weight"))
     return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, False, memory)
 

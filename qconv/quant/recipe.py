@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from qconv.errors import CorruptFile, InputNotFound, InvalidOption
-from qconv.quant.grid import WeightScheme
+from qconv.core.grid import WeightScheme
 from qconv.quant.methods import get_method
 from qconv.quant.schemes import DEFAULT_IGNORE, Override, SchemeMap
 

@@ -8,14 +8,15 @@ pattern names them explicitly.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from qconv.errors import InvalidOption
-from qconv.quant.grid import WeightScheme
+from qconv.arch.spec import LM_HEAD
+from qconv.core.grid import WeightScheme
 
 #: Modules quantization leaves alone unless an override names them.
-DEFAULT_IGNORE = ("lm_head",)
+DEFAULT_IGNORE = (LM_HEAD,)
 
 
 @dataclass(frozen=True)

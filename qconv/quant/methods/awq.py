@@ -1,17 +1,20 @@
 """AWQ: activation-aware scaling and clipping of weights before low-bit quantization.
 
-Per decoder layer, for each (previous op -> balanced Linears) mapping of the Llama family
-(``input_layernorm -> q/k/v``, ``v_proj -> o_proj`` when their shapes allow it (never under
-GQA), ``post_attention_layernorm -> gate/up``, ``up_proj -> down_proj``):
+Per decoder layer, for each Linear group of the family's spec and the op that feeds it (for the
+Llama family ``input_layernorm -> q/k/v``, ``v_proj -> o_proj`` when their shapes allow it (never
+under GQA), ``post_attention_layernorm -> gate/up``, ``up_proj -> down_proj``):
 
 1. ``x_mean`` = mean |x| per input channel over calibration tokens; ``w_mean`` = mean over rows
    of |W| normalized by its quantization group's max (AutoAWQ's "duo scaling").
 2. Grid over ratio r = i/grid: ``s = clamp(x_mean^r / (w_mean^(1-r) + 1e-4), 1e-4)``,
-   ``s /= sqrt(max s * min s)``; loss = MSE between the inspected module's output with
+   ``s /= sqrt(max s * min s)``; loss = MSE between the group's branch output (what it adds to
+   the residual stream: the whole attention for q/k/v, the whole MLP for gate/up) with
    ``Q(W·s)/s`` and with the fp weights; keep the best s (r = 0, no scaling, is in the grid).
-3. Fold: ``prev /= s`` (norm weight, or the rows of the previous Linear), ``W *= s``; the cached
-   inputs are divided by s so later steps see what the scaled model computes.
-4. Clip search for every Linear except q/k (their error is amplified by the q·k product):
+3. Fold (:func:`qconv.quant.methods.scaling.fold_scales`): ``prev /= s`` (norm weight, or the
+   rows of the previous Linear), ``W *= s``; the cached inputs are divided by s so later steps
+   see what the scaled model computes.
+4. Clip search for every Linear except those whose outputs RoPE rotates (q/k: their error is
+   amplified by the q·k product):
    per (row, group), shrink the |w| range by 1 - i/20 (i < 10) and keep the least output MSE.
 
 All search math is float32 (AWQ's fp16 overflow issues do not arise). The quantizer stage after
@@ -24,12 +27,11 @@ from collections.abc import Callable
 
 import torch
 
-from qconv.quant.grid import WeightScheme, fake_quantize
+from qconv.core.grid import WeightScheme, fake_quantize
 from qconv.quant.methods.base import Transform
+from qconv.quant.methods.scaling import fold_scales
 from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
-
-NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
 
 
 def w_mean(weights: list[torch.Tensor], scheme: WeightScheme) -> torch.Tensor:
@@ -86,27 +88,18 @@ class AWQ(Transform):
         feats: dict[str, list[torch.Tensor]] = {}
         ctx.forward(lambda inner, x: feats.setdefault(inner, []).append(x.float().cpu()), inputs=inputs)
         x = {k: torch.cat(v) for k, v in feats.items()}
-        attn, p = layer.self_attn, ctx.pipeline
-
-        def over(module: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-            return lambda t: p.map(module, t)
-
-        mappings: list[tuple[str, tuple[str, ...], Callable[[torch.Tensor], torch.Tensor], str]] = [
-            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-             over(lambda t: attn(t, p.cos, p.sin, None, 0)), "self_attn.q_proj"),
-            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), over(layer.mlp), "mlp.gate_proj"),
-            ("mlp.up_proj", ("mlp.down_proj",), over(layer.mlp.down_proj), "mlp.down_proj"),
-        ]
-        if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
-            mappings.insert(1, ("self_attn.v_proj", ("self_attn.o_proj",), over(attn.o_proj), "self_attn.o_proj"))
+        p = ctx.pipeline
         with torch.inference_mode():
-            for prev, balance, inspect, feat in mappings:
-                scheme = schemes.scheme_for(ctx.module_name(balance[0]))
-                if scheme is None or feat not in x:
-                    continue
-                s = self._search(layer, balance, inspect, x[feat], scheme)
-                self._fold(layer, prev, balance, s)
-                for name in balance:  # their inputs are now x / s
+            for group in ctx.spec.groups:
+                scheme = schemes.scheme_for(ctx.module_name(group.linears[0]))
+                feat = group.linears[0]
+                source = layer.get_submodule(group.source)
+                if scheme is None or feat not in x or source.weight.shape[0] != x[feat].shape[-1]:
+                    continue  # not quantized, not reached, or no exact source (a value Linear under GQA)
+                branch = ctx.branch(group)
+                s = self._search(layer, group.linears, lambda t: p.map(branch, t), x[feat], scheme)
+                fold_scales(source, [layer.get_submodule(b) for b in group.linears], s)
+                for name in group.linears:  # their inputs are now x / s
                     x[name] = x[name] / s.to(x[name].device)
             if self.config["clip"]:
                 self._clip(ctx, schemes, x)
@@ -131,23 +124,10 @@ class AWQ(Transform):
             m.weight.data = w
         return best_s
 
-    @staticmethod
-    def _fold(layer: torch.nn.Module, prev: str, balance: tuple[str, ...], s: torch.Tensor) -> None:
-        p = layer.get_submodule(prev)
-        if p.weight.dim() == 1:  # a norm
-            p.weight.data = p.weight.data / s
-        else:  # a Linear feeding the balanced ones: scale its output rows
-            p.weight.data = p.weight.data / s[:, None]
-            if p.bias is not None:
-                p.bias.data = p.bias.data / s
-        for b in balance:
-            m = layer.get_submodule(b)
-            m.weight.data = m.weight.data * s[None, :]
-
     def _clip(self, ctx: LayerContext, schemes: SchemeMap, x: dict[str, torch.Tensor]) -> None:
         for inner, feats in x.items():
             scheme = schemes.scheme_for(ctx.module_name(inner))
-            if scheme is None or inner in NO_CLIP:
+            if scheme is None or ctx.spec.linear(inner).rope_heads:
                 continue
             flat = feats.reshape(-1, feats.shape[-1])
             step = max(1, flat.shape[0] // int(self.config["clip_tokens"]))

@@ -20,8 +20,8 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 from qconv.checkpoint.source import ModelSource
-from qconv.formats.compressed_tensors import QuantizedWeight
-from qconv.quant.grid import dequantize
+from qconv.core.quantized import QuantizedWeight
+from qconv.core.grid import dequantize
 from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
 

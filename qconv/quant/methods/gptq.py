@@ -2,7 +2,7 @@
 :func:`qconv.quant.gptq.gptq_quantize` per Linear.
 
 ``true_sequential`` (default on, as the GPTQ reference): inside a layer the Linears are done in
-four groups in execution order (q/k/v, o, gate/up, down); each group's Hessian comes from
+the spec's groups, in execution order (Llama: q/k/v, o, gate/up, down); each group's Hessian comes from
 inputs computed with the already-quantized groups before it. This costs one forward pass per
 layer (:meth:`LayerContext.sequential` stops at each group boundary for all samples), and
 that same pass produces the next layer's inputs. Off: all four Hessians come from one fp pass
@@ -26,11 +26,12 @@ import logging
 
 import torch
 
-from qconv.formats.compressed_tensors import QuantizedWeight
+from qconv.core.quantized import QuantizedWeight
 from qconv.errors import InvalidOption
 from qconv.quant.gptq import HessianAccumulator, cross_products, gptq_quantize, retarget
 from qconv.quant.methods.base import Quantizer, set_weight
-from qconv.quant.pipeline import GROUPS, LayerContext
+from qconv.arch.spec import GroupSpec
+from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
 
 log = logging.getLogger(__name__)
@@ -56,33 +57,34 @@ class GPTQ(Quantizer):
         return bool(self.config["fp_targets"])
 
     def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
-        todo = {g: [m for m in g if schemes.scheme_for(ctx.module_name(m)) is not None] for g in GROUPS}
+        todo = {g: [m for m in g.linears if schemes.scheme_for(ctx.module_name(m)) is not None]
+                for g in ctx.spec.groups}
         result: dict[str, QuantizedWeight] = {}
         if self.config["true_sequential"]:
-            def visit(group: tuple[str, ...], inputs: torch.Tensor, fp_inputs: torch.Tensor | None) -> None:
+            def visit(group: GroupSpec, inputs: torch.Tensor, fp_inputs: torch.Tensor | None) -> None:
                 if todo[group]:
                     H = self._hessian(ctx, group, inputs)
                     C = cross_products(inputs, fp_inputs) if fp_inputs is not None else None
                     result.update(self._quantize_group(ctx, schemes, todo[group], H, C))
             ctx.sequential(visit)
         else:
-            firsts = {g[0]: g for g in GROUPS if todo[g]}
+            firsts = {g.linears[0]: g for g in ctx.spec.groups if todo[g]}
             acc = {g: self._accumulator(ctx, g) for g in firsts.values()}
             ctx.forward(lambda inner, x: acc[firsts[inner]].add(x) if inner in firsts else None)
             for g, a in acc.items():
                 result.update(self._quantize_group(ctx, schemes, todo[g], a.hessian))
         return result
 
-    def _accumulator(self, ctx: LayerContext, group: tuple[str, ...]) -> HessianAccumulator:
+    def _accumulator(self, ctx: LayerContext, group: GroupSpec) -> HessianAccumulator:
         # default (None): Hessian products in bfloat16 exactly when the calibration pass runs in
         # it — its inputs are then bf16 values already, and the products are ~2x cheaper
         bf16 = self.config["bf16_hessian"]
         if bf16 is None:
             bf16 = ctx.pipeline.compute_dtype == torch.bfloat16
-        return HessianAccumulator(ctx.layer.get_submodule(group[0]).in_features, device=ctx.pipeline.device,
+        return HessianAccumulator(ctx.layer.get_submodule(group.linears[0]).in_features, device=ctx.pipeline.device,
                                   bf16_matmul=bool(bf16))
 
-    def _hessian(self, ctx: LayerContext, group: tuple[str, ...], inputs: torch.Tensor) -> torch.Tensor:
+    def _hessian(self, ctx: LayerContext, group: GroupSpec, inputs: torch.Tensor) -> torch.Tensor:
         acc = self._accumulator(ctx, group)
         for part in inputs.reshape(-1, inputs.shape[-1]).split(HESSIAN_CHUNK):
             acc.add(part)

@@ -33,23 +33,34 @@ from dataclasses import replace
 
 import torch
 
-from qconv.checkpoint.config import ModelConfig
+from qconv.arch.config import ModelConfig
+from qconv.arch.spec import LAYER_PREFIX, ArchSpec
+from qconv.arch.spec import EMBED as _EMBED
+from qconv.arch.spec import FINAL_NORM as _FINAL_NORM
+from qconv.arch.spec import LM_HEAD as _LM_HEAD
 from qconv.checkpoint.source import ModelSource
-from qconv.errors import InvalidOption
+from qconv.errors import InvalidOption, UnsupportedModel
 from qconv.quant.hadamard import random_rotation
 from qconv.quant.methods.base import SourceTransform
 
-EMBED, HEAD, FINAL_NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
+EMBED, HEAD, FINAL_NORM = f"{_EMBED}.weight", f"{_LM_HEAD}.weight", f"{_FINAL_NORM}.weight"
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-#: Linears reading the residual stream, with the norm whose weight they absorb
-READERS = {
-    "self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "input_layernorm",
-    "self_attn.v_proj": "input_layernorm",
-    "mlp.gate_proj": "post_attention_layernorm", "mlp.up_proj": "post_attention_layernorm",
-}
-#: Linears writing the residual stream
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+class Roles:
+    """What the rotation does to each tensor of a block, read off the family's spec: Linears
+    reading the residual stream (through the norm whose weight they absorb), Linears writing
+    it, and value Linears with the Linear that reads their heads."""
+
+    def __init__(self, spec: ArchSpec) -> None:
+        if spec.rotation_refused:
+            raise UnsupportedModel(f"rotate: not available for {spec.model_type}: {spec.rotation_refused}")
+        groups = spec.groups
+        self.readers = {lin: g.source for g in groups if g.residual == "reads" for lin in g.linears}
+        self.writers = {lin for g in groups if g.residual == "writes" for lin in g.linears}
+        self.norms = {g.source for g in groups if g.residual == "reads"}
+        #: value Linear -> the Linear reading its heads (v_proj -> o_proj)
+        self.values = {g.source: g.linears[0] for g in groups if g.source_kind == "value"}
 
 
 class RotatedSource(ModelSource):
@@ -61,6 +72,7 @@ class RotatedSource(ModelSource):
         if q.shape != (c.hidden_size, c.hidden_size):
             raise ValueError(f"rotation must be {c.hidden_size}x{c.hidden_size}, got {list(q.shape)}")
         self.base, self.q, self.head = base, q.double(), None if head is None else head.double()
+        self.roles = Roles(c.spec)
         self.path, self.format = base.path, base.format
         self.config: ModelConfig = replace(c, tie_word_embeddings=False)
         #: the base has no lm_head of its own (tied): the rotated head starts from the embeddings
@@ -87,26 +99,26 @@ class RotatedSource(ModelSource):
             out = torch.ones_like(w)
         else:
             m = _LAYER.match(name)
-            out = self._layer_tensor(f"model.layers.{m[1]}.", m[2], m[3], w) if m else None
+            out = self._layer_tensor(LAYER_PREFIX.format(m[1]), m[2], m[3], w) if m else None
             if out is None:
                 return raw
         return out.to(raw.dtype)
 
     def _layer_tensor(self, prefix: str, inner: str, kind: str, t: torch.Tensor) -> torch.Tensor | None:
         """Layer tensor ``t`` (float64) rotated, or None where the rotation leaves it alone."""
-        c, hd = self.config, self.config.head_dim
-        if inner in NORMS:
+        c, hd, roles = self.config, self.config.head_dim, self.roles
+        if inner in roles.norms:
             return torch.ones_like(t)
-        if inner in READERS:
+        if inner in roles.readers:
             if kind == "weight":
-                norm = self.base.get_tensor(f"{prefix}{READERS[inner]}.weight").double()
+                norm = self.base.get_tensor(f"{prefix}{roles.readers[inner]}.weight").double()
                 t = (t * norm[None, :]) @ self.q
-            if inner == "self_attn.v_proj" and self.head is not None:  # each value head's rows ← Hᵀ·rows
+            if inner in roles.values and self.head is not None:  # each value head's rows ← Hᵀ·rows
                 rows = t.reshape(c.num_kv_heads, hd, -1)
                 return torch.einsum("ji,hj...->hi...", self.head, rows).reshape(t.shape)
             return t if kind == "weight" else None  # other biases live in head/MLP space: untouched
-        if inner in WRITERS:
-            if inner == "self_attn.o_proj" and kind == "weight" and self.head is not None:
+        if inner in roles.writers:
+            if inner in roles.values.values() and kind == "weight" and self.head is not None:
                 t = (t.reshape(c.hidden_size, c.num_heads, hd) @ self.head).reshape(t.shape)
             return self.q.T @ t
         return None

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from qconv.formats.compressed_tensors import QuantizedWeight
-from qconv.quant.grid import WeightScheme, group_minmax, mse_clip_params, qparams, quantize
+from qconv.core.quantized import QuantizedWeight
+from qconv.core.grid import WeightScheme, group_minmax, mse_clip_params, qparams, quantize
 from qconv.quant.methods.base import Quantizer, set_weight
-from qconv.quant.pipeline import LINEARS, LayerContext
+from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
 
 
@@ -29,7 +29,7 @@ class RTN(Quantizer):
 
     def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
         result: dict[str, QuantizedWeight] = {}
-        for inner in LINEARS:
+        for inner in ctx.spec.linear_names:
             scheme = schemes.scheme_for(ctx.module_name(inner))
             if scheme is None:
                 continue

@@ -1,6 +1,7 @@
 """SmoothQuant: migrate activation outliers into the weights before W8A8 quantization.
 
-For each source -> Linears pair, per input channel j of the Linears:
+For each source -> Linears pair (the family spec's Linear groups fed by a norm or a Linear), per
+input channel j of the Linears:
 ``s_j = max|X_j|^α / max|W_j|^(1-α)`` (max over tokens, and over the rows of every balanced
 Linear), clamped to >= 1e-5. The Linears' columns are multiplied by ``s`` and the source's output
 channels divided by it, so the fp model computes the same function while the activations the
@@ -33,24 +34,18 @@ import logging
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from qconv.errors import InvalidOption
 from qconv.model.act_quant import fake_quant_per_token
-from qconv.quant.grid import WeightScheme, fake_quantize
+from qconv.core.grid import WeightScheme, fake_quantize
 from qconv.quant.methods.base import Transform
+from qconv.quant.methods.scaling import fold_scales
 from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
 
 log = logging.getLogger(__name__)
 WeightQuantizer = Callable[[torch.Tensor], torch.Tensor]
 
-#: (source module, Linears it feeds) inside a Llama-family decoder layer, in execution order.
-SMOOTH_GROUPS = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.up_proj", ("mlp.down_proj",)),
-)
 
 
 def smoothing_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -80,25 +75,17 @@ def search_alpha(act_max: torch.Tensor, x: torch.Tensor, weights: list[torch.Ten
     return alphas[min(range(len(alphas)), key=errors.__getitem__)]
 
 
-def divide_outputs(source: nn.Module, s: torch.Tensor) -> None:
-    """Divide ``source``'s output channel j by ``s_j``: a norm's weight, or a Linear's row (and bias)."""
-    if isinstance(source, nn.Linear):
-        source.weight.div_(s.to(source.weight)[:, None])
-        if source.bias is not None:
-            source.bias.div_(s.to(source.bias))
-    else:
-        source.weight.div_(s.to(source.weight))
-
-
 class SmoothQuant(Transform):
     name = "smoothquant"
     options = {"alpha": 0.5, "norms": True, "down_proj": False, "down_proj_alpha": None,
                "search": False, "search_tokens": 4096}
 
     def apply(self, ctx: LayerContext, schemes: SchemeMap) -> None:
-        groups = [g for g in SMOOTH_GROUPS if self.config["down_proj" if g[0] == "mlp.up_proj" else "norms"]]
+        # a value Linear feeds its group through attention's head mixing: no exact source there
+        groups = [(g.source, g.linears, g.source_kind == "linear") for g in ctx.spec.groups
+                  if g.source_kind != "value" and self.config["down_proj" if g.source_kind == "linear" else "norms"]]
         act_max: dict[str, torch.Tensor] = {}
-        firsts = {linears[0] for _, linears in groups}
+        firsts = {linears[0] for _, linears, _ in groups}
 
         search, budget = bool(self.config["search"]), int(self.config["search_tokens"])
         kept: dict[str, list[torch.Tensor]] = {}
@@ -121,11 +108,11 @@ class SmoothQuant(Transform):
         with torch.no_grad():
             # all maxima come from one pass over the unsmoothed layer: each group's scale only
             # rescales its own input channels, which no other group's input depends on
-            for source, linears in groups:
+            for source, linears, from_linear in groups:
                 if linears[0] not in act_max:  # no calibration tokens reached it
                     continue
                 mods = [ctx.layer.get_submodule(n) for n in linears]
-                a = float(down_alpha) if source == "mlp.up_proj" and down_alpha is not None else alpha
+                a = float(down_alpha) if from_linear and down_alpha is not None else alpha
                 if search:
                     grid = sorted({a, *(i / 20 for i in range(21))})
                     quantizers = [_weight_quantizer(schemes.scheme_for(ctx.module_name(n))) for n in linears]
@@ -133,9 +120,7 @@ class SmoothQuant(Transform):
                                      [m.weight for m in mods], quantizers, grid)
                     log.debug("layer %d, %s -> %s: alpha %.2f", ctx.index, source, linears[0], a)
                 s = smoothing_scales(act_max[linears[0]], [m.weight for m in mods], a)
-                divide_outputs(ctx.layer.get_submodule(source), s)
-                for m in mods:
-                    m.weight.mul_(s.to(m.weight)[None, :])
+                fold_scales(ctx.layer.get_submodule(source), mods, s)
 
 
 def _weight_quantizer(scheme: WeightScheme | None) -> WeightQuantizer:

@@ -1,0 +1,59 @@
+"""The model families qconv supports, each one :class:`~qconv.arch.spec.ArchSpec`.
+
+Llama, Mistral and Qwen2 share one block layout (pre-norm attention with RoPE and GQA, SwiGLU
+MLP); they differ in names, biases and llama.cpp's architecture key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from qconv.arch.spec import ArchSpec, GroupSpec, LinearSpec, NormSpec
+from qconv.errors import UnsupportedModel
+
+#: The pre-norm Llama block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+_LLAMA_NORMS = (NormSpec("input_layernorm", "attn_norm"), NormSpec("post_attention_layernorm", "ffn_norm"))
+_LLAMA_LINEARS = (
+    LinearSpec("self_attn.q_proj", "attn_q", "q", "hidden", bias="qkv_bias", rope_heads="num_heads"),
+    LinearSpec("self_attn.k_proj", "attn_k", "kv", "hidden", bias="qkv_bias", rope_heads="num_kv_heads"),
+    LinearSpec("self_attn.v_proj", "attn_v", "kv", "hidden", bias="qkv_bias"),
+    LinearSpec("self_attn.o_proj", "attn_output", "hidden", "q", bias="o_bias"),
+    LinearSpec("mlp.gate_proj", "ffn_gate", "ffn", "hidden"),
+    LinearSpec("mlp.up_proj", "ffn_up", "ffn", "hidden"),
+    LinearSpec("mlp.down_proj", "ffn_down", "hidden", "ffn"),
+)
+_LLAMA_GROUPS = (
+    GroupSpec(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm", "norm", "reads"),
+    GroupSpec(("self_attn.o_proj",), "self_attn.v_proj", "value", "writes"),
+    GroupSpec(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", "norm", "reads"),
+    GroupSpec(("mlp.down_proj",), "mlp.up_proj", "linear", "writes"),
+)
+
+LLAMA = ArchSpec(
+    model_type="llama", architectures=("LlamaForCausalLM",), gguf_arch="llama", gguf_permute_qk=True,
+    block="llama", norms=_LLAMA_NORMS, linears=_LLAMA_LINEARS, groups=_LLAMA_GROUPS,
+    qkv_bias="attention_bias", o_bias="attention_bias", hf_config={"mlp_bias": False},
+)
+#: Mistral's block is Llama's; llama.cpp runs it as the llama arch.
+MISTRAL = replace(LLAMA, model_type="mistral", architectures=("MistralForCausalLM",), o_bias=False,
+                  hf_config={})
+#: Qwen2: Llama's block with q/k/v biases always on; its own llama.cpp arch (HF RoPE layout).
+QWEN2 = replace(LLAMA, model_type="qwen2", architectures=("Qwen2ForCausalLM",), gguf_arch="qwen2",
+                gguf_permute_qk=False, qkv_bias=True, o_bias=False, hf_config={})
+
+FAMILIES: dict[str, ArchSpec] = {s.model_type: s for s in (LLAMA, MISTRAL, QWEN2)}
+#: HF class name -> family.
+BY_ARCHITECTURE: dict[str, ArchSpec] = {a: s for s in FAMILIES.values() for a in s.architectures}
+#: llama.cpp ``general.architecture`` -> the family a GGUF file imports as (the first that exports to it).
+BY_GGUF_ARCH: dict[str, ArchSpec] = {}
+for _s in FAMILIES.values():
+    BY_GGUF_ARCH.setdefault(_s.gguf_arch, _s)
+
+
+def spec_for(model_type: str) -> ArchSpec:
+    """The spec of a family by its HF ``model_type``."""
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise UnsupportedModel(f"unsupported architecture {model_type} "
+                               f"(supported: {', '.join(BY_ARCHITECTURE)})") from None

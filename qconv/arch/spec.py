@@ -1,0 +1,193 @@
+"""The architecture spec: one model family described as data.
+
+Every part of qconv that needs to know how a decoder block is laid out reads it from here: the
+readers (which tensors a checkpoint must hold, with which shapes; HF <-> GGUF names), the
+runner and the layer pipeline (which Linears share an input, in what order), the methods (which
+op feeds each Linear group, so AWQ and SmoothQuant can fold scales into it; which Linears read
+and write the residual stream, for the rotation) and the writers. A new family is one
+:class:`ArchSpec` plus only the compute that is genuinely new (see docs/architectures.md).
+
+Shapes are written with symbolic dimensions (:func:`dims`), so the spec stays data and one
+function turns it into the concrete shapes of any config.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from qconv.arch.config import ModelConfig
+
+#: The tensors outside the decoder blocks: (HF module name, GGUF tensor stem).
+EMBED = "model.embed_tokens"
+FINAL_NORM = "model.norm"
+LM_HEAD = "lm_head"
+GLOBAL_GGUF = {EMBED: "token_embd", FINAL_NORM: "output_norm", LM_HEAD: "output"}
+#: HF name prefix of decoder block ``i``'s tensors.
+LAYER_PREFIX = "model.layers.{}."
+
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_GGUF_LAYER = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+def dims(config: ModelConfig) -> dict[str, int]:
+    """The symbolic dimensions shapes are written in, for one config."""
+    return {
+        "hidden": config.hidden_size,
+        "q": config.num_heads * config.head_dim,
+        "kv": config.num_kv_heads * config.head_dim,
+        "ffn": config.intermediate_size,
+        "vocab": config.vocab_size,
+        "head_dim": config.head_dim,
+    }
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One Linear of the block: ``weight [out, inp]`` (symbolic dims) and an optional bias."""
+
+    name: str  #: HF module name inside the block (``self_attn.q_proj``)
+    gguf: str  #: llama.cpp's tensor stem (``attn_q``)
+    out: str
+    inp: str
+    #: ModelConfig flag that gives it a bias (None: never)
+    bias: str | None = None
+    #: ModelConfig attribute with the number of heads its rows are laid out in, for Linears whose
+    #: outputs RoPE rotates (q, k): llama.cpp's llama arch wants those rows permuted per head
+    rope_heads: str | None = None
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """One norm weight of the block (``[dim]``)."""
+
+    name: str
+    gguf: str
+    dim: str = "hidden"
+
+
+SourceKind = Literal["norm", "linear", "value"]
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Linears that read one shared input, and what that input comes from.
+
+    ``source`` is the op whose output channels are this input's channels, so a per-channel scale
+    ``s`` can move between them exactly (AWQ, SmoothQuant): a norm (its weight absorbs ``1/s``),
+    a Linear (its rows do), or a ``value`` Linear whose outputs reach the group through attention's
+    head mixing (exact only when every query head has its own value head, i.e. no GQA).
+    ``residual`` says how the group touches the residual stream: ``reads`` (its input is the
+    norm ``source`` of the stream), ``writes`` (its outputs are added to the stream), or neither.
+    """
+
+    linears: tuple[str, ...]
+    source: str
+    source_kind: SourceKind
+    residual: Literal["reads", "writes", ""] = ""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One model family, as data."""
+
+    model_type: str  #: HF ``model_type``, qconv's name for the family
+    architectures: tuple[str, ...]  #: HF class names (the first is written to configs)
+    gguf_arch: str  #: llama.cpp's ``general.architecture``
+    #: llama.cpp's ``llama`` arch rotates interleaved pairs in RoPE, HF rotates halves: q/k rows
+    #: are permuted per head on export and back on import
+    gguf_permute_qk: bool
+    #: the runner's block compute (a key of :data:`qconv.model.decoder.BLOCKS`)
+    block: str
+    norms: tuple[NormSpec, ...]
+    #: every Linear, in execution order
+    linears: tuple[LinearSpec, ...]
+    #: the Linear groups, in execution order: the boundaries of a sequential calibration pass
+    groups: tuple[GroupSpec, ...]
+    #: config.json keys that switch the q/k/v and o_proj biases on (or True: always present)
+    qkv_bias: bool | str = False
+    o_bias: bool | str = False
+    #: constant config.json entries written for this family
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    #: None when the residual-stream rotation applies, else why it does not
+    rotation_refused: str | None = None
+
+    # ------------------------------------------------------------------ lookups
+
+    def linear(self, name: str) -> LinearSpec:
+        return self._linears[name]
+
+    @cached_property
+    def _linears(self) -> dict[str, LinearSpec]:
+        return {lin.name: lin for lin in self.linears}
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        return tuple(lin.name for lin in self.linears)
+
+    def expected_shapes(self, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Every tensor an HF checkpoint of ``config`` must hold, with its shape, in checkpoint
+        order: the single source of truth for "is this checkpoint complete and consistent"."""
+        d = dims(config)
+        shapes: dict[str, tuple[int, ...]] = {f"{EMBED}.weight": (d["vocab"], d["hidden"]),
+                                              f"{FINAL_NORM}.weight": (d["hidden"],)}
+        if not config.tie_word_embeddings:
+            shapes[f"{LM_HEAD}.weight"] = (d["vocab"], d["hidden"])
+        for i in range(config.num_layers):
+            p = LAYER_PREFIX.format(i)
+            for norm in self.norms:
+                shapes[f"{p}{norm.name}.weight"] = (d[norm.dim],)
+            for lin in self.linears:
+                shapes[f"{p}{lin.name}.weight"] = (d[lin.out], d[lin.inp])
+            for lin in self.linears:
+                if lin.bias and getattr(config, lin.bias):
+                    shapes[f"{p}{lin.name}.bias"] = (d[lin.out],)
+        return shapes
+
+    def linear_modules(self, config: ModelConfig) -> list[str]:
+        """HF module names (no ``.weight``) of every Linear the model stores, in checkpoint order:
+        the blocks' Linears and, when untied, ``lm_head``."""
+        head = [] if config.tie_word_embeddings else [LM_HEAD]
+        blocks = [f"{LAYER_PREFIX.format(i)}{lin.name}" for i in range(config.num_layers) for lin in self.linears]
+        return head + blocks
+
+    # ------------------------------------------------------------------ GGUF names
+
+    def gguf_name(self, hf: str) -> str:
+        """GGUF tensor name for an HF tensor name (KeyError for names llama.cpp has no slot for)."""
+        m = _HF_LAYER.match(hf)
+        if m:
+            return f"blk.{m[1]}.{self._gguf_stems[m[2]]}.{m[3]}"
+        stem, _, kind = hf.rpartition(".")
+        return f"{GLOBAL_GGUF[stem]}.{kind}"
+
+    def hf_name(self, gguf: str) -> str | None:
+        """HF tensor name for a GGUF tensor name; None for tensors HF has no slot for
+        (``rope_freqs.weight`` is folded into the config instead)."""
+        m = _GGUF_LAYER.match(gguf)
+        if m:
+            stem = self._hf_stems.get(m[2])
+            return f"model.layers.{m[1]}.{stem}.{m[3]}" if stem else None
+        stem, _, kind = gguf.rpartition(".")
+        hf = {g: h for h, g in GLOBAL_GGUF.items()}.get(stem)
+        return f"{hf}.{kind}" if hf else None
+
+    @cached_property
+    def _gguf_stems(self) -> dict[str, str]:
+        return {t.name: t.gguf for t in (*self.norms, *self.linears)}
+
+    @cached_property
+    def _hf_stems(self) -> dict[str, str]:
+        return {t.gguf: t.name for t in (*self.norms, *self.linears)}
+
+    def rope_heads(self, hf: str, config: ModelConfig) -> int | None:
+        """Heads to (un)permute an HF tensor's rows by for llama.cpp's RoPE layout; None for
+        tensors left as they are (and for every tensor of a family that needs no permutation)."""
+        m = _HF_LAYER.match(hf)
+        if not self.gguf_permute_qk or not m or m[2] not in self._linears:
+            return None
+        attr = self._linears[m[2]].rope_heads
+        return int(getattr(config, attr)) if attr else None
