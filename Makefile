@@ -24,7 +24,8 @@ endif
 # The portable wheel is built once per (version, flags) into a directory named by their hash,
 # outside pip's cache: pip's own wheel cache is keyed by the sdist's URL, not by CMAKE_ARGS, so it
 # could hand back a native build made earlier by a plain `pip install llama-cpp-python`. The wheel
-# is built with --no-cache-dir and installed with --no-index from this directory only.
+# is built from the downloaded sdist file with --no-cache-dir and installed with --no-index from
+# this directory only.
 ORACLE_KEY := $(shell printf '%s %s' '$(LLAMA_CPP_VERSION)' '$(ORACLE_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 ORACLE_WHEELS ?= $(HOME)/.cache/qconv/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(ORACLE_KEY)
 
@@ -38,25 +39,38 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e .
 	touch $@
 
-$(ORACLE_WHEELS)/.built:
-	rm -rf $(ORACLE_WHEELS) && mkdir -p $(ORACLE_WHEELS)
+# The sdist is kept beside the wheel: the tests also run llama.cpp's own convert_hf_to_gguf.py
+# from its vendor/llama.cpp as the oracle for GGUF export.
+ORACLE_SDIST = $(ORACLE_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+
+$(ORACLE_SDIST): | $(VENV)/bin/python
+	mkdir -p $(ORACLE_WHEELS)
+	$(PY) -m pip download -q --no-cache-dir --no-deps --no-binary :all: -d $(ORACLE_WHEELS) \
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+$(ORACLE_WHEELS)/.built: | $(ORACLE_SDIST)
+	rm -f $(ORACLE_WHEELS)/*.whl
 	CMAKE_ARGS="$(ORACLE_CMAKE_ARGS)" FORCE_CMAKE=1 $(PY) -m pip wheel -q --no-cache-dir --no-deps \
-		--no-binary llama-cpp-python -w $(ORACLE_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+		-w $(ORACLE_WHEELS) $(ORACLE_SDIST)
 	touch $@
 
-# The oracle goes in first, from the portable wheel only (--no-index, --force-reinstall replaces a
-# native build an older venv may hold); the test extras then find it already satisfied.
+# The oracle comes from the portable wheel only (--no-index; --force-reinstall replaces a native
+# build installed by hand since). It goes in before the test extras, which then find it satisfied
+# (and install its dependencies), and again, in about a second, before every test run.
+ORACLE_INSTALL = $(PY) -m pip install -q --force-reinstall --no-deps --no-index --only-binary :all: \
+	--find-links $(ORACLE_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+
 $(VENV)/.installed-test: pyproject.toml Makefile $(VENV)/.installed | $(ORACLE_WHEELS)/.built
-	$(PY) -m pip install -q --force-reinstall --no-deps --no-index --find-links $(ORACLE_WHEELS) \
-		llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(ORACLE_INSTALL)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
 venv-test: $(VENV)/.installed-test
 
-test: venv-test
-	$(PY) -m pytest -q
+test: venv-test $(ORACLE_SDIST)
+	$(ORACLE_INSTALL)
+	QCONV_LLAMA_CPP_SDIST=$(ORACLE_SDIST) $(PY) -m pytest -q
 
 demo: venv
 	$(PY) bench/example_model.py --cache $(CACHE) --demo --eval-text $(SHARED)/data/wikitext-2-raw-test.txt \

@@ -10,7 +10,7 @@ import torch
 
 from tests_support import write_tokenizer
 
-TINY_ARCHS = ("llama", "mistral", "qwen2")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 #: CPU features the llama.cpp oracle must not be built with (see the Makefile's ORACLE_CMAKE_ARGS):
 #: a -march=native build on an AMX / AVX512-BF16 Xeon crashes evaluating quantized GGUFs.
@@ -30,16 +30,17 @@ def pytest_configure(config: pytest.Config) -> None:
     if enabled:
         raise pytest.UsageError(
             f"llama-cpp-python was built for this CPU ({', '.join(enabled)}), not for the AVX2 baseline the "
-            "tests use: run `make test`, which builds and installs the portable oracle")
+            "tests use: run `make test`, which builds (once) and installs the portable oracle")
 
 
 def tiny_hf_config(arch: str, **overrides: object):
     """A tiny transformers config for ``arch`` (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 300).
 
     Each architecture exercises a different variant: llama has llama3 RoPE scaling and untied
-    embeddings, mistral a head_dim override (32 != 64 / 4) and tied embeddings, qwen2 q/k/v bias.
+    embeddings, mistral a head_dim override (32 != 64 / 4) and tied embeddings, qwen2 q/k/v bias,
+    qwen3 per-head q/k norms, its own head_dim (32) and tied embeddings.
     """
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=300,
@@ -66,6 +67,9 @@ def tiny_hf_config(arch: str, **overrides: object):
     if arch == "qwen2":
         kwargs = dict(common, tie_word_embeddings=False, rope_theta=1e6)
         return Qwen2Config(**{**kwargs, **overrides})
+    if arch == "qwen3":
+        kwargs = dict(common, head_dim=32, tie_word_embeddings=True, rope_theta=1e6)
+        return Qwen3Config(**{**kwargs, **overrides})
     raise ValueError(arch)
 
 

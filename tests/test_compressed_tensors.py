@@ -26,6 +26,7 @@ from qconv.formats.compressed_tensors import CompressedTensorsWriter, compress, 
 from qconv.model import load_model
 from qconv.model.act_quant import apply_activation_quant, fake_quant_per_token
 from qconv.core.grid import WeightScheme, dequantize, rtn
+from conftest import TINY_ARCHS
 
 W4_ASYM = WeightScheme(4, 32, symmetric=False)
 W4_SYM = WeightScheme(4, 32, symmetric=True)
@@ -72,9 +73,9 @@ PLANS: dict[str, Plan] = {
 
 @pytest.fixture(scope="module")
 def base_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) -> dict[str, Path]:
-    """Float checkpoints of the three tiny architectures."""
+    """Float checkpoints of the tiny architectures."""
     dirs = {}
-    for arch in ("llama", "mistral", "qwen2"):
+    for arch in TINY_ARCHS:
         dirs[arch] = tmp_path_factory.mktemp(f"ct-base-{arch}")
         tiny_hf_model_builder(arch).save_pretrained(dirs[arch])
     return dirs
@@ -261,6 +262,7 @@ TOKENS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(
     ("llama", "w4a16-sym", False),     # transformers' default: compressed modules, decompressed on forward
     ("mistral", "w8a16", False),
     ("qwen2", "w4a16-sym", False),
+    ("qwen3", "w4a16-sym", False),
     ("llama", "mixed-pack", False),    # per-module groups need the default path (see docs/formats.md)
     ("llama", "w4a16-asym", True),     # asymmetric: only the dequantize-at-load path (library bug)
     ("qwen2", "w3a16-asym", True),

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import gguf
@@ -31,7 +33,7 @@ from tests_support import write_tokenizer
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
 
 QUANT_TYPES = [n for n, ft in FILE_TYPES.items() if ft.quantized]
-ARCHS = ("llama", "mistral", "qwen2")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -40,7 +42,7 @@ def export_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     arch = request.param
     overrides = dict(hidden_size=256, intermediate_size=320, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=384)
-    if arch == "mistral":
+    if arch in ("mistral", "qwen3"):
         overrides["head_dim"] = 64
     if arch == "llama":
         overrides["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -142,6 +144,74 @@ def test_llama_cpp_loads_and_agrees_with_runner(export_model: Path, tmp_path: Pa
     assert top1 == 1.0 and kl <= 1e-8, (top1, kl)
     top1, kl = _agreement(llama_f32, llama_file)
     assert kl <= 5e-3, (top1, kl)
+
+
+# --------------------------------------------------------------------------- llama.cpp's converter
+
+SDIST = os.environ.get("QCONV_LLAMA_CPP_SDIST")
+#: The converter picks the vocabulary's pre-tokenizer by hashing how it splits a test text and
+#: refuses unknown ones; the tiny test tokenizer is gpt-2 style byte-level BPE, so it is named.
+#: Its llama path tries SentencePiece first (importing the module before looking for the file):
+#: the tiny checkpoints have no tokenizer.model, so that attempt is answered as it would end.
+_CONVERT = """
+import runpy, sys
+root = sys.argv.pop(1)
+sys.path[:0] = [root, root + "/gguf-py"]
+import conversion.base
+
+def no_sentencepiece(self):
+    raise FileNotFoundError("tokenizer.model")
+
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+conversion.base.TextModel._set_vocab_sentencepiece = no_sentencepiece
+sys.argv[0] = root + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def converter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py (with its conversion package and gguf-py) from the sdist
+    the oracle is built from (``make test`` passes its path in QCONV_LLAMA_CPP_SDIST)."""
+    if not SDIST or not Path(SDIST).is_file():
+        pytest.skip("QCONV_LLAMA_CPP_SDIST does not name the llama-cpp-python sdist (make test sets it)")
+    root = tmp_path_factory.mktemp("llama.cpp")
+    prefix = f"{Path(SDIST).name[: -len('.tar.gz')]}/vendor/llama.cpp/"
+    with tarfile.open(SDIST) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
+            m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith((prefix + "conversion/", prefix + "gguf-py/")))]
+        for m in members:
+            m.name = m.name[len(prefix):]
+        tar.extractall(root, members=members, filter="data")
+    return root
+
+
+def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    lp = torch.log_softmax(torch.from_numpy(logits[:-1]), -1)
+    return math.exp(-lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean().item())
+
+
+def test_gguf_matches_llama_cpp_converter(export_model: Path, converter: Path, tmp_path: Path) -> None:
+    """qconv's f32 GGUF holds the same tensors, bit for bit, as llama.cpp's own converter writes
+    from the same checkpoint (names, layouts such as the q/k row permutation, types), and
+    llama.cpp computes the same perplexity on both (to 1e-3): so the metadata it reads agrees too.
+
+    One exception: Llama 3's ``rope_freqs`` factors, which qconv computes in float64 and the
+    converter in float32 torch ops (pow, then reciprocal-multiply): they differ by 1-2 ulp."""
+    ref = tmp_path / "converter.gguf"
+    subprocess.run([sys.executable, "-c", _CONVERT, str(converter), str(export_model), "--outfile", str(ref),
+                    "--outtype", "f32"], check=True, capture_output=True)
+    ours = tmp_path / "qconv.gguf"
+    api.convert(export_model, ours, gguf_type="f32")
+    a, b = tensors_of(ours), tensors_of(ref)
+    freqs = "rope_freqs.weight"
+    if freqs in a or freqs in b:
+        np.testing.assert_allclose(np.frombuffer(a.pop(freqs)[1], np.float32),
+                                   np.frombuffer(b.pop(freqs)[1], np.float32), rtol=1e-6)
+    assert a == b
+    ids = [(i * 37 + 11) % 384 for i in range(48)]
+    ppl_ours, ppl_ref = _perplexity(_llama_logits(ours, ids), ids), _perplexity(_llama_logits(ref, ids), ids)
+    assert abs(ppl_ours - ppl_ref) <= 1e-3 * ppl_ref, (ppl_ours, ppl_ref)
 
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "stories260K.gguf"

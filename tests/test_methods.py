@@ -2,7 +2,8 @@
 
 - SmoothQuant's transform leaves the fp layer's outputs unchanged (to 1e-5);
 - AWQ (+ RTN) and GPTQ give a smaller layer-output error than RTN alone on the calibration inputs;
-- every method is deterministic.
+- every method is deterministic;
+for every supported family (the tiny models of ``conftest.TINY_ARCHS``).
 The layer's input norms get a few large channels, as trained LLMs have (activation outliers are
 what SmoothQuant and AWQ exist for).
 """
@@ -21,16 +22,20 @@ from qconv.core.grid import WeightScheme, fake_quantize
 from qconv.quant.methods import get_method
 from qconv.quant.pipeline import LayerPipeline
 from qconv.quant.schemes import SchemeMap
+from conftest import TINY_ARCHS
 
 
-@pytest.fixture(scope="module")
-def outlier_model(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) -> Path:
-    model = tiny_hf_model_builder("llama", rope_scaling=None)
+@pytest.fixture(scope="module", params=TINY_ARCHS)
+def outlier_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                  tiny_hf_model_builder) -> Path:
+    """Layer 0 of each family's tiny model, its input norms given a few large channels."""
+    overrides = {"rope_scaling": None} if request.param == "llama" else {}
+    model = tiny_hf_model_builder(request.param, **overrides)
     with torch.no_grad():
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[:4] *= 20.0
-    path = tmp_path_factory.mktemp("outliers")
+    path = tmp_path_factory.mktemp(f"outliers-{request.param}")
     model.save_pretrained(path)
     return path
 
@@ -247,7 +252,9 @@ def test_bfloat16_calibration_close_to_float32(outlier_model: Path) -> None:
     bf = next(LayerPipeline(source, tokens, compute_dtype=torch.bfloat16).layers()).forward()
     assert bf.dtype == torch.float32
     rel = (bf - fp).norm() / fp.norm()
-    assert 0 < rel < 2e-2, rel
+    # bf16 keeps 8 significant bits (0.4%); through the 20x outlier channels and attention the
+    # layer output moves by 1-2.5% on these random models (2.5%: qwen2, whose biases add terms)
+    assert 0 < rel < 3e-2, rel
 
 
 @pytest.mark.parametrize("native", [True, False])

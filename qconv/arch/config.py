@@ -166,6 +166,23 @@ def _flag(rule: bool | str, raw: dict[str, Any]) -> bool:
     return bool(raw.get(rule, False)) if isinstance(rule, str) else rule
 
 
+def _refuse_unimplemented(keys: dict[str, Any], model_type: str, path: Path) -> None:
+    """Refuse config values that change what the model computes and that qconv does not
+    implement: silently running them as the plain block would give wrong numbers."""
+    act = keys.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModel(f"hidden_act {act!r} is not supported for {model_type} (supported: silu)", path)
+    if keys.get("mlp_bias"):
+        raise UnsupportedModel("mlp_bias=true is not supported", path)
+    windowed = [t for t in keys.get("layer_types") or [] if t != "full_attention"]
+    if keys.get("use_sliding_window") or windowed:
+        raise UnsupportedModel(f"sliding-window attention layers are not supported for {model_type}", path)
+    window, context = keys.get("sliding_window"), keys.get("max_position_embeddings", 2048)
+    if model_type == "mistral" and window is not None and int(window) < int(context):
+        raise UnsupportedModel(f"sliding_window {window} shorter than the context {context} is not supported "
+                               f"for {model_type} (qconv attends to the whole context)", path)
+
+
 def config_from_dict(raw: dict[str, Any], path: Path | str = "config.json") -> ModelConfig:
     """Validate and normalize a parsed config.json."""
     path = Path(path)
@@ -179,8 +196,9 @@ def config_from_dict(raw: dict[str, Any], path: Path | str = "config.json") -> M
             raise UnsupportedModel(
                 f"unsupported architecture {name} (supported: {', '.join(BY_ARCHITECTURE)})", path
             )
-    if raw.get("mlp_bias"):
-        raise UnsupportedModel("mlp_bias=true is not supported", path)
+    keys = {**spec.config_defaults, **raw}  # what transformers reads, its family defaults filled in
+    _refuse_unimplemented(keys, spec.model_type, path)
+    raw_keys, raw = raw, keys
     try:
         hidden = int(raw["hidden_size"])
         heads = int(raw["num_attention_heads"])
@@ -204,7 +222,7 @@ def config_from_dict(raw: dict[str, Any], path: Path | str = "config.json") -> M
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=raw.get("eos_token_id"),
-            raw=raw,
+            raw=raw_keys,
         )
     except KeyError as e:
         raise CheckpointMismatch(f"config is missing required key {e.args[0]!r}", path) from None

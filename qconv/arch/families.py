@@ -41,7 +41,14 @@ MISTRAL = replace(LLAMA, model_type="mistral", architectures=("MistralForCausalL
 QWEN2 = replace(LLAMA, model_type="qwen2", architectures=("Qwen2ForCausalLM",), gguf_arch="qwen2",
                 gguf_permute_qk=False, qkv_bias=True, o_bias=False, hf_config={})
 
-FAMILIES: dict[str, ArchSpec] = {s.model_type: s for s in (LLAMA, MISTRAL, QWEN2)}
+#: Qwen3: Llama's block plus a per-head RMSNorm on q and k (``q_norm``/``k_norm``, ``[head_dim]``)
+#: before RoPE; head_dim is its own key (default 128), biases follow ``attention_bias`` (o_proj too).
+QWEN3 = replace(LLAMA, model_type="qwen3", architectures=("Qwen3ForCausalLM",), gguf_arch="qwen3",
+                gguf_permute_qk=False, hf_config={}, qk_norm=True, config_defaults={"head_dim": 128},
+                norms=(*_LLAMA_NORMS, NormSpec("self_attn.q_norm", "attn_q_norm", "head_dim"),
+                       NormSpec("self_attn.k_norm", "attn_k_norm", "head_dim")))
+
+FAMILIES: dict[str, ArchSpec] = {s.model_type: s for s in (LLAMA, MISTRAL, QWEN2, QWEN3)}
 #: HF class name -> family.
 BY_ARCHITECTURE: dict[str, ArchSpec] = {a: s for s in FAMILIES.values() for a in s.architectures}
 #: llama.cpp ``general.architecture`` -> the family a GGUF file imports as (the first that exports to it).

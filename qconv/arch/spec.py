@@ -112,6 +112,11 @@ class ArchSpec:
     o_bias: bool | str = False
     #: constant config.json entries written for this family
     hf_config: dict[str, Any] = field(default_factory=dict)
+    #: transformers' defaults for config.json keys that may be absent and differ from qconv's
+    #: generic ones (Qwen3's head_dim is 128, not hidden / heads)
+    config_defaults: dict[str, Any] = field(default_factory=dict)
+    #: per-head RMSNorm on q and k after their projections, before RoPE (Qwen3)
+    qk_norm: bool = False
     #: None when the residual-stream rotation applies, else why it does not
     rotation_refused: str | None = None
 

@@ -96,6 +96,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv_out, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, kv_out, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_out, h, bias=config.o_bias)
+        if config.spec.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.spec.qk_norm
 
     def mix(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int
@@ -103,8 +107,11 @@ class Attention(nn.Module):
         """Everything before ``o_proj``: the heads' attention outputs ``[b, t, heads * head_dim]``
         (o_proj is applied by the block's ops, so calibration can stop at its input)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:  # per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
