@@ -10,7 +10,7 @@ import torch
 
 from tests_support import write_tokenizer
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 
 #: CPU features the llama.cpp oracle must not be built with (see the Makefile's ORACLE_CMAKE_ARGS):
 #: a -march=native build on an AMX / AVX512-BF16 Xeon crashes evaluating quantized GGUFs.
@@ -38,9 +38,11 @@ def tiny_hf_config(arch: str, **overrides: object):
 
     Each architecture exercises a different variant: llama has llama3 RoPE scaling and untied
     embeddings, mistral a head_dim override (32 != 64 / 4) and tied embeddings, qwen2 q/k/v bias,
-    qwen3 per-head q/k norms, its own head_dim (32) and tied embeddings.
+    qwen3 per-head q/k norms, its own head_dim (32) and tied embeddings, gemma2 pre/post norms,
+    GeGLU, soft-caps and a sliding window of 6 on every other layer (shorter than the tests'
+    sequences) with a query_pre_attn_scalar that is not head_dim.
     """
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=300,
@@ -70,6 +72,11 @@ def tiny_hf_config(arch: str, **overrides: object):
     if arch == "qwen3":
         kwargs = dict(common, head_dim=32, tie_word_embeddings=True, rope_theta=1e6)
         return Qwen3Config(**{**kwargs, **overrides})
+    if arch == "gemma2":
+        kwargs = dict(common, head_dim=16, tie_word_embeddings=True, rope_theta=10000.0, query_pre_attn_scalar=24,
+                      sliding_window=6, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                      hidden_activation="gelu_pytorch_tanh")
+        return Gemma2Config(**{**kwargs, **overrides})
     raise ValueError(arch)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qconv.arch import FAMILIES
 from qconv.arch.spec import GroupSpec
 from qconv.checkpoint import open_model
 from qconv.errors import InvalidOption
@@ -28,13 +29,14 @@ from conftest import TINY_ARCHS
 @pytest.fixture(scope="module", params=TINY_ARCHS)
 def outlier_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                   tiny_hf_model_builder) -> Path:
-    """Layer 0 of each family's tiny model, its input norms given a few large channels."""
+    """Each family's tiny model, the norms feeding its Linear groups given a few large channels."""
     overrides = {"rope_scaling": None} if request.param == "llama" else {}
     model = tiny_hf_model_builder(request.param, **overrides)
+    norms = [g.source for g in FAMILIES[request.param].groups if g.source_kind == "norm"]
     with torch.no_grad():
         for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight[:4] *= 20.0
+            for name in norms:
+                layer.get_submodule(name).weight[:4] *= 20.0
     path = tmp_path_factory.mktemp(f"outliers-{request.param}")
     model.save_pretrained(path)
     return path

@@ -19,7 +19,7 @@ import torch
 
 from qconv.checkpoint import open_model
 from qconv.checkpoint.hf_writer import write_hf_checkpoint
-from qconv.errors import InvalidOption
+from qconv.errors import InvalidOption, UnsupportedModel
 from qconv.model.decoder import load_model
 from qconv.quant.hadamard import hadamard, paley, random_rotation
 from qconv.quant.methods.rotate import Rotate
@@ -59,8 +59,20 @@ def _hf_logits(path: Path) -> torch.Tensor:
         return model(TOKENS).logits
 
 
+def _refused(path: Path) -> bool:
+    """Families the rotation does not apply to get a one-line refusal naming why."""
+    with open_model(path) as src:
+        reason = src.config.spec.rotation_refused
+        if reason:
+            with pytest.raises(UnsupportedModel, match=f"rotate: not available for {src.config.model_type}: {reason}"):
+                Rotate().wrap(src)
+    return reason is not None
+
+
 @pytest.mark.parametrize("heads", [True, False])
 def test_rotation_is_exact_for_transformers(tiny_model_dir: Path, tmp_path: Path, heads: bool) -> None:
+    if _refused(tiny_model_dir):
+        return
     with open_model(tiny_model_dir) as src:
         rotated = Rotate(heads=heads).wrap(src)
         write_hf_checkpoint(rotated, tmp_path / "rot")
@@ -147,6 +159,11 @@ def test_rotated_checkpoint_loads_in_transformers(tiny_model_dir: Path, tmp_path
     pytest.importorskip("compressed_tensors")
     recipe = recipe_from_dict({"scheme": {"bits": 8, "group_size": 32, "symmetric": True},
                                "stages": [{"method": "rotate"}, {"method": "rtn"}]})
+    if _refused(tiny_model_dir):
+        with pytest.raises(UnsupportedModel, match="rotate: not available"):
+            quantize_model(tiny_model_dir, tmp_path / "q", recipe)
+        assert not (tmp_path / "q").exists()
+        return
     quantize_model(tiny_model_dir, tmp_path / "q", recipe)
     theirs, ours = _hf_logits(tmp_path / "q"), _logits(tmp_path / "q")
     assert torch.allclose(theirs, ours, atol=1e-4, rtol=0), (theirs - ours).abs().max()

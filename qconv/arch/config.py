@@ -60,7 +60,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Normalized decoder-only transformer config (Llama / Mistral / Qwen2 family)."""
+    """Normalized decoder-only transformer config of any supported family."""
 
     model_type: str
     hidden_size: int
@@ -77,6 +77,16 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
+    #: the MLP gate's activation (``silu``, or ``gelu_pytorch_tanh`` for Gemma)
+    activation: str = "silu"
+    #: per layer ``full_attention`` or ``sliding_attention`` (empty: all full)
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
+    #: attention scores are scaled by ``query_pre_attn_scalar ** -0.5`` (None: ``head_dim ** -0.5``)
+    query_pre_attn_scalar: int | float | None = None
+    #: ``c * tanh(x / c)`` on attention scores and on the final logits (Gemma 2)
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -122,9 +132,14 @@ class ModelConfig:
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings,
             torch_dtype=self.torch_dtype,
-            hidden_act="silu",
         )
         spec = self.spec
+        d[spec.activation_key] = self.activation
+        if self.layer_types:
+            d["layer_types"] = list(self.layer_types)
+        for key in ("sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
         for key, on in ((spec.qkv_bias, self.qkv_bias), (spec.o_bias, self.o_bias)):
             if isinstance(key, str):
                 d[key] = on
@@ -161,21 +176,51 @@ def _rope(raw: dict[str, Any], path: Path) -> tuple[float, RopeScaling | None]:
     )
 
 
+def _optional(raw: dict[str, Any], key: str, kind: type) -> Any:
+    """``kind(raw[key])``, or None when the key is absent or null."""
+    value = raw.get(key)
+    return None if value is None else kind(value)
+
+
+def _number(value: Any) -> int | float:
+    """An int when integral (transformers' config classes type some such keys as int), else a float."""
+    f = float(value)
+    return int(f) if f.is_integer() else f
+
+
 def _flag(rule: bool | str, raw: dict[str, Any]) -> bool:
     """A spec's bias rule: a constant, or the config.json key that switches it on."""
     return bool(raw.get(rule, False)) if isinstance(rule, str) else rule
 
 
-def _refuse_unimplemented(keys: dict[str, Any], model_type: str, path: Path) -> None:
+#: MLP gate activations the runner implements
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+
+def _layer_types(keys: dict[str, Any], spec: ArchSpec, layers: int) -> tuple[str, ...]:
+    """Per-layer attention kinds: config.json's ``layer_types``, else the family's pattern."""
+    if keys.get("layer_types"):
+        return tuple(str(t) for t in keys["layer_types"])
+    if spec.sliding_pattern:
+        return tuple("full_attention" if (i + 1) % spec.sliding_pattern == 0 else "sliding_attention"
+                     for i in range(layers))
+    return ()
+
+
+def _refuse_unimplemented(keys: dict[str, Any], spec: ArchSpec, layer_types: tuple[str, ...], path: Path) -> None:
     """Refuse config values that change what the model computes and that qconv does not
     implement: silently running them as the plain block would give wrong numbers."""
-    act = keys.get("hidden_act", "silu")
-    if act != "silu":
-        raise UnsupportedModel(f"hidden_act {act!r} is not supported for {model_type} (supported: silu)", path)
+    model_type = spec.model_type
+    act = keys.get(spec.activation_key, "silu")
+    if act not in ACTIVATIONS:
+        raise UnsupportedModel(f"{spec.activation_key} {act!r} is not supported for {model_type} "
+                               f"(supported: {', '.join(ACTIVATIONS)})", path)
     if keys.get("mlp_bias"):
         raise UnsupportedModel("mlp_bias=true is not supported", path)
-    windowed = [t for t in keys.get("layer_types") or [] if t != "full_attention"]
-    if keys.get("use_sliding_window") or windowed:
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise UnsupportedModel(f"layer type {unknown[0]!r} is not supported", path)
+    if not spec.sliding_pattern and (keys.get("use_sliding_window") or "sliding_attention" in layer_types):
         raise UnsupportedModel(f"sliding-window attention layers are not supported for {model_type}", path)
     window, context = keys.get("sliding_window"), keys.get("max_position_embeddings", 2048)
     if model_type == "mistral" and window is not None and int(window) < int(context):
@@ -197,9 +242,10 @@ def config_from_dict(raw: dict[str, Any], path: Path | str = "config.json") -> M
                 f"unsupported architecture {name} (supported: {', '.join(BY_ARCHITECTURE)})", path
             )
     keys = {**spec.config_defaults, **raw}  # what transformers reads, its family defaults filled in
-    _refuse_unimplemented(keys, spec.model_type, path)
     raw_keys, raw = raw, keys
     try:
+        layer_types = _layer_types(keys, spec, int(raw["num_hidden_layers"]))
+        _refuse_unimplemented(keys, spec, layer_types, path)
         hidden = int(raw["hidden_size"])
         heads = int(raw["num_attention_heads"])
         theta, scaling = _rope(raw, path)
@@ -219,6 +265,12 @@ def config_from_dict(raw: dict[str, Any], path: Path | str = "config.json") -> M
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=_flag(spec.qkv_bias, raw),
             o_bias=_flag(spec.o_bias, raw),
+            activation=str(raw.get(spec.activation_key, "silu")),
+            layer_types=layer_types if "sliding_attention" in layer_types else (),
+            sliding_window=_optional(raw, "sliding_window", int) if "sliding_attention" in layer_types else None,
+            query_pre_attn_scalar=_optional(raw, "query_pre_attn_scalar", _number),
+            attn_logit_softcapping=_optional(raw, "attn_logit_softcapping", float),
+            final_logit_softcapping=_optional(raw, "final_logit_softcapping", float),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=raw.get("eos_token_id"),

@@ -48,7 +48,32 @@ QWEN3 = replace(LLAMA, model_type="qwen3", architectures=("Qwen3ForCausalLM",), 
                 norms=(*_LLAMA_NORMS, NormSpec("self_attn.q_norm", "attn_q_norm", "head_dim"),
                        NormSpec("self_attn.k_norm", "attn_k_norm", "head_dim")))
 
-FAMILIES: dict[str, ArchSpec] = {s.model_type: s for s in (LLAMA, MISTRAL, QWEN2, QWEN3)}
+#: Gemma 2: norms around both branches (pre and post), RMSNorm by ``1 + w``, embeddings scaled by
+#: sqrt(hidden), GeGLU (tanh gelu), attention scaled by ``query_pre_attn_scalar``, soft-capped
+#: attention scores and logits, every other layer a sliding window. Branch outputs pass a norm
+#: before the residual add, so the residual rotation does not fold into the weights.
+GEMMA2 = ArchSpec(
+    model_type="gemma2", architectures=("Gemma2ForCausalLM",), gguf_arch="gemma2", gguf_permute_qk=False,
+    block="gemma2",
+    norms=(NormSpec("input_layernorm", "attn_norm"), NormSpec("post_attention_layernorm", "post_attention_norm"),
+           NormSpec("pre_feedforward_layernorm", "ffn_norm"),
+           NormSpec("post_feedforward_layernorm", "post_ffw_norm")),
+    linears=_LLAMA_LINEARS,
+    groups=(
+        GroupSpec(_LLAMA_GROUPS[0].linears, "input_layernorm", "norm", "reads"),
+        GroupSpec(("self_attn.o_proj",), "self_attn.v_proj", "value"),
+        GroupSpec(_LLAMA_GROUPS[2].linears, "pre_feedforward_layernorm", "norm", "reads"),
+        GroupSpec(("mlp.down_proj",), "mlp.up_proj", "linear"),
+    ),
+    qkv_bias="attention_bias", o_bias="attention_bias", norm_offset=1.0, embed_scale=True,
+    activation_key="hidden_activation", sliding_pattern=2,
+    config_defaults={"hidden_activation": "gelu_pytorch_tanh", "head_dim": 256, "query_pre_attn_scalar": 256,
+                     "sliding_window": 4096, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+                     "tie_word_embeddings": True, "max_position_embeddings": 8192},
+    rotation_refused="its post-norms sit between the branch outputs and the residual stream",
+)
+
+FAMILIES: dict[str, ArchSpec] = {s.model_type: s for s in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2)}
 #: HF class name -> family.
 BY_ARCHITECTURE: dict[str, ArchSpec] = {a: s for s in FAMILIES.values() for a in s.architectures}
 #: llama.cpp ``general.architecture`` -> the family a GGUF file imports as (the first that exports to it).

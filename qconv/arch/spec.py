@@ -117,6 +117,16 @@ class ArchSpec:
     config_defaults: dict[str, Any] = field(default_factory=dict)
     #: per-head RMSNorm on q and k after their projections, before RoPE (Qwen3)
     qk_norm: bool = False
+    #: RMSNorms scale by ``norm_offset + weight`` (Gemma stores ``weight`` around 0: offset 1);
+    #: llama.cpp's files store the sum
+    norm_offset: float = 0.0
+    #: token embeddings are multiplied by sqrt(hidden_size) (Gemma)
+    embed_scale: bool = False
+    #: config.json key naming the MLP's gate activation
+    activation_key: str = "hidden_act"
+    #: without ``layer_types`` in config.json, every ``sliding_pattern``-th layer attends to the
+    #: whole context and the others to ``sliding_window`` positions (0: no sliding layers)
+    sliding_pattern: int = 0
     #: None when the residual-stream rotation applies, else why it does not
     rotation_refused: str | None = None
 
@@ -187,6 +197,15 @@ class ArchSpec:
     @cached_property
     def _hf_stems(self) -> dict[str, str]:
         return {t.gguf: t.name for t in (*self.norms, *self.linears)}
+
+    def is_norm(self, hf: str) -> bool:
+        """Whether an HF tensor name is a norm weight (a block's or the final one)."""
+        m = _HF_LAYER.match(hf)
+        return hf == f"{FINAL_NORM}.weight" or bool(m and m[3] == "weight" and m[2] in self._norm_names)
+
+    @cached_property
+    def _norm_names(self) -> frozenset[str]:
+        return frozenset(n.name for n in self.norms)
 
     def rope_heads(self, hf: str, config: ModelConfig) -> int | None:
         """Heads to (un)permute an HF tensor's rows by for llama.cpp's RoPE layout; None for

@@ -15,6 +15,7 @@ import numpy as np
 
 from qconv.arch.config import ModelConfig, RopeScaling
 from qconv.arch.families import BY_GGUF_ARCH
+from qconv.arch.spec import ArchSpec
 from qconv.arch.rope_layout import unpermute_rows
 from qconv.checkpoint.source import ModelSource
 from qconv.errors import CheckpointMismatch, CorruptFile, UnsupportedModel
@@ -108,10 +109,28 @@ class GGUFSource(ModelSource):
             max_position_embeddings=int(self._key("context_length", 2048)),
             tie_word_embeddings="output.weight" not in self._tensors,
             **biases,
+            **self._attention_keys(spec, head_dim),
             torch_dtype="float32",
             bos_token_id=tok_ids["bos"],
             eos_token_id=tok_ids["eos"],
         )
+
+    def _attention_keys(self, spec: ArchSpec, head_dim: int) -> dict[str, Any]:
+        """Activation, soft-caps and sliding windows as ModelConfig fields (GGUF files do not
+        name the activation: it is the family's)."""
+        arch = spec.gguf_arch
+        out: dict[str, Any] = {"activation": str(spec.config_defaults.get(spec.activation_key, "silu"))}
+        for key, field in (("attn_logit_softcapping", "attn_logit_softcapping"),
+                           ("final_logit_softcapping", "final_logit_softcapping")):
+            if f"{arch}.{key}" in self.meta:
+                out[field] = _f32(self.meta[f"{arch}.{key}"])
+        if spec.sliding_pattern:
+            layers = int(self._key("block_count"))
+            out["sliding_window"] = int(self._key("attention.sliding_window"))
+            out["layer_types"] = tuple("full_attention" if (i + 1) % spec.sliding_pattern == 0 else
+                                       "sliding_attention" for i in range(layers))
+            out["query_pre_attn_scalar"] = head_dim  # what llama.cpp scales by (27B aside)
+        return out
 
     def _validate(self) -> list[str]:
         spec = self.config.spec
@@ -149,9 +168,12 @@ class GGUFSource(ModelSource):
 
     def get_array(self, name: str) -> np.ndarray:
         w = self._array(self._gguf_of[name])
-        heads = self.config.spec.rope_heads(name, self.config)
+        spec = self.config.spec
+        heads = spec.rope_heads(name, self.config)
         if heads:
             w = unpermute_rows(w, heads)
+        if spec.norm_offset and spec.is_norm(name):  # llama.cpp stores offset + weight
+            w = w - np.float32(spec.norm_offset)
         return np.ascontiguousarray(w)
 
     def get_tensor(self, name: str) -> torch.Tensor:

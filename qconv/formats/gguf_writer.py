@@ -24,6 +24,7 @@ from qconv.atomic import atomic_output
 from qconv.arch.config import ModelConfig
 from qconv.arch.rope_layout import permute_rows
 from qconv.checkpoint.source import ModelSource
+from qconv.errors import UnsupportedModel
 from qconv.formats.gguf_tokenizer import gguf_tokenizer_metadata
 from qconv.formats.gguf_types import FileType, llama_cpp_order, tensor_types
 from qconv.quant import ggml
@@ -94,6 +95,31 @@ def _add_model_metadata(w: gguf.GGUFWriter, config: ModelConfig, ft: FileType, n
     if config.rope_scaling is not None and config.rope_scaling.rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(config.rope_scaling.factor)
+    if config.attn_logit_softcapping is not None:
+        w.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if config.final_logit_softcapping is not None:
+        w.add_final_logit_softcapping(config.final_logit_softcapping)
+    if config.sliding_window is not None:
+        w.add_sliding_window(config.sliding_window)
+
+
+def check_llama_cpp_runs(config: ModelConfig) -> None:
+    """Refuse what llama.cpp's graph for the arch would compute differently from the model:
+    a file it loads but runs wrong is worse than no file."""
+    if config.spec.gguf_arch != "gemma2":
+        return
+    if not config.tie_word_embeddings:
+        raise UnsupportedModel("llama.cpp's gemma2 always uses the embeddings as the output matrix; "
+                               "this model has its own lm_head")
+    # llama.cpp scales gemma2's scores by head_dim^-0.5, or (n_embd / n_head)^-0.5 for its 46-layer 27B
+    expected = config.hidden_size / config.num_heads if config.num_layers == 46 else config.head_dim
+    if config.query_pre_attn_scalar not in (None, expected):
+        raise UnsupportedModel(f"query_pre_attn_scalar {config.query_pre_attn_scalar:g} differs from the "
+                               f"{expected:g} llama.cpp's gemma2 scales attention by")
+    if config.layer_types and config.layer_types != tuple(
+            "full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(config.num_layers)):
+        raise UnsupportedModel("llama.cpp's gemma2 alternates sliding and global layers; this model's "
+                               "layer_types do not")
 
 
 _V = gguf.GGUFValueType
@@ -156,6 +182,8 @@ def _tensor_data(source: ModelSource, p: PlannedTensor) -> np.ndarray:
         assert config.rope_scaling is not None
         return config.rope_scaling.llama3_factors(config.rope_theta, config.head_dim).astype(np.float32)
     x = source.get_array(p.hf_name)
+    if config.spec.norm_offset and config.spec.is_norm(p.hf_name):  # llama.cpp stores offset + weight
+        x = x + np.float32(config.spec.norm_offset)
     heads = config.spec.rope_heads(p.hf_name, config)
     if heads:
         x = permute_rows(x, heads)
@@ -174,6 +202,7 @@ def write_gguf(
     t0 = time.perf_counter()
     out = Path(out)
     config = source.config
+    check_llama_cpp_runs(config)
     arch = config.spec.gguf_arch
     plan = plan_tensors(config, ft)
     tok_meta = gguf_tokenizer_metadata(source.tokenizer_files(), config.vocab_size, tokenizer_pre)

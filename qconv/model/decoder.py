@@ -1,4 +1,4 @@
-"""The reference runner's model: a plain-torch Llama/Mistral/Qwen2 decoder.
+"""The reference runner's model: a plain-torch decoder for every family qconv supports.
 
 It exists so qconv can measure what quantization did (perplexity, KL, generation) without
 depending on transformers at runtime, and so every input format (HF safetensors, GGUF,
@@ -23,7 +23,7 @@ from torch import nn
 from qconv.arch.config import ModelConfig
 from qconv.arch.spec import EMBED, FINAL_NORM, LM_HEAD
 from qconv.checkpoint.source import ModelSource
-from qconv.model.kv_cache import KVCache, causal_attention
+from qconv.model.kv_cache import AttentionOptions, KVCache, causal_attention
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -71,17 +71,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 and cast back before the weight, as transformers does."""
+    """RMSNorm computed in float32, as transformers does: cast back before the weight (Llama), or
+    scaled by ``offset + weight`` in float32 and cast after (Gemma, offset 1)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
+
+    @torch.no_grad()
+    def divide_(self, s: torch.Tensor) -> None:
+        """Divide output channel j by ``s_j`` (what a scale folded into the Linears it feeds asks)."""
+        self.weight.copy_((self.offset + self.weight) / s.to(self.weight) - self.offset)
+
+
+def norm(config: ModelConfig, dim: int | None = None) -> RMSNorm:
+    """An RMSNorm of the model's family (``hidden_size`` wide unless ``dim`` says otherwise)."""
+    return RMSNorm(config.hidden_size if dim is None else dim, config.rms_norm_eps, config.spec.norm_offset)
+
+
+def attention_options(config: ModelConfig, layer_idx: int) -> AttentionOptions:
+    """Layer ``layer_idx``'s score scale, window and soft-cap, from the config."""
+    sliding = bool(config.layer_types) and config.layer_types[layer_idx] == "sliding_attention"
+    scalar = config.query_pre_attn_scalar
+    return AttentionOptions(scale=None if scalar is None else scalar ** -0.5,
+                            window=config.sliding_window if sliding else None,
+                            softcap=config.attn_logit_softcapping)
 
 
 class Attention(nn.Module):
@@ -97,9 +119,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, kv_out, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_out, h, bias=config.o_bias)
         if config.spec.qk_norm:
-            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.q_norm = norm(config, config.head_dim)
+            self.k_norm = norm(config, config.head_dim)
         self.qk_norm = config.spec.qk_norm
+        self.opts = attention_options(config, layer_idx)
 
     def mix(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int
@@ -115,26 +138,38 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            out = causal_attention(q, k, v)
+            out = causal_attention(q, k, v, self.opts)
         else:
-            out = cache.attend(self.layer_idx, q, k, v, start_pos)
+            out = cache.attend(self.layer_idx, q, k, v, start_pos, self.opts)
         return out.transpose(1, 2).reshape(b, t, -1)
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+    """Gated feed-forward: ``down(act(gate(x)) * up(x))``, act SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gelu = config.activation == "gelu_pytorch_tanh"
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(gate(x)) * up(x)``: down_proj's input (down_proj is applied by the block's
-        ops), computed in place in the gate's fresh
-        output (two fewer ``[tokens, intermediate]`` temporaries; inference only, no autograd)."""
-        return F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x))
+        """``act(gate(x)) * up(x)``: down_proj's input (down_proj is applied by the block's ops),
+        computed in place in the gate's fresh output (fewer ``[tokens, intermediate]``
+        temporaries; inference only, no autograd)."""
+        gate = self.gate_proj(x)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate, inplace=True)
+        return act.mul_(self.up_proj(x))
+
+
+def embed(config: ModelConfig, table: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Rows of the embedding ``table`` for ``tokens``, times sqrt(hidden) for the families that
+    scale them (rounded to the table's dtype first, as transformers does)."""
+    x = F.embedding(tokens, table)
+    if config.spec.embed_scale:
+        x = x * torch.tensor(config.hidden_size ** 0.5, dtype=torch.float32).to(table.dtype)
+    return x
 
 
 class Op(NamedTuple):
@@ -157,9 +192,9 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = norm(config)
         self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = norm(config)
         self.mlp = MLP(config)
 
     def ops(self, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int) -> tuple[Op, ...]:
@@ -180,6 +215,27 @@ class DecoderLayer(nn.Module):
         return run_ops(self.ops(cos, sin, cache, start_pos), x)
 
 
+class Gemma2Layer(DecoderLayer):
+    """Norms on both sides of each branch: ``x + post(attn(pre(x)))``, then the same for the MLP.
+    (Gemma's names: ``post_attention_layernorm`` is the attention's *output* norm.)"""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.pre_feedforward_layernorm = norm(config)
+        self.post_feedforward_layernorm = norm(config)
+
+    def ops(self, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int) -> tuple[Op, ...]:
+        attn, mlp = self.self_attn, self.mlp
+        return (
+            Op(False, lambda x, y: self.input_layernorm(x)),  # -> q/k/v
+            Op(False, lambda x, y: attn.mix(y, cos, sin, cache, start_pos)),  # -> o_proj
+            Op(True, lambda x, y: x + self.post_attention_layernorm(attn.o_proj(y))),
+            Op(False, lambda x, y: self.pre_feedforward_layernorm(x)),  # -> gate/up
+            Op(False, lambda x, y: mlp.hidden(y)),  # -> down_proj
+            Op(True, lambda x, y: x + self.post_feedforward_layernorm(mlp.down_proj(y))),
+        )
+
+
 def run_ops(ops: tuple[Op, ...], x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Run a block's ops from residual ``x`` (and branch value ``y``); the final residual."""
     for op in ops:
@@ -191,7 +247,7 @@ def run_ops(ops: tuple[Op, ...], x: torch.Tensor, y: torch.Tensor | None = None)
 
 
 #: The runner's block compute per ``ArchSpec.block``.
-BLOCKS: dict[str, type[DecoderLayer]] = {"llama": DecoderLayer}
+BLOCKS: dict[str, type[DecoderLayer]] = {"llama": DecoderLayer, "gemma2": Gemma2Layer}
 
 
 def make_block(config: ModelConfig, layer_idx: int) -> DecoderLayer:
@@ -213,7 +269,7 @@ class Transformer(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(make_block(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = norm(config)
         self.lm_head = (
             None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
@@ -234,12 +290,16 @@ class Transformer(nn.Module):
         ``start_pos`` positions already stored in it, and their keys/values are added to it.
         """
         positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
-        x = self.embed_tokens(tokens)
+        x = embed(self.config, self.embed_tokens.weight, tokens)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, start_pos)
         out_weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.norm(x), out_weight).float()
+        logits = F.linear(self.norm(x), out_weight)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
 
 
 def load_model(

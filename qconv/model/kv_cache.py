@@ -20,13 +20,31 @@ import torch.nn.functional as F
 from qconv.arch.config import ModelConfig
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class AttentionOptions:
+    """What one layer's attention does beyond plain causal softmax(q·kᵀ/√d)·v."""
+
+    #: score scale (None: ``head_dim ** -0.5``)
+    scale: float | None = None
+    #: each query sees only the last ``window`` positions, itself included (None: all)
+    window: int | None = None
+    #: scores become ``c * tanh(scores / c)`` before the softmax (Gemma 2)
+    softcap: float | None = None
+
+
+PLAIN = AttentionOptions()
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions = PLAIN
+                     ) -> torch.Tensor:
     """Causal GQA attention where the ``Tq`` queries are the last ``Tq`` of the ``Tk`` key positions.
 
     Shapes: q ``[B, H, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` -> ``[B, H, Tq, D]``. KV heads are
     repeated in HF's order (query head ``h`` uses kv head ``h // (H // Hkv)``).
     """
     tq, tk = q.shape[2], k.shape[2]
+    if opts.softcap is not None or (opts.window is not None and opts.window < tk):
+        return _explicit_attention(q, k, v, opts)
     mask = None
     if 1 < tq < tk:
         # A chunk appended after cached history: SDPA's is_causal aligns the triangle top-left,
@@ -36,7 +54,25 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     # the CPU kernel runs ~9% faster (bf16) on contiguous heads than on the [B, T, H, D]-strided
     # views the projections produce, and the copies are small
     return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=mask,
-                                          is_causal=tq > 1 and tq == tk, enable_gqa=q.shape[1] != k.shape[1])
+                                          is_causal=tq > 1 and tq == tk, enable_gqa=q.shape[1] != k.shape[1],
+                                          scale=opts.scale)
+
+
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions) -> torch.Tensor:
+    """Scores, soft-cap, causal (and sliding-window) mask, float32 softmax, as transformers'
+    eager path computes them (SDPA has no soft-cap)."""
+    tq, tk, groups = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5 if opts.scale is None else opts.scale)
+    if opts.softcap is not None:
+        scores = torch.tanh(scores / opts.softcap) * opts.softcap
+    i = torch.arange(tk - tq, tk, device=q.device)[:, None]  # query positions
+    j = torch.arange(tk, device=q.device)[None, :]
+    allowed = j <= i
+    if opts.window is not None:
+        allowed &= j > i - opts.window
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 @dataclass(frozen=True)
@@ -77,11 +113,12 @@ class KVCache(ABC):
 
     @abstractmethod
     def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+        opts: AttentionOptions = PLAIN,
     ) -> torch.Tensor:
         """Store ``k``/``v`` (``[B, Hkv, T, D]``, RoPE applied) at positions ``start_pos..start_pos+T``
-        of ``layer`` and return the causal attention of ``q`` (``[B, H, T, D]``) over positions
-        ``0..start_pos+T``."""
+        of ``layer`` and return the causal attention (with the layer's ``opts``) of ``q``
+        (``[B, H, T, D]``) over positions ``0..start_pos+T``."""
 
     def _check_room(self, start_pos: int, length: int) -> int:
         """End position of a write, or a clear error instead of a silent out-of-bounds slice."""
@@ -109,13 +146,14 @@ class FpKVCache(KVCache):
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+        opts: AttentionOptions = PLAIN,
     ) -> torch.Tensor:
         end = self._check_room(start_pos, k.shape[2])
         self.k[layer, :, :, start_pos:end] = k
         self.v[layer, :, :, start_pos:end] = v
         self.length = max(self.length, end)
-        return causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end])
+        return causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], opts)
 
     def memory(self) -> KVMemory:
         per_token = 2 * self.k[:, :, :, 0].numel() * self.k.element_size()

@@ -33,7 +33,8 @@ from typing import NamedTuple
 import torch
 
 from qconv.arch.config import ModelConfig
-from qconv.model.kv_cache import KVCache, KVMemory, causal_attention, fp16_kv_bytes
+from qconv.errors import InvalidOption
+from qconv.model.kv_cache import PLAIN, AttentionOptions, KVCache, KVMemory, causal_attention, fp16_kv_bytes
 from qconv.model.kv_quant import (
     codes_per_byte,
     dequantize_asym,
@@ -71,7 +72,8 @@ class Int8KVCache(KVCache):
         self.v_scale = torch.zeros_like(self.k_scale)
 
     def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+        opts: AttentionOptions = PLAIN,
     ) -> torch.Tensor:
         end = self._check_room(start_pos, k.shape[2])
         store = self.k_scale.dtype
@@ -80,7 +82,7 @@ class Int8KVCache(KVCache):
         self.length = max(self.length, end)
         keys = dequantize_int8(self.k[layer, :, :, :end], self.k_scale[layer, :, :, :end], q.dtype)
         values = dequantize_int8(self.v[layer, :, :, :end], self.v_scale[layer, :, :, :end], q.dtype)
-        return causal_attention(q, keys, values)
+        return causal_attention(q, keys, values, opts)
 
     def memory(self) -> KVMemory:
         per_token = 2 * (self.k[:, :, :, 0].nbytes + self.k_scale[:, :, :, 0].nbytes)
@@ -143,8 +145,13 @@ class KiviKVCache(KVCache):
         return self.lengths[-1]
 
     def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+        opts: AttentionOptions = PLAIN,
     ) -> torch.Tensor:
+        if opts.softcap is not None or opts.window is not None:
+            # its step-wise attention mixes dequantized and 16-bit history per query; no window or cap there
+            raise InvalidOption("the KIVI cache does not support sliding-window or soft-capped attention "
+                                "(Gemma 2): use --kv-cache fp or int8")
         if start_pos != self.lengths[layer]:
             raise ValueError(f"KIVI cache is append-only: layer {layer} holds {self.lengths[layer]} "
                              f"positions, write starts at {start_pos}")

@@ -37,7 +37,7 @@ from torch import nn
 from qconv.arch.config import ModelConfig
 from qconv.arch.spec import EMBED, LAYER_PREFIX, ArchSpec, GroupSpec
 from qconv.checkpoint.source import ModelSource
-from qconv.model.decoder import DecoderLayer, Op, make_block, rope_cos_sin, rope_inv_freq, run_ops
+from qconv.model.decoder import DecoderLayer, Op, embed, make_block, rope_cos_sin, rope_inv_freq, run_ops
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +238,7 @@ class LayerPipeline:
 
     def embeddings(self) -> torch.Tensor:
         """Layer-0 inputs: token embeddings of every sample, float32 on CPU."""
-        table = self.source.get_tensor(f"{EMBED}.weight").float()
-        return table[self.tokens]
+        return embed(self.config, self.source.get_tensor(f"{EMBED}.weight").float(), self.tokens)
 
     def load_layer(self, index: int) -> DecoderLayer:
         """Decoder layer ``index`` in float32 on the pipeline's device."""

@@ -21,7 +21,7 @@ def fold_scales(source: nn.Module, linears: list[nn.Module], s: torch.Tensor) ->
         source.weight.div_(s.to(source.weight)[:, None])
         if source.bias is not None:
             source.bias.div_(s.to(source.bias))
-    else:  # a norm: its weight scales each output channel
-        source.weight.div_(s.to(source.weight))
+    else:  # a norm (qconv.model.decoder.RMSNorm): it knows how its weight scales each channel
+        source.divide_(s)
     for lin in linears:
         lin.weight.mul_(s.to(lin.weight)[None, :])
