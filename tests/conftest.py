@@ -10,7 +10,7 @@ import torch
 
 from tests_support import write_tokenizer
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 
 #: CPU features the llama.cpp oracle must not be built with (see the Makefile's ORACLE_CMAKE_ARGS):
 #: a -march=native build on an AMX / AVX512-BF16 Xeon crashes evaluating quantized GGUFs.
@@ -40,9 +40,10 @@ def tiny_hf_config(arch: str, **overrides: object):
     embeddings, mistral a head_dim override (32 != 64 / 4) and tied embeddings, qwen2 q/k/v bias,
     qwen3 per-head q/k norms, its own head_dim (32) and tied embeddings, gemma2 pre/post norms,
     GeGLU, soft-caps and a sliding window of 6 on every other layer (shorter than the tests'
-    sequences) with a query_pre_attn_scalar that is not head_dim.
+    sequences) with a query_pre_attn_scalar that is not head_dim, gemma3_text q/k norms and a
+    sliding layer with its own RoPE base before a global one.
     """
-    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=300,
@@ -77,6 +78,12 @@ def tiny_hf_config(arch: str, **overrides: object):
                       sliding_window=6, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
                       hidden_activation="gelu_pytorch_tanh")
         return Gemma2Config(**{**kwargs, **overrides})
+    if arch == "gemma3_text":
+        kwargs = dict(common, head_dim=16, tie_word_embeddings=True, query_pre_attn_scalar=24, sliding_window=6,
+                      hidden_activation="gelu_pytorch_tanh", layer_types=["sliding_attention", "full_attention"],
+                      rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                       "full_attention": {"rope_type": "default", "rope_theta": 1e6}})
+        return Gemma3TextConfig(**{**kwargs, **overrides})
     raise ValueError(arch)
 
 

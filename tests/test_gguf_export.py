@@ -33,7 +33,7 @@ from tests_support import write_tokenizer
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
 
 QUANT_TYPES = [n for n, ft in FILE_TYPES.items() if ft.quantized]
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -44,8 +44,10 @@ def export_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
                      num_key_value_heads=2, vocab_size=384)
     if arch in ("mistral", "qwen3"):
         overrides["head_dim"] = 64
-    if arch == "gemma2":  # llama.cpp scales gemma2's scores by head_dim^-0.5 (query_pre_attn_scalar)
+    if arch.startswith("gemma"):  # llama.cpp scales gemma's scores by head_dim^-0.5 (query_pre_attn_scalar)
         overrides.update(head_dim=64, query_pre_attn_scalar=64, sliding_window=16)
+    if arch == "gemma3_text":  # 5 sliding layers, then a global one: the pattern llama.cpp assumes
+        overrides.update(num_hidden_layers=6, layer_types=None)
     if arch == "llama":
         overrides["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -55,12 +57,16 @@ def export_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         # Trained-model-like numerics: small weights (a random net with large ones is chaotic and
         # amplifies llama.cpp's activation rounding), and peaked next-token distributions so
         # top-1 agreement means something.
+        offset = 1.0 if model.config.model_type.startswith("gemma") else 0.0  # RMSNorms scale by offset + w
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.mul_(0.2)
-        model.model.norm.weight.mul_(20.0)
+            elif offset:
+                p.sub_(1.0)  # the same gains, 0.5-1.5, as the other families' norms
+        final = model.model.norm.weight
+        final.copy_((final + offset) * 20.0 - offset)
     model.save_pretrained(path)
-    write_tokenizer(path, 384)
+    write_tokenizer(path, 384, fill=arch == "gemma3_text")
     return path
 
 
@@ -144,12 +150,14 @@ def test_llama_cpp_loads_and_agrees_with_runner(export_model: Path, tmp_path: Pa
     llama_file, llama_f32 = _llama_logits(path, ids), _llama_logits(deq, ids)
     top1, kl = _agreement(_runner_logits(path, ids), llama_f32)
     with open_model(export_model) as src:
-        gelu = src.config.activation != "silu"
+        gelu, arch = src.config.activation != "silu", src.config.model_type
     # llama.cpp's CPU GELU reads a table indexed by the f16-rounded input (GGML_GELU_FP16):
     # measured KL 6.7e-7 on the GeGLU family (gemma2) against the runner's exact tanh-GELU
     assert top1 == 1.0 and kl <= (1e-5 if gelu else 1e-8), (top1, kl)
     top1, kl = _agreement(llama_f32, llama_file)
-    assert kl <= 5e-3, (top1, kl)
+    # llama.cpp's own activation rounding; the 6-layer gemma3 model (q/k norms, GeGLU through the
+    # f16 table) drifts most: measured 0.006-0.011 nats, the others <= 5e-3
+    assert kl <= (2e-2 if arch == "gemma3_text" else 5e-3), (top1, kl)
 
 
 # --------------------------------------------------------------------------- llama.cpp's converter
@@ -206,6 +214,9 @@ def test_gguf_matches_llama_cpp_converter(export_model: Path, converter: Path, t
     ours = tmp_path / "qconv.gguf"
     api.convert(export_model, ours, gguf_type="f32")
     a, b = tensors_of(ours), tensors_of(ref)
+    embd = "token_embd.weight"
+    if len(b[embd][1]) < len(a[embd][1]):  # gemma3's converter drops rows past the tokenizer's vocabulary
+        a[embd] = (a[embd][0], a[embd][1][: len(b[embd][1])])
     freqs = "rope_freqs.weight"
     if freqs in a or freqs in b:
         np.testing.assert_allclose(np.frombuffer(a.pop(freqs)[1], np.float32),
@@ -214,6 +225,26 @@ def test_gguf_matches_llama_cpp_converter(export_model: Path, converter: Path, t
     ids = [(i * 37 + 11) % 384 for i in range(48)]
     ppl_ours, ppl_ref = _perplexity(_llama_logits(ours, ids), ids), _perplexity(_llama_logits(ref, ids), ids)
     assert abs(ppl_ours - ppl_ref) <= 1e-3 * ppl_ref, (ppl_ours, ppl_ref)
+
+
+def test_llama_cpp_reads_a_per_layer_sliding_pattern(tmp_path: Path, tiny_hf_model_builder) -> None:
+    """A Gemma 3 whose sliding/global layers do not follow llama.cpp's default 5:1 pattern gets the
+    pattern written per layer (``attention.sliding_window_pattern``); llama.cpp then computes what
+    the runner does over a sequence 3x the window (llama.cpp's converter drops ``layer_types``)."""
+    model = tiny_hf_model_builder("gemma3_text", hidden_size=256, intermediate_size=320, num_hidden_layers=4,
+                                  head_dim=64, query_pre_attn_scalar=64, sliding_window=16, vocab_size=384,
+                                  layer_types=["sliding_attention", "full_attention"] * 2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.mul_(0.2) if "norm" not in name else p.sub_(1.0)
+    model.save_pretrained(tmp_path / "hf")
+    write_tokenizer(tmp_path / "hf", 384)
+    api.convert(tmp_path / "hf", tmp_path / "m.gguf", gguf_type="f32")
+    pattern = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["gemma3.attention.sliding_window_pattern"]
+    assert pattern.contents() == [True, False, True, False]
+    ids = [(i * 37 + 11) % 384 for i in range(48)]
+    top1, kl = _agreement(_runner_logits(tmp_path / "m.gguf", ids), _llama_logits(tmp_path / "m.gguf", ids))
+    assert top1 == 1.0 and kl <= 1e-5, (top1, kl)
 
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "stories260K.gguf"

@@ -73,6 +73,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    #: RoPE base of the sliding-window layers, which use no scaling (Gemma 3); None: as the others
+    rope_local_theta: float | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
@@ -116,6 +118,8 @@ class ModelConfig:
         """
         d = dict(self.raw)
         d.pop("rope_parameters", None)
+        if self.rope_local_theta is not None:
+            d["rope_local_base_freq"] = self.rope_local_theta
         d.update(
             architectures=[self.architecture],
             model_type=self.model_type,
@@ -151,9 +155,20 @@ class ModelConfig:
         return d
 
 
-def _rope(raw: dict[str, Any], path: Path) -> tuple[float, RopeScaling | None]:
-    """Read rope theta and scaling from either dialect of config.json."""
+def _local_theta(raw: dict[str, Any]) -> float | None:
+    """RoPE base of sliding-window layers when they have their own (Gemma 3): transformers 5's
+    ``rope_parameters["sliding_attention"]`` or the older ``rope_local_base_freq``."""
     params = raw.get("rope_parameters") or {}
+    local = params.get("sliding_attention") if isinstance(params.get("sliding_attention"), dict) else None
+    theta = local.get("rope_theta") if local else raw.get("rope_local_base_freq")
+    return None if theta is None else float(theta)
+
+
+def _rope(raw: dict[str, Any], path: Path) -> tuple[float, RopeScaling | None]:
+    """Read rope theta and scaling (of full-attention layers) from either dialect of config.json."""
+    params = raw.get("rope_parameters") or {}
+    if isinstance(params.get("full_attention"), dict):  # per layer type (Gemma 3, transformers 5)
+        params = params["full_attention"]
     scaling = raw.get("rope_scaling") or None
     theta = raw.get("rope_theta", params.get("rope_theta", 10000.0))
     if scaling is None and params.get("rope_type", params.get("type", "default")) != "default":
@@ -201,10 +216,7 @@ def _layer_types(keys: dict[str, Any], spec: ArchSpec, layers: int) -> tuple[str
     """Per-layer attention kinds: config.json's ``layer_types``, else the family's pattern."""
     if keys.get("layer_types"):
         return tuple(str(t) for t in keys["layer_types"])
-    if spec.sliding_pattern:
-        return tuple("full_attention" if (i + 1) % spec.sliding_pattern == 0 else "sliding_attention"
-                     for i in range(layers))
-    return ()
+    return spec.default_layer_types(layers, keys.get("sliding_window_pattern"))
 
 
 def _refuse_unimplemented(keys: dict[str, Any], spec: ArchSpec, layer_types: tuple[str, ...], path: Path) -> None:
@@ -261,6 +273,7 @@ def config_from_dict(raw: dict[str, Any], path: Path | str = "config.json") -> M
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
+            rope_local_theta=_local_theta(raw) if "sliding_attention" in layer_types else None,
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=_flag(spec.qkv_bias, raw),

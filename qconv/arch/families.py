@@ -73,7 +73,19 @@ GEMMA2 = ArchSpec(
     rotation_refused="its post-norms sit between the branch outputs and the residual stream",
 )
 
-FAMILIES: dict[str, ArchSpec] = {s.model_type: s for s in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2)}
+#: Gemma 3 (text): Gemma 2's block with ``1 + w`` RMSNorms on q and k per head instead of the
+#: soft-caps, five sliding layers to one global, the sliding layers with their own RoPE base.
+GEMMA3 = replace(
+    GEMMA2, model_type="gemma3_text", architectures=("Gemma3ForCausalLM",), gguf_arch="gemma3", qk_norm=True,
+    norms=(*GEMMA2.norms, NormSpec("self_attn.q_norm", "attn_q_norm", "head_dim"),
+           NormSpec("self_attn.k_norm", "attn_k_norm", "head_dim")),
+    sliding_pattern=6,
+    config_defaults={"hidden_activation": "gelu_pytorch_tanh", "head_dim": 256, "query_pre_attn_scalar": 256,
+                     "sliding_window": 4096, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+                     "tie_word_embeddings": True, "max_position_embeddings": 131_072},
+)
+
+FAMILIES: dict[str, ArchSpec] = {s.model_type: s for s in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3)}
 #: HF class name -> family.
 BY_ARCHITECTURE: dict[str, ArchSpec] = {a: s for s in FAMILIES.values() for a in s.architectures}
 #: llama.cpp ``general.architecture`` -> the family a GGUF file imports as (the first that exports to it).

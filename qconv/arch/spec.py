@@ -132,6 +132,14 @@ class ArchSpec:
 
     # ------------------------------------------------------------------ lookups
 
+    def default_layer_types(self, layers: int, pattern: int | None = None) -> tuple[str, ...]:
+        """Per-layer attention kinds when config.json has no ``layer_types``: every
+        ``pattern``-th layer (default the family's) global, the others sliding; () when none slide."""
+        pattern = pattern or self.sliding_pattern
+        if not pattern:
+            return ()
+        return tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers))
+
     def linear(self, name: str) -> LinearSpec:
         return self._linears[name]
 

@@ -127,9 +127,14 @@ class GGUFSource(ModelSource):
         if spec.sliding_pattern:
             layers = int(self._key("block_count"))
             out["sliding_window"] = int(self._key("attention.sliding_window"))
-            out["layer_types"] = tuple("full_attention" if (i + 1) % spec.sliding_pattern == 0 else
-                                       "sliding_attention" for i in range(layers))
+            pattern = self.meta.get(f"{arch}.attention.sliding_window_pattern")
+            if isinstance(pattern, list):  # per layer: is it a sliding one
+                out["layer_types"] = tuple("sliding_attention" if p else "full_attention" for p in pattern)
+            else:
+                out["layer_types"] = spec.default_layer_types(layers, int(pattern) if pattern else None)
             out["query_pre_attn_scalar"] = head_dim  # what llama.cpp scales by (27B aside)
+            if f"{arch}.rope.freq_base_swa" in self.meta:
+                out["rope_local_theta"] = _f32(self.meta[f"{arch}.rope.freq_base_swa"])
         return out
 
     def _validate(self) -> list[str]:

@@ -101,25 +101,31 @@ def _add_model_metadata(w: gguf.GGUFWriter, config: ModelConfig, ft: FileType, n
         w.add_final_logit_softcapping(config.final_logit_softcapping)
     if config.sliding_window is not None:
         w.add_sliding_window(config.sliding_window)
+        if config.layer_types != config.spec.default_layer_types(config.num_layers):  # else llama.cpp's default
+            w.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
+    if config.rope_local_theta is not None:
+        w.add_rope_freq_base_swa(config.rope_local_theta)
+
+
+#: llama.cpp's Gemma graphs scale scores by head_dim^-0.5, except for the 27B (recognized by its
+#: layer count), which uses (n_embd / n_head)^-0.5; they never read query_pre_attn_scalar
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 def check_llama_cpp_runs(config: ModelConfig) -> None:
     """Refuse what llama.cpp's graph for the arch would compute differently from the model:
     a file it loads but runs wrong is worse than no file."""
-    if config.spec.gguf_arch != "gemma2":
+    arch = config.spec.gguf_arch
+    if arch not in _GEMMA_27B_LAYERS:
         return
     if not config.tie_word_embeddings:
-        raise UnsupportedModel("llama.cpp's gemma2 always uses the embeddings as the output matrix; "
+        raise UnsupportedModel(f"llama.cpp's {arch} always uses the embeddings as the output matrix; "
                                "this model has its own lm_head")
-    # llama.cpp scales gemma2's scores by head_dim^-0.5, or (n_embd / n_head)^-0.5 for its 46-layer 27B
-    expected = config.hidden_size / config.num_heads if config.num_layers == 46 else config.head_dim
+    expected = config.hidden_size / config.num_heads if config.num_layers == _GEMMA_27B_LAYERS[arch] \
+        else config.head_dim
     if config.query_pre_attn_scalar not in (None, expected):
         raise UnsupportedModel(f"query_pre_attn_scalar {config.query_pre_attn_scalar:g} differs from the "
-                               f"{expected:g} llama.cpp's gemma2 scales attention by")
-    if config.layer_types and config.layer_types != tuple(
-            "full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(config.num_layers)):
-        raise UnsupportedModel("llama.cpp's gemma2 alternates sliding and global layers; this model's "
-                               "layer_types do not")
+                               f"{expected:g} llama.cpp's {arch} scales attention by")
 
 
 _V = gguf.GGUFValueType

@@ -26,13 +26,16 @@ from qconv.checkpoint.source import ModelSource
 from qconv.model.kv_cache import AttentionOptions, KVCache, causal_attention
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """RoPE inverse frequencies ``[head_dim / 2]`` in float32, as transformers computes them.
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
+    """RoPE inverse frequencies ``[head_dim / 2]`` in float32, as transformers computes them;
+    ``local``: those of the sliding-window layers when they have their own base (no scaling).
 
     Built on CPU explicitly so a model constructed on the meta device still gets real values.
     """
     dim = config.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    if local and config.rope_local_theta is not None:
+        return 1.0 / (config.rope_local_theta**exponents)
     inv_freq = 1.0 / (config.rope_theta**exponents)
     scaling = config.rope_scaling
     if scaling is None:
@@ -49,6 +52,11 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def local_rope(config: ModelConfig, layer_idx: int) -> bool:
+    """Whether layer ``layer_idx`` rotates by the sliding-window layers' own RoPE tables."""
+    return config.rope_local_theta is not None and config.layer_types[layer_idx] == "sliding_attention"
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,6 +282,7 @@ class Transformer(nn.Module):
             None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -291,9 +300,10 @@ class Transformer(nn.Module):
         """
         positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
         x = embed(self.config, self.embed_tokens.weight, tokens)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, cache, start_pos)
+        tables = {local: rope_cos_sin(self.inv_freq_local if local else self.inv_freq, positions, x.dtype)
+                  for local in {local_rope(self.config, i) for i in range(len(self.layers))}}
+        for i, layer in enumerate(self.layers):
+            x = layer(x, *tables[local_rope(self.config, i)], cache, start_pos)
         out_weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(self.norm(x), out_weight)
         cap = self.config.final_logit_softcapping

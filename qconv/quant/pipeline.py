@@ -37,7 +37,16 @@ from torch import nn
 from qconv.arch.config import ModelConfig
 from qconv.arch.spec import EMBED, LAYER_PREFIX, ArchSpec, GroupSpec
 from qconv.checkpoint.source import ModelSource
-from qconv.model.decoder import DecoderLayer, Op, embed, make_block, rope_cos_sin, rope_inv_freq, run_ops
+from qconv.model.decoder import (
+    DecoderLayer,
+    Op,
+    embed,
+    local_rope,
+    make_block,
+    rope_cos_sin,
+    rope_inv_freq,
+    run_ops,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +96,7 @@ class LayerContext:
 
     def ops(self) -> tuple[Op, ...]:
         """The layer's forward ops over the calibration windows (no KV cache, position 0)."""
-        return self.layer.ops(self.pipeline.cos, self.pipeline.sin, None, 0)
+        return self.layer.ops(*self.pipeline.rope(self.index), None, 0)
 
     @torch.inference_mode()
     def sequential(self, visit: GroupVisitor) -> torch.Tensor:
@@ -147,7 +156,7 @@ class LayerContext:
             return x_all
         p = self.pipeline
         with _input_hooks(self.layer, self.spec.linear_names, hook):
-            return p.map(lambda t: self.layer(t, p.cos, p.sin, None, 0), x_all)
+            return p.map(lambda t: self.layer(t, *p.rope(self.index), None, 0), x_all)
 
 
 class _Stream:
@@ -234,7 +243,12 @@ class LayerPipeline:
         positions = torch.arange(tokens.shape[1], device=self.device)
         # in the compute dtype, as a bf16 model's own rotary tables: float32 tables would promote
         # q/k back to float32 and keep attention off the bf16 kernels
-        self.cos, self.sin = rope_cos_sin(rope_inv_freq(self.config), positions, compute_dtype)
+        self._rope = {local: rope_cos_sin(rope_inv_freq(self.config, local), positions, compute_dtype)
+                      for local in {local_rope(self.config, i) for i in range(self.config.num_layers)}}
+
+    def rope(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE ``cos``/``sin`` tables of layer ``index`` over the calibration positions."""
+        return self._rope[local_rope(self.config, index)]
 
     def embeddings(self) -> torch.Tensor:
         """Layer-0 inputs: token embeddings of every sample, float32 on CPU."""
