@@ -10,7 +10,7 @@ import torch
 
 from tests_support import write_tokenizer
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 
 #: CPU features the llama.cpp oracle must not be built with (see the Makefile's ORACLE_CMAKE_ARGS):
 #: a -march=native build on an AMX / AVX512-BF16 Xeon crashes evaluating quantized GGUFs.
@@ -41,9 +41,11 @@ def tiny_hf_config(arch: str, **overrides: object):
     qwen3 per-head q/k norms, its own head_dim (32) and tied embeddings, gemma2 pre/post norms,
     GeGLU, soft-caps and a sliding window of 6 on every other layer (shorter than the tests'
     sequences) with a query_pre_attn_scalar that is not head_dim, gemma3_text q/k norms and a
-    sliding layer with its own RoPE base before a global one.
+    sliding layer with its own RoPE base before a global one, phi3 fused q/k/v and gate/up,
+    partial RoPE (3/4 of each head) and a sliding window of 8 on every layer.
     """
-    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config)
 
     common = dict(
         vocab_size=300,
@@ -84,6 +86,10 @@ def tiny_hf_config(arch: str, **overrides: object):
                       rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                        "full_attention": {"rope_type": "default", "rope_theta": 1e6}})
         return Gemma3TextConfig(**{**kwargs, **overrides})
+    if arch == "phi3":
+        kwargs = dict(common, tie_word_embeddings=False, sliding_window=8, original_max_position_embeddings=256, pad_token_id=0,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})
+        return Phi3Config(**{**kwargs, **overrides})
     raise ValueError(arch)
 
 

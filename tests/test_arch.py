@@ -68,7 +68,6 @@ def test_block_ops_stop_at_every_group(arch: str) -> None:
     ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported for llama (supported: silu, gelu_pytorch_tanh)"),
     ("qwen2", {"use_sliding_window": True}, "sliding-window attention layers are not supported for qwen2"),
     ("qwen3", {"layer_types": ["sliding_attention", "full_attention"]}, "sliding-window attention layers"),
-    ("mistral", {"sliding_window": 64}, "sliding_window 64 shorter than the context 256 is not supported"),
     ("llama", {"mlp_bias": True}, "mlp_bias=true is not supported"),
 ])
 def test_unimplemented_config_keys_are_refused(arch: str, overrides: dict, message: str) -> None:

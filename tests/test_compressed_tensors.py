@@ -265,6 +265,7 @@ TOKENS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(
     ("qwen3", "w4a16-sym", False),
     ("gemma2", "w4a16-sym", False),
     ("gemma3_text", "w4a16-sym", False),
+    ("phi3", "w4a16-sym", False),
     ("llama", "mixed-pack", False),    # per-module groups need the default path (see docs/formats.md)
     ("llama", "w4a16-asym", True),     # asymmetric: only the dequantize-at-load path (library bug)
     ("qwen2", "w3a16-asym", True),

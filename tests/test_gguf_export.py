@@ -33,7 +33,7 @@ from tests_support import write_tokenizer
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
 
 QUANT_TYPES = [n for n, ft in FILE_TYPES.items() if ft.quantized]
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -48,6 +48,12 @@ def export_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         overrides.update(head_dim=64, query_pre_attn_scalar=64, sliding_window=16)
     if arch == "gemma3_text":  # 5 sliding layers, then a global one: the pattern llama.cpp assumes
         overrides.update(num_hidden_layers=6, layer_types=None)
+    if arch == "phi3":  # llama.cpp's phi3 disables sliding windows: none here; longrope, partial RoPE
+        gen = torch.Generator().manual_seed(7)
+        overrides.update(sliding_window=None, original_max_position_embeddings=32, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [round(1 + f, 3) for f in torch.rand(24, generator=gen).tolist()],
+            "long_factor": [round(1 + 4 * f, 3) for f in torch.rand(24, generator=gen).tolist()]})
     if arch == "llama":
         overrides["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -165,15 +171,17 @@ def test_llama_cpp_loads_and_agrees_with_runner(export_model: Path, tmp_path: Pa
 SDIST = os.environ.get("QCONV_LLAMA_CPP_SDIST")
 #: The converter picks the vocabulary's pre-tokenizer by hashing how it splits a test text and
 #: refuses unknown ones; the tiny test tokenizer is gpt-2 style byte-level BPE, so it is named.
-#: Its llama and gemma paths ask for a SentencePiece vocabulary (tokenizer.model), which the tiny
-#: checkpoints do not have: they get the byte-level BPE one their tokenizer.json holds.
+#: Its llama, gemma and phi3 paths ask for a SentencePiece vocabulary (tokenizer.model), which the
+#: tiny checkpoints do not have: they get the byte-level BPE one their tokenizer.json holds.
 _CONVERT = """
 import runpy, sys
 root = sys.argv.pop(1)
 sys.path[:0] = [root, root + "/gguf-py"]
 import conversion.base
+import conversion.phi
 conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 conversion.base.TextModel._set_vocab_sentencepiece = conversion.base.TextModel._set_vocab_gpt2
+conversion.phi.Phi3MiniModel.set_vocab = conversion.base.TextModel._set_vocab_gpt2
 sys.argv[0] = root + "/convert_hf_to_gguf.py"
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -222,9 +230,34 @@ def test_gguf_matches_llama_cpp_converter(export_model: Path, converter: Path, t
         np.testing.assert_allclose(np.frombuffer(a.pop(freqs)[1], np.float32),
                                    np.frombuffer(b.pop(freqs)[1], np.float32), rtol=1e-6)
     assert a == b
+    # The vocabulary the patched converter writes is a test artifact, and so is its general.name (the
+    # temp directory's: llama.cpp gives a model named "*phi3*" Phi-3 token attributes, then fails
+    # on a vocabulary without them): its model metadata gets qconv's tokenizer and name.
+    ref_model = tmp_path / "converter-model.gguf"
+    _with_tokenizer_of(ref, ours, ref_model)
     ids = [(i * 37 + 11) % 384 for i in range(48)]
-    ppl_ours, ppl_ref = _perplexity(_llama_logits(ours, ids), ids), _perplexity(_llama_logits(ref, ids), ids)
+    ppl_ours, ppl_ref = _perplexity(_llama_logits(ours, ids), ids), _perplexity(_llama_logits(ref_model, ids), ids)
     assert abs(ppl_ours - ppl_ref) <= 1e-3 * ppl_ref, (ppl_ours, ppl_ref)
+
+
+def _with_tokenizer_of(model: Path, tokenizer: Path, out: Path) -> None:
+    """``model``'s tensors and model metadata, with ``tokenizer``'s ``tokenizer.*`` keys and name."""
+    src, tok = gguf.GGUFReader(str(model)), gguf.GGUFReader(str(tokenizer))
+    w = gguf.GGUFWriter(str(out), str(src.fields["general.architecture"].contents()))
+    taken = ("tokenizer.", "general.name")
+    fields = [f for k, f in src.fields.items() if not k.startswith(("GGUF.", "general.architecture", *taken))]
+    fields += [f for k, f in tok.fields.items() if k.startswith(taken)]
+    for f in fields:
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+    for t in src.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_shape=[int(d) for d in reversed(t.shape.tolist())],
+                     raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def test_llama_cpp_reads_a_per_layer_sliding_pattern(tmp_path: Path, tiny_hf_model_builder) -> None:

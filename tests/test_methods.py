@@ -93,16 +93,26 @@ def test_smoothquant_preserves_fp_outputs(outlier_model: Path) -> None:
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (out - ref).abs().max()
 
 
-@pytest.mark.parametrize("inner", ["self_attn.q_proj", "mlp.down_proj"])
-def test_smoothquant_flattens_activations(outlier_model: Path, inner: str) -> None:
+def pair(ctx, kind: str) -> GroupSpec:
+    """The family's first Linear group fed by a ``kind`` source (norm, or a Linear: up -> down)."""
+    group = next((g for g in ctx.spec.groups if g.source_kind == kind), None)
+    if group is None:
+        pytest.skip(f"{ctx.spec.model_type} has no {kind}-fed Linear group (fused projections)")
+    return group
+
+
+@pytest.mark.parametrize("kind", ["norm", "linear"])
+def test_smoothquant_flattens_activations(outlier_model: Path, kind: str) -> None:
     """After smoothing, the per-channel max of a smoothed input is flatter (lower max/median)."""
+    _, ctx = first_layer(outlier_model)
+    inner = pair(ctx, kind).linears[0]
+
     def spread(ctx) -> float:
         maxes: list[torch.Tensor] = []
         ctx.forward(lambda name, x: maxes.append(x.abs().amax((0, 1))) if name == inner else None)
         m = torch.stack(maxes).amax(0)
         return (m.max() / m.median()).item()
 
-    _, ctx = first_layer(outlier_model)
     before = spread(ctx)
     get_method("smoothquant")(alpha=0.8, down_proj=True).apply(ctx, SchemeMap(WeightScheme(8, -1, True)))
     assert spread(ctx) < before / 2
@@ -112,13 +122,15 @@ def test_smoothquant_down_proj_is_opt_in(outlier_model: Path) -> None:
     """By default up_proj -> down_proj is not smoothed (the paper's two mappings only); with
     ``down_proj: true`` the fp layer still computes the same function."""
     _, ctx = first_layer(outlier_model)
+    group = pair(ctx, "linear")
+    up_w, down_w = ctx.layer.get_submodule(group.source).weight, ctx.layer.get_submodule(group.linears[0]).weight
     ref = ctx.forward()
-    up, down = ctx.layer.mlp.up_proj.weight.clone(), ctx.layer.mlp.down_proj.weight.clone()
+    up, down = up_w.clone(), down_w.clone()
     get_method("smoothquant")(alpha=0.8).apply(ctx, SchemeMap(WeightScheme(8, -1, True)))
-    assert torch.equal(ctx.layer.mlp.down_proj.weight, down)
-    assert not torch.equal(ctx.layer.mlp.up_proj.weight, up)  # still balanced against the norm
+    assert torch.equal(down_w, down)
+    assert not torch.equal(up_w, up)  # still balanced against the norm
     get_method("smoothquant")(alpha=0.8, down_proj=True).apply(ctx, SchemeMap(WeightScheme(8, -1, True)))
-    assert not torch.equal(ctx.layer.mlp.down_proj.weight, down)
+    assert not torch.equal(down_w, down)
     out = ctx.forward()
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (out - ref).abs().max()
 
@@ -126,13 +138,15 @@ def test_smoothquant_down_proj_is_opt_in(outlier_model: Path) -> None:
 def test_smoothquant_norms_off(outlier_model: Path) -> None:
     """``norms: false`` (for rotated models) smooths only up -> down; the function is unchanged."""
     _, ctx = first_layer(outlier_model)
+    down_w = ctx.layer.get_submodule(pair(ctx, "linear").linears[0]).weight
     ref = ctx.forward()
-    norms = [ctx.layer.get_submodule(n).weight.clone() for n in ("input_layernorm", "post_attention_layernorm")]
-    down = ctx.layer.mlp.down_proj.weight.clone()
+    names = [g.source for g in ctx.spec.groups if g.source_kind == "norm"]
+    norms = [ctx.layer.get_submodule(n).weight.clone() for n in names]
+    down = down_w.clone()
     get_method("smoothquant")(alpha=0.8, norms=False, down_proj=True).apply(ctx, SchemeMap(WeightScheme(8, -1, True)))
-    for n, before in zip(("input_layernorm", "post_attention_layernorm"), norms):
+    for n, before in zip(names, norms):
         assert torch.equal(ctx.layer.get_submodule(n).weight, before)
-    assert not torch.equal(ctx.layer.mlp.down_proj.weight, down)
+    assert not torch.equal(down_w, down)
     out = ctx.forward()
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
@@ -145,9 +159,10 @@ def test_smoothquant_search(outlier_model: Path) -> None:
     _, ctx = first_layer(outlier_model)
     xs: dict[str, torch.Tensor] = {}
     ctx.forward(lambda name, x: xs.__setitem__(name, x.reshape(-1, x.shape[-1]).clone()) if name not in xs else None)
-    x = xs["self_attn.q_proj"]
-    ws = [ctx.layer.get_submodule(n).weight for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")]
-    quant = [lambda w: fake_quantize(w, WeightScheme(8, -1, True))] * 3
+    linears = pair(ctx, "norm").linears
+    x = xs[linears[0]]
+    ws = [ctx.layer.get_submodule(n).weight for n in linears]
+    quant = [lambda w: fake_quantize(w, WeightScheme(8, -1, True))] * len(ws)
     act_max = x.abs().amax(0)
     grid = [i / 10 for i in range(11)]
     best = search_alpha(act_max, x, ws, quant, grid)
@@ -165,13 +180,14 @@ def test_smoothquant_down_proj_alpha(outlier_model: Path) -> None:
     scales = []
     for down_alpha in (None, 0.5):
         _, ctx = first_layer(outlier_model)
-        ref, up = ctx.forward(), ctx.layer.mlp.up_proj.weight.clone()
-        norm = ctx.layer.input_layernorm.weight.clone()
+        first_norm, up_name = pair(ctx, "norm").source, pair(ctx, "linear").source
+        ref, up = ctx.forward(), ctx.layer.get_submodule(up_name).weight.clone()
+        norm = ctx.layer.get_submodule(first_norm).weight.clone()
         get_method("smoothquant")(alpha=0.8, down_proj=True, down_proj_alpha=down_alpha).apply(
             ctx, SchemeMap(WeightScheme(8, -1, True)))
         out = ctx.forward()
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
-        scales.append((ctx.layer.input_layernorm.weight / norm, ctx.layer.mlp.up_proj.weight / up))
+        scales.append((ctx.layer.get_submodule(first_norm).weight / norm, ctx.layer.get_submodule(up_name).weight / up))
     assert torch.equal(scales[0][0], scales[1][0])  # the norm -> q/k/v pair keeps α 0.8
     assert not torch.allclose(scales[0][1], scales[1][1])
     _, ctx = first_layer(outlier_model)

@@ -11,7 +11,7 @@ import torch
 from qconv.checkpoint import open_model
 from qconv.errors import InvalidOption
 from qconv.model.compare import compare
-from qconv.model.decoder import Transformer, load_model
+from qconv.model.decoder import Transformer, load_model, rope_inv_freq
 from qconv.model.generate import generate
 from qconv.model.kv_cache import FpKVCache
 from qconv.model.perplexity import perplexity, windows
@@ -39,12 +39,43 @@ def runner(tiny_model_dir: Path) -> Transformer:
 
 @torch.no_grad()
 def test_rope_inv_freq_matches_transformers(runner: Transformer, hf_model) -> None:
-    rotary = hf_model.model.rotary_emb
+    rotary, config = hf_model.model.rotary_emb, runner.config
     if hasattr(rotary, "inv_freq"):
-        torch.testing.assert_close(runner.inv_freq, rotary.inv_freq, rtol=0, atol=0)
+        torch.testing.assert_close(rope_inv_freq(config), rotary.inv_freq, rtol=0, atol=0)
     else:  # a table per layer type (Gemma 3)
-        torch.testing.assert_close(runner.inv_freq, rotary.full_attention_inv_freq, rtol=0, atol=0)
-        torch.testing.assert_close(runner.inv_freq_local, rotary.sliding_attention_inv_freq, rtol=0, atol=0)
+        torch.testing.assert_close(rope_inv_freq(config), rotary.full_attention_inv_freq, rtol=0, atol=0)
+        torch.testing.assert_close(rope_inv_freq(config, local=True), rotary.sliding_attention_inv_freq, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_mistral_sliding_window_matches_transformers(tiny_hf_model_builder, tmp_path: Path) -> None:
+    """Mistral's ``sliding_window`` windows every layer (here 8 positions of 40), as transformers does."""
+    hf = tiny_hf_model_builder("mistral", sliding_window=8).eval()
+    hf.save_pretrained(tmp_path)
+    tokens = random_ids(40)[None]
+    with open_model(tmp_path) as source:
+        ours = load_model(source)(tokens)
+    assert (ours - hf(tokens).logits).abs().max().item() <= 1e-4
+    full = tiny_hf_model_builder("mistral").eval()
+    assert (full(tokens).logits - hf(tokens).logits).abs().max().item() > 1e-3  # the window matters here
+
+
+@torch.no_grad()
+def test_phi3_longrope_matches_transformers(tiny_hf_model_builder, tmp_path: Path) -> None:
+    """longrope (Phi-3): short factors up to the original context, long ones past it (decided per
+    call by its length, as transformers does), cos/sin scaled by the attention factor."""
+    gen = torch.Generator().manual_seed(5)
+    rot = int(16 * 0.75) // 2
+    scaling = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+               "short_factor": (1 + torch.rand(rot, generator=gen)).tolist(),
+               "long_factor": (1 + 4 * torch.rand(rot, generator=gen)).tolist()}
+    hf = tiny_hf_model_builder("phi3", original_max_position_embeddings=24, rope_parameters=scaling).eval()
+    hf.save_pretrained(tmp_path)
+    with open_model(tmp_path) as source:
+        runner = load_model(source)
+    for length in (16, 40):  # below and past the original context of 24
+        tokens = random_ids(length)[None]
+        assert (runner(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4, length
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ The raw dict is kept so an HF -> HF conversion writes the user's config back unc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,18 +22,35 @@ if TYPE_CHECKING:
     from qconv.arch.spec import ArchSpec
 
 #: RoPE variants the runner implements.
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Non-default RoPE frequency scaling (``linear`` or Llama 3's piecewise ``llama3``)."""
+    """Non-default RoPE frequency scaling: ``linear``, Llama 3's piecewise ``llama3``, or Phi-3's
+    ``longrope`` (per-frequency divisors, ``short_factor`` up to the original context and
+    ``long_factor`` past it, and cos/sin scaled by ``attention_factor``)."""
 
     rope_type: str
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    #: longrope's cos/sin scale (None: ``sqrt(1 + ln(factor) / ln(original context))``, as transformers)
+    attention_factor: float | None = None
+
+    @property
+    def cos_sin_scale(self) -> float:
+        """What longrope multiplies cos and sin by (1 for the other types)."""
+        if self.rope_type != "longrope":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position_embeddings))
 
     def llama3_factors(self, theta: float, head_dim: int) -> np.ndarray:
         """Per-frequency divisors of Llama 3 scaling (what GGUF stores as ``rope_freqs.weight``):
@@ -49,6 +67,11 @@ class RopeScaling:
     def to_hf(self) -> dict[str, Any]:
         """The ``rope_scaling`` dict transformers reads."""
         d: dict[str, Any] = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "longrope":
+            d.update(short_factor=list(self.short_factor), long_factor=list(self.long_factor),
+                     original_max_position_embeddings=self.original_max_position_embeddings)
+            if self.attention_factor is not None:
+                d["attention_factor"] = self.attention_factor
         if self.rope_type == "llama3":
             d.update(
                 low_freq_factor=self.low_freq_factor,
@@ -75,6 +98,8 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     #: RoPE base of the sliding-window layers, which use no scaling (Gemma 3); None: as the others
     rope_local_theta: float | None = None
+    #: fraction of each head RoPE rotates (Phi-4-mini: 0.75); the rest passes unrotated
+    partial_rotary_factor: float = 1.0
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
@@ -104,6 +129,11 @@ class ModelConfig:
         """HF class name, e.g. ``LlamaForCausalLM``."""
         return self.spec.architectures[0]
 
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that RoPE rotates (all unless ``partial_rotary_factor`` < 1)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor an HF checkpoint of this config must hold, with its shape.
 
@@ -120,6 +150,8 @@ class ModelConfig:
         d.pop("rope_parameters", None)
         if self.rope_local_theta is not None:
             d["rope_local_base_freq"] = self.rope_local_theta
+        if self.partial_rotary_factor != 1.0:
+            d["partial_rotary_factor"] = self.partial_rotary_factor
         d.update(
             architectures=[self.architecture],
             model_type=self.model_type,
@@ -176,18 +208,28 @@ def _rope(raw: dict[str, Any], path: Path) -> tuple[float, RopeScaling | None]:
     if not scaling:
         return float(theta), None
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    rope_type = "longrope" if rope_type == "su" else rope_type  # Phi-3's first configs
     if rope_type == "default":
         return float(theta), None
     if rope_type not in ROPE_TYPES:
         raise UnsupportedModel(
             f"unsupported rope scaling type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})", path
         )
+    original = int(scaling.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+                   or 8192)
+    factor = scaling.get("factor")
+    if factor is None and rope_type == "longrope":  # transformers: the context's growth
+        factor = int(raw.get("max_position_embeddings", original)) / original
+    attention = scaling.get("attention_factor")
     return float(theta), RopeScaling(
         rope_type=rope_type,
-        factor=float(scaling["factor"]),
+        factor=float(factor),
         low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
         high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+        original_max_position_embeddings=original,
+        short_factor=tuple(float(f) for f in scaling.get("short_factor") or ()),
+        long_factor=tuple(float(f) for f in scaling.get("long_factor") or ()),
+        attention_factor=None if attention is None else float(attention),
     )
 
 
@@ -214,6 +256,8 @@ ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 def _layer_types(keys: dict[str, Any], spec: ArchSpec, layers: int) -> tuple[str, ...]:
     """Per-layer attention kinds: config.json's ``layer_types``, else the family's pattern."""
+    if spec.window_everywhere:  # transformers windows every layer by the one key
+        return spec.default_layer_types(layers) if keys.get("sliding_window") is not None else ()
     if keys.get("layer_types"):
         return tuple(str(t) for t in keys["layer_types"])
     return spec.default_layer_types(layers, keys.get("sliding_window_pattern"))
@@ -232,12 +276,9 @@ def _refuse_unimplemented(keys: dict[str, Any], spec: ArchSpec, layer_types: tup
     unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
     if unknown:
         raise UnsupportedModel(f"layer type {unknown[0]!r} is not supported", path)
-    if not spec.sliding_pattern and (keys.get("use_sliding_window") or "sliding_attention" in layer_types):
+    windows = spec.sliding_pattern or spec.window_everywhere
+    if not windows and (keys.get("use_sliding_window") or "sliding_attention" in layer_types):
         raise UnsupportedModel(f"sliding-window attention layers are not supported for {model_type}", path)
-    window, context = keys.get("sliding_window"), keys.get("max_position_embeddings", 2048)
-    if model_type == "mistral" and window is not None and int(window) < int(context):
-        raise UnsupportedModel(f"sliding_window {window} shorter than the context {context} is not supported "
-                               f"for {model_type} (qconv attends to the whole context)", path)
 
 
 def config_from_dict(raw: dict[str, Any], path: Path | str = "config.json") -> ModelConfig:
@@ -274,6 +315,8 @@ def config_from_dict(raw: dict[str, Any], path: Path | str = "config.json") -> M
             rope_theta=theta,
             rope_scaling=scaling,
             rope_local_theta=_local_theta(raw) if "sliding_attention" in layer_types else None,
+            partial_rotary_factor=float(raw.get("partial_rotary_factor")
+                                        or (raw.get("rope_parameters") or {}).get("partial_rotary_factor") or 1.0),
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=_flag(spec.qkv_bias, raw),

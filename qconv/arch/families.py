@@ -34,9 +34,10 @@ LLAMA = ArchSpec(
     block="llama", norms=_LLAMA_NORMS, linears=_LLAMA_LINEARS, groups=_LLAMA_GROUPS,
     qkv_bias="attention_bias", o_bias="attention_bias", hf_config={"mlp_bias": False},
 )
-#: Mistral's block is Llama's; llama.cpp runs it as the llama arch.
+#: Mistral's block is Llama's, with ``sliding_window`` on every layer when set; llama.cpp runs it
+#: as the llama arch (which has no window).
 MISTRAL = replace(LLAMA, model_type="mistral", architectures=("MistralForCausalLM",), o_bias=False,
-                  hf_config={})
+                  hf_config={}, window_everywhere=True)
 #: Qwen2: Llama's block with q/k/v biases always on; its own llama.cpp arch (HF RoPE layout).
 QWEN2 = replace(LLAMA, model_type="qwen2", architectures=("Qwen2ForCausalLM",), gguf_arch="qwen2",
                 gguf_permute_qk=False, qkv_bias=True, o_bias=False, hf_config={})
@@ -85,7 +86,29 @@ GEMMA3 = replace(
                      "tie_word_embeddings": True, "max_position_embeddings": 131_072},
 )
 
-FAMILIES: dict[str, ArchSpec] = {s.model_type: s for s in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3)}
+#: Phi-3: Llama's block with q/k/v fused into ``qkv_proj`` and gate/up into ``gate_up_proj`` (vLLM
+#: and llama.cpp both keep them fused: ``attn_qkv``, and gate/up as ``ffn_up``); RoPE may cover
+#: part of each head (``partial_rotary_factor``); ``sliding_window`` windows every layer.
+PHI3 = ArchSpec(
+    model_type="phi3", architectures=("Phi3ForCausalLM",), gguf_arch="phi3", gguf_permute_qk=False, block="phi3",
+    norms=_LLAMA_NORMS,
+    linears=(
+        LinearSpec("self_attn.qkv_proj", "attn_qkv", "qkv", "hidden"),
+        LinearSpec("self_attn.o_proj", "attn_output", "hidden", "q"),
+        LinearSpec("mlp.gate_up_proj", "ffn_up", "ffn2", "hidden"),
+        LinearSpec("mlp.down_proj", "ffn_down", "hidden", "ffn"),
+    ),
+    groups=(
+        GroupSpec(("self_attn.qkv_proj",), "input_layernorm", "norm", "reads"),
+        GroupSpec(("self_attn.o_proj",), "self_attn.qkv_proj", "fused", "writes"),
+        GroupSpec(("mlp.gate_up_proj",), "post_attention_layernorm", "norm", "reads"),
+        GroupSpec(("mlp.down_proj",), "mlp.gate_up_proj", "fused", "writes"),
+    ),
+    window_everywhere=True,
+    config_defaults={"rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
+)
+
+FAMILIES: dict[str, ArchSpec] = {s.model_type: s for s in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3)}
 #: HF class name -> family.
 BY_ARCHITECTURE: dict[str, ArchSpec] = {a: s for s in FAMILIES.values() for a in s.architectures}
 #: llama.cpp ``general.architecture`` -> the family a GGUF file imports as (the first that exports to it).

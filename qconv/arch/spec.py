@@ -40,6 +40,8 @@ def dims(config: ModelConfig) -> dict[str, int]:
         "q": config.num_heads * config.head_dim,
         "kv": config.num_kv_heads * config.head_dim,
         "ffn": config.intermediate_size,
+        "qkv": (config.num_heads + 2 * config.num_kv_heads) * config.head_dim,  # fused q/k/v rows
+        "ffn2": 2 * config.intermediate_size,  # fused gate/up rows
         "vocab": config.vocab_size,
         "head_dim": config.head_dim,
     }
@@ -69,7 +71,7 @@ class NormSpec:
     dim: str = "hidden"
 
 
-SourceKind = Literal["norm", "linear", "value"]
+SourceKind = Literal["norm", "linear", "value", "fused"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,9 @@ class GroupSpec:
     ``source`` is the op whose output channels are this input's channels, so a per-channel scale
     ``s`` can move between them exactly (AWQ, SmoothQuant): a norm (its weight absorbs ``1/s``),
     a Linear (its rows do), or a ``value`` Linear whose outputs reach the group through attention's
-    head mixing (exact only when every query head has its own value head, i.e. no GQA).
+    head mixing (exact only when every query head has its own value head, i.e. no GQA). A
+    ``fused`` source computes the input among other outputs (Phi-3's qkv_proj, gate_up_proj): no
+    scale moves there.
     ``residual`` says how the group touches the residual stream: ``reads`` (its input is the
     norm ``source`` of the stream), ``writes`` (its outputs are added to the stream), or neither.
     """
@@ -127,6 +131,8 @@ class ArchSpec:
     #: without ``layer_types`` in config.json, every ``sliding_pattern``-th layer attends to the
     #: whole context and the others to ``sliding_window`` positions (0: no sliding layers)
     sliding_pattern: int = 0
+    #: a non-null ``sliding_window`` in config.json windows every layer (Mistral, Phi-3)
+    window_everywhere: bool = False
     #: None when the residual-stream rotation applies, else why it does not
     rotation_refused: str | None = None
 
@@ -136,6 +142,8 @@ class ArchSpec:
         """Per-layer attention kinds when config.json has no ``layer_types``: every
         ``pattern``-th layer (default the family's) global, the others sliding; () when none slide."""
         pattern = pattern or self.sliding_pattern
+        if self.window_everywhere:
+            return ("sliding_attention",) * layers
         if not pattern:
             return ()
         return tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers))

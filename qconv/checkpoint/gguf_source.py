@@ -8,6 +8,7 @@ interleaved RoPE is undone, so the result is exactly what transformers' GGUF loa
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,15 @@ class GGUFSource(ModelSource):
             scaling = _llama3_scaling(self._array("rope_freqs.weight").astype(np.float64), theta, head_dim)
         elif self.meta.get(f"{arch}.rope.scaling.type") == "linear":
             scaling = RopeScaling("linear", _f32(self._key("rope.scaling.factor")))
+        elif "rope_factors_long.weight" in self._tensors:  # longrope (Phi-3)
+            original = int(self._key("rope.scaling.original_context_length"))
+            scaling = RopeScaling(
+                "longrope", int(self._key("context_length")) / original, original_max_position_embeddings=original,
+                long_factor=tuple(_f32(f) for f in self._array("rope_factors_long.weight")),
+                short_factor=tuple(_f32(f) for f in self._array("rope_factors_short.weight")))
+            attention = _f32(self._key("rope.scaling.attn_factor", 1.0))
+            if attention != _f32(scaling.cos_sin_scale):  # only an explicit one differs from the default
+                scaling = replace(scaling, attention_factor=attention)
         embd = self._tensors.get("token_embd.weight")
         if embd is None:
             raise CheckpointMismatch("tensor token_embd.weight is missing", self.path)
@@ -116,8 +126,8 @@ class GGUFSource(ModelSource):
         )
 
     def _attention_keys(self, spec: ArchSpec, head_dim: int) -> dict[str, Any]:
-        """Activation, soft-caps and sliding windows as ModelConfig fields (GGUF files do not
-        name the activation: it is the family's)."""
+        """Activation, soft-caps, sliding windows and partial RoPE as ModelConfig fields (GGUF
+        files do not name the activation: it is the family's)."""
         arch = spec.gguf_arch
         out: dict[str, Any] = {"activation": str(spec.config_defaults.get(spec.activation_key, "silu"))}
         for key, field in (("attn_logit_softcapping", "attn_logit_softcapping"),
@@ -135,6 +145,12 @@ class GGUFSource(ModelSource):
             out["query_pre_attn_scalar"] = head_dim  # what llama.cpp scales by (27B aside)
             if f"{arch}.rope.freq_base_swa" in self.meta:
                 out["rope_local_theta"] = _f32(self.meta[f"{arch}.rope.freq_base_swa"])
+        elif spec.window_everywhere and int(self.meta.get(f"{arch}.attention.sliding_window") or 0) > 0:
+            out["sliding_window"] = int(self.meta[f"{arch}.attention.sliding_window"])
+            out["layer_types"] = spec.default_layer_types(int(self._key("block_count")))
+        rot = self.meta.get(f"{arch}.rope.dimension_count")
+        if rot is not None and int(rot) != head_dim:
+            out["partial_rotary_factor"] = int(rot) / head_dim
         return out
 
     def _validate(self) -> list[str]:

@@ -83,15 +83,20 @@ def fallback(t: T, row: int) -> T:
     return t if row % block_elems(t) == 0 else T.F16
 
 
+def _attn_v_like(name: str) -> bool:
+    """llama.cpp treats a fused q/k/v matrix (``attn_qkv``, Phi-3) by the rules of ``attn_v``."""
+    return "attn_v.weight" in name or "attn_qkv.weight" in name
+
+
 def tensor_types(tensors: Sequence[tuple[str, tuple[int, ...]]], ft: FileType, n_layer: int,
                  is_70b: bool = False) -> dict[str, T]:
     """GGML type of every tensor (GGUF name, numpy shape), in llama.cpp's processing order.
 
     ``tensors`` must be in the order llama-quantize visits them (globals, then layer by layer):
-    the attn_v / ffn_down rules count occurrences. Non-quantizable tensors are F32.
+    the attn_v(-like) / ffn_down rules count occurrences. Non-quantizable tensors are F32.
     """
     has_output = any(name == "output.weight" for name, _ in tensors)
-    n_attn_v = sum("attn_v.weight" in name for name, _ in tensors)
+    n_attn_v = sum(_attn_v_like(name) for name, _ in tensors)
     i_attn_v = i_ffn_down = 0
     types: dict[str, T] = {}
     for name, shape in tensors:
@@ -108,7 +113,7 @@ def tensor_types(tensors: Sequence[tuple[str, tuple[int, ...]]], ft: FileType, n
                 new = T.Q8_0
             elif new != T.Q8_0:
                 new = T.Q6_K
-        elif "attn_v.weight" in name:
+        elif _attn_v_like(name):
             if ft.name in ("q4_k_m", "q5_k_m") and use_more_bits(i_attn_v, n_attn_v):
                 new = T.Q6_K
             elif ft.name == "q4_k_s" and i_attn_v < 4:

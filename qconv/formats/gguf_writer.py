@@ -9,6 +9,7 @@ quantizers reproduce its bytes, so a qconv Q4_K_M file equals llama.cpp's own.
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from qconv.errors import UnsupportedModel
 from qconv.formats.gguf_tokenizer import gguf_tokenizer_metadata
 from qconv.formats.gguf_types import FileType, llama_cpp_order, tensor_types
 from qconv.quant import ggml
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,13 +67,27 @@ def plan_tensors(config: ModelConfig, ft: FileType) -> list[PlannedTensor]:
     shapes: dict[str, tuple[tuple[int, ...], str | None]] = {
         config.spec.gguf_name(hf): (shape, hf) for hf, shape in config.expected_shapes().items()
     }
-    if config.rope_scaling is not None and config.rope_scaling.rope_type == "llama3":
-        shapes["rope_freqs.weight"] = ((config.head_dim // 2,), None)
+    for name, values in computed_tensors(config).items():
+        shapes[name] = (values.shape, None)
     order = llama_cpp_order(list(shapes))
     types = tensor_types([(n, shapes[n][0]) for n in order], ft, config.num_layers,
                          is_70b=config.spec.gguf_arch == "llama" and config.num_layers == 80
                          and config.num_heads != config.num_kv_heads)
     return [PlannedTensor(n, shapes[n][1], shapes[n][0], types[n]) for n in order]
+
+
+def computed_tensors(config: ModelConfig) -> dict[str, np.ndarray]:
+    """Tensors llama.cpp reads that HF checkpoints keep in config.json instead: Llama 3's
+    ``rope_freqs`` divisors, longrope's ``rope_factors_long`` / ``rope_factors_short``."""
+    s = config.rope_scaling
+    if s is None:
+        return {}
+    if s.rope_type == "llama3":
+        return {"rope_freqs.weight": s.llama3_factors(config.rope_theta, config.head_dim).astype(np.float32)}
+    if s.rope_type == "longrope":
+        return {"rope_factors_long.weight": np.array(s.long_factor, dtype=np.float32),
+                "rope_factors_short.weight": np.array(s.short_factor, dtype=np.float32)}
+    return {}
 
 
 def _add_model_metadata(w: gguf.GGUFWriter, config: ModelConfig, ft: FileType, name: str) -> None:
@@ -87,7 +104,7 @@ def _add_model_metadata(w: gguf.GGUFWriter, config: ModelConfig, ft: FileType, n
     w.add_head_count_kv(config.num_kv_heads)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_rope_freq_base(config.rope_theta)
-    w.add_rope_dimension_count(config.head_dim)
+    w.add_rope_dimension_count(config.rotary_dim)
     if config.head_dim != config.hidden_size // config.num_heads:
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
@@ -95,11 +112,18 @@ def _add_model_metadata(w: gguf.GGUFWriter, config: ModelConfig, ft: FileType, n
     if config.rope_scaling is not None and config.rope_scaling.rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(config.rope_scaling.factor)
+    if config.rope_scaling is not None and config.rope_scaling.rope_type == "longrope":
+        w.add_rope_scaling_orig_ctx_len(config.rope_scaling.original_max_position_embeddings)
+        w.add_rope_scaling_attn_factors(config.rope_scaling.cos_sin_scale)
     if config.attn_logit_softcapping is not None:
         w.add_attn_logit_softcapping(config.attn_logit_softcapping)
     if config.final_logit_softcapping is not None:
         w.add_final_logit_softcapping(config.final_logit_softcapping)
     if config.sliding_window is not None:
+        if config.spec.gguf_arch not in _LLAMA_CPP_WINDOWED:
+            log.warning("llama.cpp's %s attends to the whole context: this model's sliding window of %d "
+                        "positions is not applied there (outputs past the window differ)",
+                        config.spec.gguf_arch, config.sliding_window)
         w.add_sliding_window(config.sliding_window)
         if config.layer_types != config.spec.default_layer_types(config.num_layers):  # else llama.cpp's default
             w.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
@@ -107,6 +131,8 @@ def _add_model_metadata(w: gguf.GGUFWriter, config: ModelConfig, ft: FileType, n
         w.add_rope_freq_base_swa(config.rope_local_theta)
 
 
+#: llama.cpp archs that apply a sliding window (its phi3 reads the key and disables it)
+_LLAMA_CPP_WINDOWED = ("gemma2", "gemma3")
 #: llama.cpp's Gemma graphs scale scores by head_dim^-0.5, except for the 27B (recognized by its
 #: layer count), which uses (n_embd / n_head)^-0.5; they never read query_pre_attn_scalar
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -184,9 +210,8 @@ def _encode(x: np.ndarray, t: T) -> np.ndarray:
 
 def _tensor_data(source: ModelSource, p: PlannedTensor) -> np.ndarray:
     config = source.config
-    if p.hf_name is None:  # rope_freqs: computed, never stored in HF checkpoints
-        assert config.rope_scaling is not None
-        return config.rope_scaling.llama3_factors(config.rope_theta, config.head_dim).astype(np.float32)
+    if p.hf_name is None:  # computed from the config, never stored in HF checkpoints
+        return computed_tensors(config)[p.name]
     x = source.get_array(p.hf_name)
     if config.spec.norm_offset and config.spec.is_norm(p.hf_name):  # llama.cpp stores offset + weight
         x = x + np.float32(config.spec.norm_offset)

@@ -26,18 +26,29 @@ from qconv.checkpoint.source import ModelSource
 from qconv.model.kv_cache import AttentionOptions, KVCache, causal_attention
 
 
-def rope_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
-    """RoPE inverse frequencies ``[head_dim / 2]`` in float32, as transformers computes them;
-    ``local``: those of the sliding-window layers when they have their own base (no scaling).
+def long_rope(config: ModelConfig, length: int) -> bool:
+    """Whether positions ``0..length`` use longrope's long factors (past the original context,
+    judged per forward call as transformers does)."""
+    s = config.rope_scaling
+    return s is not None and s.rope_type == "longrope" and length > s.original_max_position_embeddings
+
+
+def rope_inv_freq(config: ModelConfig, local: bool = False, long: bool = False) -> torch.Tensor:
+    """RoPE inverse frequencies ``[rotary_dim / 2]`` in float32, as transformers computes them;
+    ``local``: those of the sliding-window layers when they have their own base (no scaling);
+    ``long``: longrope's long factors instead of its short ones.
 
     Built on CPU explicitly so a model constructed on the meta device still gets real values.
     """
-    dim = config.head_dim
+    dim = config.rotary_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     if local and config.rope_local_theta is not None:
         return 1.0 / (config.rope_local_theta**exponents)
-    inv_freq = 1.0 / (config.rope_theta**exponents)
     scaling = config.rope_scaling
+    if scaling is not None and scaling.rope_type == "longrope":
+        ext = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32)
+        return 1.0 / (ext * config.rope_theta**exponents)
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     if scaling is None:
         return inv_freq
     if scaling.rope_type == "linear":
@@ -59,12 +70,25 @@ def local_rope(config: ModelConfig, layer_idx: int) -> bool:
     return config.rope_local_theta is not None and config.layer_types[layer_idx] == "sliding_attention"
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos``/``sin`` ``[T, head_dim]`` of the RoPE angles at ``positions`` (each frequency
-    twice, for :func:`rotate_half`'s pairing), computed in float32 and cast to ``dtype``."""
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``/``sin`` ``[T, rotary_dim]`` of the RoPE angles at ``positions`` (each frequency
+    twice, for :func:`rotate_half`'s pairing), computed in float32, times ``scale`` (longrope's
+    attention factor), cast to ``dtype``."""
     angles = positions.float()[:, None] * inv_freq.to(positions.device)
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+
+
+def rope_tables(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype
+                ) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+    """``cos``/``sin`` for ``positions`` (ascending from 0 or a cache offset), keyed by whether a
+    layer uses the local (sliding-window) tables, for the layer kinds the model has."""
+    long = long_rope(config, int(positions[-1]) + 1)
+    scale = config.rope_scaling.cos_sin_scale if config.rope_scaling is not None else 1.0
+    kinds = {local_rope(config, i) for i in range(config.num_layers)}
+    return {local: rope_cos_sin(rope_inv_freq(config, local, long), positions, dtype, 1.0 if local else scale)
+            for local in kinds}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +98,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[B, H, T, D]`` by the per-position angles in ``cos``/``sin`` ``[T, D]``."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate ``x`` ``[B, H, T, D]`` by the per-position angles in ``cos``/``sin`` ``[T, R]``: the
+    first ``R`` dimensions of each head (all of them unless RoPE is partial), the rest pass."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    head, rest = x[..., :rot], x[..., rot:]
+    return torch.cat((head * cos + rotate_half(head) * sin, rest), dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -122,9 +151,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         h, q_out, kv_out = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(h, q_out, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(h, kv_out, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(h, kv_out, bias=config.qkv_bias)
+        self.make_projections(config, q_out, kv_out)
         self.o_proj = nn.Linear(q_out, h, bias=config.o_bias)
         if config.spec.qk_norm:
             self.q_norm = norm(config, config.head_dim)
@@ -132,18 +159,28 @@ class Attention(nn.Module):
         self.qk_norm = config.spec.qk_norm
         self.opts = attention_options(config, layer_idx)
 
+    def make_projections(self, config: ModelConfig, q_out: int, kv_out: int) -> None:
+        self.q_proj = nn.Linear(config.hidden_size, q_out, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_out, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_out, bias=config.qkv_bias)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``[b, t, heads * head_dim]`` of ``x``."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def mix(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int
     ) -> torch.Tensor:
         """Everything before ``o_proj``: the heads' attention outputs ``[b, t, heads * head_dim]``
         (o_proj is applied by the block's ops, so calibration can stop at its input)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:  # per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = causal_attention(q, k, v, self.opts)
@@ -157,10 +194,13 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.make_projections(config)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.gelu = config.activation == "gelu_pytorch_tanh"
+
+    def make_projections(self, config: ModelConfig) -> None:
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """``act(gate(x)) * up(x)``: down_proj's input (down_proj is applied by the block's ops),
@@ -178,6 +218,30 @@ def embed(config: ModelConfig, table: torch.Tensor, tokens: torch.Tensor) -> tor
     if config.spec.embed_scale:
         x = x * torch.tensor(config.hidden_size ** 0.5, dtype=torch.float32).to(table.dtype)
     return x
+
+
+class FusedAttention(Attention):
+    """Attention whose q/k/v come from one ``qkv_proj`` (rows: queries, keys, values; Phi-3)."""
+
+    def make_projections(self, config: ModelConfig, q_out: int, kv_out: int) -> None:
+        self.qkv_proj = nn.Linear(config.hidden_size, q_out + 2 * kv_out, bias=config.qkv_bias)
+        self.split = (q_out, kv_out, kv_out)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        return q, k, v
+
+
+class FusedMLP(MLP):
+    """Gated feed-forward whose gate and up come from one ``gate_up_proj`` (gate rows first; Phi-3)."""
+
+    def make_projections(self, config: ModelConfig) -> None:
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return act * up
 
 
 class Op(NamedTuple):
@@ -198,12 +262,15 @@ class DecoderLayer(nn.Module):
     group before the rest of the pass uses it.
     """
 
+    attention_cls: type[Attention] = Attention
+    mlp_cls: type[MLP] = MLP
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = norm(config)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = self.attention_cls(config, layer_idx)
         self.post_attention_layernorm = norm(config)
-        self.mlp = MLP(config)
+        self.mlp = self.mlp_cls(config)
 
     def ops(self, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int) -> tuple[Op, ...]:
         """The forward as a sequence of :class:`Op` (one branch op per Linear group of the spec)."""
@@ -254,8 +321,15 @@ def run_ops(ops: tuple[Op, ...], x: torch.Tensor, y: torch.Tensor | None = None)
     return x
 
 
+class Phi3Layer(DecoderLayer):
+    """Llama's block over fused q/k/v and gate/up projections."""
+
+    attention_cls = FusedAttention
+    mlp_cls = FusedMLP
+
+
 #: The runner's block compute per ``ArchSpec.block``.
-BLOCKS: dict[str, type[DecoderLayer]] = {"llama": DecoderLayer, "gemma2": Gemma2Layer}
+BLOCKS: dict[str, type[DecoderLayer]] = {"llama": DecoderLayer, "gemma2": Gemma2Layer, "phi3": Phi3Layer}
 
 
 def make_block(config: ModelConfig, layer_idx: int) -> DecoderLayer:
@@ -265,11 +339,12 @@ def make_block(config: ModelConfig, layer_idx: int) -> DecoderLayer:
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM for the Llama / Mistral / Qwen2 family, built from a :class:`ModelConfig`.
+    """Decoder-only LM of any supported family, built from a :class:`ModelConfig`.
 
     With tied embeddings there is no ``lm_head`` module: the output projection reads
     ``embed_tokens.weight`` directly, so the tie survives weight loading by assignment.
-    ``inv_freq`` stays float32; :func:`load_model` never casts it to the weight dtype.
+    RoPE tables are computed per call in float32 (:func:`rope_tables`): which ones a call needs
+    depends on its positions (longrope) and on the layer (sliding layers' own base).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -281,8 +356,6 @@ class Transformer(nn.Module):
         self.lm_head = (
             None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -300,8 +373,7 @@ class Transformer(nn.Module):
         """
         positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
         x = embed(self.config, self.embed_tokens.weight, tokens)
-        tables = {local: rope_cos_sin(self.inv_freq_local if local else self.inv_freq, positions, x.dtype)
-                  for local in {local_rope(self.config, i) for i in range(len(self.layers))}}
+        tables = rope_tables(self.config, positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, *tables[local_rope(self.config, i)], cache, start_pos)
         out_weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -43,8 +43,7 @@ from qconv.model.decoder import (
     embed,
     local_rope,
     make_block,
-    rope_cos_sin,
-    rope_inv_freq,
+    rope_tables,
     run_ops,
 )
 
@@ -243,8 +242,7 @@ class LayerPipeline:
         positions = torch.arange(tokens.shape[1], device=self.device)
         # in the compute dtype, as a bf16 model's own rotary tables: float32 tables would promote
         # q/k back to float32 and keep attention off the bf16 kernels
-        self._rope = {local: rope_cos_sin(rope_inv_freq(self.config, local), positions, compute_dtype)
-                      for local in {local_rope(self.config, i) for i in range(self.config.num_layers)}}
+        self._rope = rope_tables(self.config, positions, compute_dtype)
 
     def rope(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE ``cos``/``sin`` tables of layer ``index`` over the calibration positions."""

@@ -94,8 +94,9 @@ class AWQ(Transform):
                 scheme = schemes.scheme_for(ctx.module_name(group.linears[0]))
                 feat = group.linears[0]
                 source = layer.get_submodule(group.source)
-                if scheme is None or feat not in x or source.weight.shape[0] != x[feat].shape[-1]:
-                    continue  # not quantized, not reached, or no exact source (a value Linear under GQA)
+                if (scheme is None or feat not in x or group.source_kind == "fused"
+                        or source.weight.shape[0] != x[feat].shape[-1]):
+                    continue  # not quantized, not reached, or no exact source (fused, or a value Linear under GQA)
                 branch = ctx.branch(group)
                 s = self._search(layer, group.linears, lambda t: p.map(branch, t), x[feat], scheme)
                 fold_scales(source, [layer.get_submodule(b) for b in group.linears], s)

@@ -81,9 +81,11 @@ class SmoothQuant(Transform):
                "search": False, "search_tokens": 4096}
 
     def apply(self, ctx: LayerContext, schemes: SchemeMap) -> None:
-        # a value Linear feeds its group through attention's head mixing: no exact source there
+        # a value Linear feeds its group through attention's head mixing, a fused one among other
+        # outputs: no exact source there
         groups = [(g.source, g.linears, g.source_kind == "linear") for g in ctx.spec.groups
-                  if g.source_kind != "value" and self.config["down_proj" if g.source_kind == "linear" else "norms"]]
+                  if g.source_kind in ("norm", "linear")
+                  and self.config["down_proj" if g.source_kind == "linear" else "norms"]]
         act_max: dict[str, torch.Tensor] = {}
         firsts = {linears[0] for _, linears, _ in groups}
 
