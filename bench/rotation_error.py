@@ -40,7 +40,7 @@ def errors(source, tokens: torch.Tensor, layers: set[int], scheme: WeightScheme,
         if ctx.index in layers:
             xs: dict[str, torch.Tensor] = {}
             ctx.forward(lambda name, x: xs.__setitem__(name, x.reshape(-1, x.shape[-1]).clone()))
-            for name in ctx.spec.linear_names:
+            for name in ctx.linears:
                 w, x = ctx.layer.get_submodule(name).weight, xs[name]
                 fit, held = x[: len(x) // 2], x[len(x) // 2:]
                 if quantizer == "gptq":

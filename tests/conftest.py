@@ -10,7 +10,7 @@ import torch
 
 from tests_support import write_tokenizer
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen3_moe", "mixtral")
 
 #: CPU features the llama.cpp oracle must not be built with (see the Makefile's ORACLE_CMAKE_ARGS):
 #: a -march=native build on an AMX / AVX512-BF16 Xeon crashes evaluating quantized GGUFs.
@@ -42,10 +42,11 @@ def tiny_hf_config(arch: str, **overrides: object):
     GeGLU, soft-caps and a sliding window of 6 on every other layer (shorter than the tests'
     sequences) with a query_pre_attn_scalar that is not head_dim, gemma3_text q/k norms and a
     sliding layer with its own RoPE base before a global one, phi3 fused q/k/v and gate/up,
-    partial RoPE (3/4 of each head) and a sliding window of 8 on every layer.
+    partial RoPE (3/4 of each head) and a sliding window of 8 on every layer, qwen3_moe 4 experts
+    (top 2, renormalized) and mixtral 8 (top 2: llama.cpp's 8-expert K-mix rules apply).
     """
-    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
-                              Qwen3Config)
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+                              Qwen2Config, Qwen3Config, Qwen3MoeConfig)
 
     common = dict(
         vocab_size=300,
@@ -90,6 +91,14 @@ def tiny_hf_config(arch: str, **overrides: object):
         kwargs = dict(common, tie_word_embeddings=False, sliding_window=8, original_max_position_embeddings=256, pad_token_id=0,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})
         return Phi3Config(**{**kwargs, **overrides})
+    if arch == "qwen3_moe":
+        kwargs = dict(common, head_dim=32, tie_word_embeddings=False, rope_theta=1e6, num_experts=4,
+                      num_experts_per_tok=2, norm_topk_prob=True, moe_intermediate_size=64)
+        return Qwen3MoeConfig(**{**kwargs, **overrides})
+    if arch == "mixtral":
+        kwargs = dict(common, intermediate_size=64, tie_word_embeddings=False, rope_theta=1e6, num_local_experts=8,
+                      num_experts_per_tok=2, sliding_window=None)
+        return MixtralConfig(**{**kwargs, **overrides})
     raise ValueError(arch)
 
 

@@ -5,6 +5,7 @@ and llama.cpp in test_runner, test_gguf_export, test_compressed_tensors and test
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ def test_every_family_has_a_tiny_test_model() -> None:
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_spec_is_consistent(arch: str) -> None:
     """Groups partition the Linears in execution order; every source is a tensor of the block;
-    GGUF names are distinct and map back."""
+    GGUF names map back (experts: each merged tensor holds every expert's, in order)."""
     spec = FAMILIES[arch]
     assert [lin for g in spec.groups for lin in g.linears] == list(spec.linear_names)
     modules = {n.name for n in spec.norms} | set(spec.linear_names)
@@ -31,9 +32,13 @@ def test_spec_is_consistent(arch: str) -> None:
     assert all((g.source_kind == "norm") == (g.source in {n.name for n in spec.norms}) for g in spec.groups)
     config = config_from_dict(tiny_hf_config(arch).to_dict())
     names = list(config.expected_shapes())
-    gguf = [spec.gguf_name(n) for n in names]
-    assert len(set(gguf)) == len(gguf)
-    assert [spec.hf_name(g) for g in gguf] == names
+    merged = spec.gguf_tensors(config)
+    assert sorted(n for hfs in merged.values() for n in hfs) == sorted(names)
+    for g, hfs in merged.items():
+        if len(hfs) == 1:
+            assert spec.hf_name(g) == hfs[0] and spec.expert_index(hfs[0]) is None
+        else:
+            assert [spec.expert_index(n) for n in hfs] == list(range(config.num_experts))
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -50,7 +55,8 @@ def test_block_ops_stop_at_every_group(arch: str) -> None:
     cos = sin = torch.ones(5, config.head_dim)
     ops = block.ops(cos, sin, None, 0)
     branch = [op for op in ops if not op.residual]
-    assert len(branch) == len(config.spec.groups)
+    # a mixture of experts adds one: its router's and experts' shared (then routed) input
+    assert len(branch) == len(config.spec.groups) + (config.spec.experts is not None)
     y = None
     with torch.no_grad():
         for op in ops:
@@ -58,6 +64,8 @@ def test_block_ops_stop_at_every_group(arch: str) -> None:
                 x = op.fn(x, y)
             else:
                 y = op.fn(x, y)
+                if branch.index(op) == len(config.spec.groups):  # the experts' input
+                    continue
                 group = config.spec.groups[branch.index(op)]
                 seen.clear()
                 block.get_submodule(group.linears[0])(y)
@@ -83,3 +91,24 @@ def test_family_defaults_fill_absent_keys() -> None:
     config = config_from_dict(raw)
     assert config.head_dim == 128
     assert "head_dim" not in config.raw  # the user's config is kept as written
+
+
+#: qconv's packages from the bottom up: each may import only those of a lower rank (the modules
+#: at the top level of qconv, errors and atomic among them, are free for all).
+LAYERS = {"core": 0, "arch": 1, "checkpoint": 2, "model": 3, "formats": 3, "quant": 4}
+
+
+def test_packages_import_only_below() -> None:
+    """No package imports one above (or beside) it: the shared types live at the bottom."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "qconv"
+    wrong = []
+    for package, rank in LAYERS.items():
+        for path in (root / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qconv."):
+                    target = node.module.split(".")[1]
+                    if target in LAYERS and target != package and LAYERS[target] >= rank:
+                        wrong.append(f"{path.relative_to(root)} imports qconv.{target}")
+    assert not wrong, wrong

@@ -22,7 +22,8 @@ from qconv.checkpoint.hf import HFSource
 from qconv.checkpoint.hf_writer import write_hf_checkpoint
 from qconv.errors import CheckpointMismatch, InvalidOption, UnsupportedModel
 from qconv.core.quantized import ActivationScheme, QuantizedWeight
-from qconv.formats.compressed_tensors import CompressedTensorsWriter, compress, pack_int32, unpack_int32
+from qconv.core.compressed_layout import compress, pack_int32, unpack_int32
+from qconv.formats.compressed_tensors import CompressedTensorsWriter
 from qconv.model import load_model
 from qconv.model.act_quant import apply_activation_quant, fake_quant_per_token
 from qconv.core.grid import WeightScheme, dequantize, rtn
@@ -85,10 +86,12 @@ def quantize_checkpoint(src_dir: Path, out: Path, plan: Plan, **writer_kw: objec
     """RTN-quantize a float checkpoint per ``plan`` and write it; returns the weights written."""
     written: dict[str, QuantizedWeight] = {}
     src = HFSource(src_dir)
+    linears = set(src.config.spec.linear_modules(src.config))  # not embeddings, norms, MoE routers
     with CompressedTensorsWriter(out, src.config, src.tokenizer_files(), **writer_kw) as w:  # type: ignore[arg-type]
         for name in src.tensor_names():
             t = src.get_tensor(name)
-            choice = plan(name[: -len(".weight")]) if t.dim() == 2 and "embed_tokens" not in name else None
+            module = name[: -len(".weight")]
+            choice = plan(module) if module in linears else None
             if choice is None:
                 w.add(name, t)
                 continue
@@ -137,7 +140,7 @@ def test_compress_matches_library(scheme: WeightScheme, act: ActivationScheme | 
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationScheme
 
-    from qconv.formats.compressed_tensors import module_format, weight_args
+    from qconv.core.compressed_layout import module_format, weight_args
 
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
     qw = QuantizedWeight(*rtn(w, scheme), scheme)
@@ -266,6 +269,8 @@ TOKENS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(
     ("gemma2", "w4a16-sym", False),
     ("gemma3_text", "w4a16-sym", False),
     ("phi3", "w4a16-sym", False),
+    ("qwen3_moe", "w4a16-sym", False),  # every expert's Linears quantized, the router in full precision
+    ("mixtral", "w4a16-sym", False),
     ("llama", "mixed-pack", False),    # per-module groups need the default path (see docs/formats.md)
     ("llama", "w4a16-asym", True),     # asymmetric: only the dequantize-at-load path (library bug)
     ("qwen2", "w3a16-asym", True),

@@ -1,4 +1,4 @@
-"""qconv.quant.ggml checked byte for byte against llama.cpp's own quantizer.
+"""qconv.core.ggml checked byte for byte against llama.cpp's own quantizer.
 
 The oracle is libggml as shipped by llama-cpp-python: ``ggml_quantize_chunk(type, src, dst, 0,
 nrows, n_per_row, imatrix=NULL)`` is exactly what ``llama-quantize`` runs without an imatrix.
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qconv.quant import ggml
-from qconv.quant.ggml._common import nearest_int, roundf, seq_sum
+from qconv.core import ggml
+from qconv.core.ggml._common import nearest_int, roundf, seq_sum
 
 QTYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 KQUANTS = ("Q4_K", "Q5_K", "Q6_K")

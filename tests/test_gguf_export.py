@@ -33,7 +33,7 @@ from tests_support import write_tokenizer
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
 
 QUANT_TYPES = [n for n, ft in FILE_TYPES.items() if ft.quantized]
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen3_moe", "mixtral")
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -42,8 +42,10 @@ def export_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     arch = request.param
     overrides = dict(hidden_size=256, intermediate_size=320, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=384)
-    if arch in ("mistral", "qwen3"):
+    if arch in ("mistral", "qwen3", "qwen3_moe"):
         overrides["head_dim"] = 64
+    if arch == "qwen3_moe":  # experts as wide as the dense MLPs of the others (320: the fallback path)
+        overrides["moe_intermediate_size"] = 320
     if arch.startswith("gemma"):  # llama.cpp scales gemma's scores by head_dim^-0.5 (query_pre_attn_scalar)
         overrides.update(head_dim=64, query_pre_attn_scalar=64, sliding_window=16)
     if arch == "gemma3_text":  # 5 sliding layers, then a global one: the pattern llama.cpp assumes
@@ -162,8 +164,9 @@ def test_llama_cpp_loads_and_agrees_with_runner(export_model: Path, tmp_path: Pa
     assert top1 == 1.0 and kl <= (1e-5 if gelu else 1e-8), (top1, kl)
     top1, kl = _agreement(llama_f32, llama_file)
     # llama.cpp's own activation rounding; the 6-layer gemma3 model (q/k norms, GeGLU through the
-    # f16 table) drifts most: measured 0.006-0.011 nats, the others <= 5e-3
-    assert kl <= (2e-2 if arch == "gemma3_text" else 5e-3), (top1, kl)
+    # f16 table) drifts most: measured 0.006-0.011 nats, and the 8-expert mixtral (a top-2 choice
+    # the rounding flips moves a token's whole MLP output) 0.006-0.008; the others <= 5e-3
+    assert kl <= (2e-2 if arch in ("gemma3_text", "mixtral") else 5e-3), (top1, kl)
 
 
 # --------------------------------------------------------------------------- llama.cpp's converter

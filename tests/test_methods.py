@@ -30,6 +30,8 @@ from conftest import TINY_ARCHS
 def outlier_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                   tiny_hf_model_builder) -> Path:
     """Each family's tiny model, the norms feeding its Linear groups given a few large channels."""
+    if FAMILIES[request.param].experts:
+        pytest.skip("calibrated methods on mixture-of-experts models are refused (not implemented yet)")
     overrides = {"rope_scaling": None} if request.param == "llama" else {}
     model = tiny_hf_model_builder(request.param, **overrides)
     norms = [g.source for g in FAMILIES[request.param].groups if g.source_kind == "norm"]

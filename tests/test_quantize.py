@@ -163,7 +163,7 @@ def test_entry_point_plugin(monkeypatch: pytest.MonkeyPatch, model: Path, tmp_pa
 
         def quantize(self, ctx, schemes):
             out = {}
-            for inner in ctx.spec.linear_names:
+            for inner in ctx.linears:
                 scheme = schemes.scheme_for(ctx.module_name(inner))
                 if scheme is None:
                     continue
@@ -183,3 +183,26 @@ def test_entry_point_plugin(monkeypatch: pytest.MonkeyPatch, model: Path, tmp_pa
     assert r.recipe["stages"] == [{"method": "halfrange"}]
     with pytest.raises(InvalidOption, match="did you mean 'factor'"):
         recipe_from_dict({"stages": [{"method": "halfrange", "facter": 0.5}]})
+
+
+def test_moe_rtn_and_refused_calibrated_methods(tiny_hf_model_builder, calib: Path, tmp_path: Path) -> None:
+    """A mixture of experts quantizes with RTN (every expert's Linears, the router kept in full
+    precision, deterministic); calibrated methods are refused in one line, leaving nothing."""
+    from tests_support import write_tokenizer
+
+    tiny_hf_model_builder("qwen3_moe", vocab_size=384).save_pretrained(tmp_path / "hf")
+    write_tokenizer(tmp_path / "hf", 384)
+    api.quantize(tmp_path / "hf", tmp_path / "a", method="rtn", bits=4, group_size=32)
+    api.quantize(tmp_path / "hf", tmp_path / "b", method="rtn", bits=4, group_size=32)
+    for f in sorted(p.name for p in (tmp_path / "a").iterdir()):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    qc = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.gate" in qc["ignore"]
+    kl = torch.nn.functional.kl_div(_logits(tmp_path / "a").log_softmax(-1), _logits(tmp_path / "hf").log_softmax(-1),
+                                    log_target=True, reduction="batchmean")
+    assert kl < 0.5, kl
+    r = subprocess.run([QCONV, "quantize", str(tmp_path / "hf"), "--method", "gptq", "--data", str(calib),
+                        "-o", str(tmp_path / "g")], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "not implemented for mixture-of-experts models (qwen3_moe)" in r.stderr
+    assert not (tmp_path / "g").exists()

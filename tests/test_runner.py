@@ -173,7 +173,8 @@ def test_compare_detects_perturbation(runner: Transformer, tiny_model_dir: Path)
     with open_model(tiny_model_dir) as source:
         other = load_model(source)
     with torch.no_grad():
-        w = other.layers[0].mlp.down_proj.weight
+        last = other.config.spec.block_linears(other.config)[-1]  # the down Linear (of the last expert)
+        w = other.layers[0].get_submodule(last).weight
         w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
     ids = random_ids(2 * CTX).tolist()
     result = compare(runner, other, ids, ctx=CTX)

@@ -111,6 +111,12 @@ class ModelConfig:
     sliding_window: int | None = None
     #: attention scores are scaled by ``query_pre_attn_scalar ** -0.5`` (None: ``head_dim ** -0.5``)
     query_pre_attn_scalar: int | float | None = None
+    #: mixture of experts (families with ``spec.experts``): experts per MLP, chosen per token,
+    #: whether the chosen ones' router probabilities are renormalized, an expert's width
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = False
+    moe_intermediate_size: int = 0
     #: ``c * tanh(x / c)`` on attention scores and on the final logits (Gemma 2)
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
@@ -176,6 +182,12 @@ class ModelConfig:
         for key in ("sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
+        if spec.experts:
+            x = spec.experts
+            d.update({x.count_keys[0]: self.num_experts, "num_experts_per_tok": self.num_experts_per_tok,
+                      x.ffn_key: self.moe_intermediate_size})
+            if isinstance(x.norm_topk, str):
+                d[x.norm_topk] = self.norm_topk_prob
         for key, on in ((spec.qkv_bias, self.qkv_bias), (spec.o_bias, self.o_bias)):
             if isinstance(key, str):
                 d[key] = on
@@ -231,6 +243,21 @@ def _rope(raw: dict[str, Any], path: Path) -> tuple[float, RopeScaling | None]:
         long_factor=tuple(float(f) for f in scaling.get("long_factor") or ()),
         attention_factor=None if attention is None else float(attention),
     )
+
+
+def _experts(raw: dict[str, Any], spec: ArchSpec, path: Path) -> dict[str, Any]:
+    """The mixture-of-experts fields of a family with experts (none for the others)."""
+    x = spec.experts
+    if x is None:
+        return {}
+    if raw.get("mlp_only_layers") or int(raw.get("decoder_sparse_step", 1)) != 1:
+        raise UnsupportedModel("dense MLP layers between the expert layers (mlp_only_layers, decoder_sparse_step) "
+                               "are not supported", path)
+    count = next((raw[k] for k in x.count_keys if raw.get(k) is not None), None)
+    if count is None:
+        raise CheckpointMismatch(f"config is missing required key {x.count_keys[0]!r}", path)
+    return {"num_experts": int(count), "num_experts_per_tok": int(raw["num_experts_per_tok"]),
+            "norm_topk_prob": _flag(x.norm_topk, raw), "moe_intermediate_size": int(raw[x.ffn_key])}
 
 
 def _optional(raw: dict[str, Any], key: str, kind: type) -> Any:
@@ -327,6 +354,7 @@ def config_from_dict(raw: dict[str, Any], path: Path | str = "config.json") -> M
             query_pre_attn_scalar=_optional(raw, "query_pre_attn_scalar", _number),
             attn_logit_softcapping=_optional(raw, "attn_logit_softcapping", float),
             final_logit_softcapping=_optional(raw, "final_logit_softcapping", float),
+            **_experts(raw, spec, path),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=raw.get("eos_token_id"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from qconv.arch.spec import ArchSpec, GroupSpec, LinearSpec, NormSpec
+from qconv.arch.spec import ArchSpec, ExpertsSpec, GroupSpec, LinearSpec, NormSpec
 from qconv.errors import UnsupportedModel
 
 #: The pre-norm Llama block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
@@ -108,7 +108,32 @@ PHI3 = ArchSpec(
     config_defaults={"rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
 )
 
-FAMILIES: dict[str, ArchSpec] = {s.model_type: s for s in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3)}
+def _expert_linears(gate: str, up: str, down: str) -> tuple[LinearSpec, ...]:
+    return (LinearSpec(gate, "ffn_gate_exps", "moe_ffn", "hidden"), LinearSpec(up, "ffn_up_exps", "moe_ffn", "hidden"),
+            LinearSpec(down, "ffn_down_exps", "hidden", "moe_ffn"))
+
+
+#: Qwen3-MoE: Qwen3's attention, every MLP a mixture of experts (``mlp.gate`` routes to
+#: ``mlp.experts.{e}``); ``norm_topk_prob`` renormalizes the chosen experts' weights.
+QWEN3_MOE = replace(
+    QWEN3, model_type="qwen3_moe", architectures=("Qwen3MoeForCausalLM",), gguf_arch="qwen3moe", block="moe",
+    linears=_LLAMA_LINEARS[:4], groups=_LLAMA_GROUPS[:2],
+    experts=ExpertsSpec("mlp", "gate", "ffn_gate_inp", _expert_linears("gate_proj", "up_proj", "down_proj"),
+                        count_keys=("num_experts", "num_local_experts"), ffn_key="moe_intermediate_size", norm_topk="norm_topk_prob"),
+    rotation_refused="the rotation does not handle the router and experts yet",
+)
+#: Mixtral: Mistral's attention, ``block_sparse_moe.gate`` routing to ``experts.{e}.w1/w3/w2``
+#: (gate/up/down), the chosen experts' weights always renormalized; llama.cpp's llama arch.
+MIXTRAL = replace(
+    MISTRAL, model_type="mixtral", architectures=("MixtralForCausalLM",), block="moe",
+    linears=_LLAMA_LINEARS[:4], groups=_LLAMA_GROUPS[:2],
+    experts=ExpertsSpec("block_sparse_moe", "gate", "ffn_gate_inp", _expert_linears("w1", "w3", "w2"),
+                        count_keys=("num_local_experts",), ffn_key="intermediate_size", norm_topk=True),
+    rotation_refused="the rotation does not handle the router and experts yet",
+)
+
+FAMILIES: dict[str, ArchSpec] = {s.model_type: s for s in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3,
+                                                          QWEN3_MOE, MIXTRAL)}
 #: HF class name -> family.
 BY_ARCHITECTURE: dict[str, ArchSpec] = {a: s for s in FAMILIES.values() for a in s.architectures}
 #: llama.cpp ``general.architecture`` -> the family a GGUF file imports as (the first that exports to it).

@@ -40,6 +40,8 @@ def dims(config: ModelConfig) -> dict[str, int]:
         "q": config.num_heads * config.head_dim,
         "kv": config.num_kv_heads * config.head_dim,
         "ffn": config.intermediate_size,
+        "experts": config.num_experts,
+        "moe_ffn": config.moe_intermediate_size,
         "qkv": (config.num_heads + 2 * config.num_kv_heads) * config.head_dim,  # fused q/k/v rows
         "ffn2": 2 * config.intermediate_size,  # fused gate/up rows
         "vocab": config.vocab_size,
@@ -95,6 +97,30 @@ class GroupSpec:
 
 
 @dataclass(frozen=True)
+class ExpertsSpec:
+    """A mixture-of-experts MLP in place of the dense one: a router Linear scores the experts per
+    token, the top ``num_experts_per_tok`` run, their outputs are summed by the (optionally
+    renormalized) router probabilities. Each expert is a gated MLP (gate, up, down)."""
+
+    module: str  #: the block's MoE module (``mlp``; Mixtral: ``block_sparse_moe``)
+    router: str  #: the router Linear inside it (``gate``), ``[experts, hidden]``, kept unquantized
+    router_gguf: str  #: ``ffn_gate_inp``
+    #: one expert's Linears, gate, up, down in that order; names inside ``{module}.experts.{e}``,
+    #: GGUF stems of llama.cpp's merged 3-D tensors (``ffn_gate_exps``: all experts stacked)
+    linears: tuple[LinearSpec, ...]
+    #: config.json keys with the number of experts (the first is written; transformers 5 writes
+    #: Qwen3-MoE's as ``num_local_experts``)
+    count_keys: tuple[str, ...]
+    ffn_key: str  #: config.json key with an expert's intermediate size
+    #: router probabilities of the chosen experts renormalized to sum 1: a constant or its key
+    norm_topk: bool | str
+
+    def expert(self, e: int) -> str:
+        """Module name (inside the block) of expert ``e``."""
+        return f"{self.module}.experts.{e}"
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """One model family, as data."""
 
@@ -133,6 +159,8 @@ class ArchSpec:
     sliding_pattern: int = 0
     #: a non-null ``sliding_window`` in config.json windows every layer (Mistral, Phi-3)
     window_everywhere: bool = False
+    #: the MLP is a mixture of experts (``linears``/``groups`` then describe attention only)
+    experts: ExpertsSpec | None = None
     #: None when the residual-stream rotation applies, else why it does not
     rotation_refused: str | None = None
 
@@ -176,28 +204,63 @@ class ArchSpec:
             for lin in self.linears:
                 if lin.bias and getattr(config, lin.bias):
                     shapes[f"{p}{lin.name}.bias"] = (d[lin.out],)
+            if self.experts:
+                x = self.experts
+                shapes[f"{p}{x.module}.{x.router}.weight"] = (d["experts"], d["hidden"])
+                for e in range(config.num_experts):
+                    for lin in x.linears:
+                        shapes[f"{p}{x.expert(e)}.{lin.name}.weight"] = (d[lin.out], d[lin.inp])
         return shapes
+
+    def block_linears(self, config: ModelConfig) -> tuple[str, ...]:
+        """Every quantizable Linear of a block (inner names): the spec's, then each expert's (the
+        router stays in full precision: its top-k choice is what every token's path depends on)."""
+        x = self.experts
+        experts = () if x is None else tuple(
+            f"{x.expert(e)}.{lin.name}" for e in range(config.num_experts) for lin in x.linears)
+        return self.linear_names + experts
 
     def linear_modules(self, config: ModelConfig) -> list[str]:
         """HF module names (no ``.weight``) of every Linear the model stores, in checkpoint order:
         the blocks' Linears and, when untied, ``lm_head``."""
         head = [] if config.tie_word_embeddings else [LM_HEAD]
-        blocks = [f"{LAYER_PREFIX.format(i)}{lin.name}" for i in range(config.num_layers) for lin in self.linears]
+        blocks = [f"{LAYER_PREFIX.format(i)}{name}" for i in range(config.num_layers)
+                  for name in self.block_linears(config)]
         return head + blocks
+
+    def routers(self, config: ModelConfig) -> list[str]:
+        """HF module names of the MoE routers: Linears to loaders, always kept in full precision."""
+        x = self.experts
+        return [] if x is None else [f"{LAYER_PREFIX.format(i)}{x.module}.{x.router}" for i in range(config.num_layers)]
 
     # ------------------------------------------------------------------ GGUF names
 
     def gguf_name(self, hf: str) -> str:
-        """GGUF tensor name for an HF tensor name (KeyError for names llama.cpp has no slot for)."""
+        """GGUF tensor name for an HF tensor name (KeyError for names llama.cpp has no slot for).
+        Every expert's copy of a Linear maps to the one merged tensor that stacks them."""
         m = _HF_LAYER.match(hf)
         if m:
-            return f"blk.{m[1]}.{self._gguf_stems[m[2]]}.{m[3]}"
+            return f"blk.{m[1]}.{self._gguf_stems[self._merged(m[2])[0]]}.{m[3]}"
         stem, _, kind = hf.rpartition(".")
         return f"{GLOBAL_GGUF[stem]}.{kind}"
 
+    def expert_index(self, hf: str) -> int | None:
+        """Which expert's slice of its merged GGUF tensor an HF tensor is (None: not an expert's)."""
+        m = _HF_LAYER.match(hf)
+        return self._merged(m[2])[1] if m else None
+
+    def gguf_tensors(self, config: ModelConfig) -> dict[str, tuple[str, ...]]:
+        """GGUF tensor name -> the HF tensors it holds (one, or every expert's in order, stacked)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for hf in self.expected_shapes(config):
+            g = self.gguf_name(hf)
+            out[g] = (*out.get(g, ()), hf)
+        return out
+
     def hf_name(self, gguf: str) -> str | None:
         """HF tensor name for a GGUF tensor name; None for tensors HF has no slot for
-        (``rope_freqs.weight`` is folded into the config instead)."""
+        (``rope_freqs.weight`` is folded into the config instead) and for merged expert tensors,
+        which hold several (:meth:`gguf_tensors`)."""
         m = _GGUF_LAYER.match(gguf)
         if m:
             stem = self._hf_stems.get(m[2])
@@ -206,13 +269,27 @@ class ArchSpec:
         hf = {g: h for h, g in GLOBAL_GGUF.items()}.get(stem)
         return f"{hf}.{kind}" if hf else None
 
+    def _merged(self, inner: str) -> tuple[str, int | None]:
+        """(stem key of :attr:`_gguf_stems`, expert index) of a block tensor's inner name."""
+        x = self.experts
+        m = re.fullmatch(rf"{re.escape(x.module)}\.experts\.(\d+)\.(.+)", inner) if x else None
+        return (f"{x.module}.experts.{m[2]}", int(m[1])) if x and m else (inner, None)
+
     @cached_property
     def _gguf_stems(self) -> dict[str, str]:
-        return {t.name: t.gguf for t in (*self.norms, *self.linears)}
+        stems = {t.name: t.gguf for t in (*self.norms, *self.linears)}
+        if self.experts:
+            x = self.experts
+            stems[f"{x.module}.{x.router}"] = x.router_gguf
+            stems.update({f"{x.module}.experts.{lin.name}": lin.gguf for lin in x.linears})
+        return stems
 
     @cached_property
     def _hf_stems(self) -> dict[str, str]:
-        return {t.gguf: t.name for t in (*self.norms, *self.linears)}
+        stems = {t.gguf: t.name for t in (*self.norms, *self.linears)}
+        if self.experts:
+            stems[self.experts.router_gguf] = f"{self.experts.module}.{self.experts.router}"
+        return stems
 
     def is_norm(self, hf: str) -> bool:
         """Whether an HF tensor name is a norm weight (a block's or the final one)."""

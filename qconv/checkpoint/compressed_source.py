@@ -28,7 +28,7 @@ from qconv.checkpoint.hf import HFSource
 from qconv.checkpoint.source import ModelSource
 from qconv.errors import CheckpointMismatch, CorruptFile, InvalidOption, UnsupportedModel
 from qconv.core.quantized import ActivationScheme, QuantizedWeight
-from qconv.formats.compressed_tensors import (
+from qconv.core.compressed_layout import (
     INT_QUANTIZED,
     MIXED,
     NAIVE_QUANTIZED,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qconv.arch.config import ModelConfig, RopeScaling
-from qconv.arch.families import BY_GGUF_ARCH
+from qconv.arch.families import BY_GGUF_ARCH, FAMILIES
 from qconv.arch.spec import ArchSpec
 from qconv.arch.rope_layout import unpermute_rows
 from qconv.checkpoint.source import ModelSource
@@ -61,6 +61,8 @@ class GGUFSource(ModelSource):
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CorruptFile(f"not a readable GGUF file ({msg})", self.path) from None
         self._tensors = {t.name: t for t in self.reader.tensors}
+        #: the last merged expert tensor decoded (name, array): experts are read one after another
+        self._merged: tuple[str | None, np.ndarray | None] = (None, None)
         self.config = self._config()
         self._names = self._validate()
 
@@ -74,6 +76,8 @@ class GGUFSource(ModelSource):
     def _config(self) -> ModelConfig:
         arch = self.meta.get("general.architecture")
         spec = BY_GGUF_ARCH.get(arch)  # type: ignore[arg-type]
+        if spec is not None and int(self.meta.get(f"{arch}.expert_count") or 0) > 0:
+            spec = next((s for s in FAMILIES.values() if s.gguf_arch == arch and s.experts), None)
         if spec is None:
             raise UnsupportedModel(
                 f"unsupported GGUF architecture {arch} (supported: {', '.join(BY_GGUF_ARCH)})", self.path
@@ -130,6 +134,10 @@ class GGUFSource(ModelSource):
         files do not name the activation: it is the family's)."""
         arch = spec.gguf_arch
         out: dict[str, Any] = {"activation": str(spec.config_defaults.get(spec.activation_key, "silu"))}
+        if spec.experts:  # llama.cpp renormalizes the chosen experts' weights for these archs
+            out.update(num_experts=int(self._key("expert_count")), num_experts_per_tok=int(self._key("expert_used_count")),
+                       norm_topk_prob=True, moe_intermediate_size=int(self.meta.get(f"{arch}.expert_feed_forward_length")
+                                                                      or self._key("feed_forward_length")))
         for key, field in (("attn_logit_softcapping", "attn_logit_softcapping"),
                            ("final_logit_softcapping", "final_logit_softcapping")):
             if f"{arch}.{key}" in self.meta:
@@ -155,13 +163,13 @@ class GGUFSource(ModelSource):
 
     def _validate(self) -> list[str]:
         spec = self.config.spec
-        self._gguf_of = {h: g for g in self._tensors if (h := spec.hf_name(g)) is not None}
         expected = self.config.expected_shapes()
-        for name, shape in expected.items():
-            g = self._gguf_of.get(name)
-            if g is None:
-                raise CheckpointMismatch(f"tensor for {name} is missing", self.path)
+        self._gguf_of = {h: g for g, hfs in spec.gguf_tensors(self.config).items() for h in hfs}
+        for g, hfs in spec.gguf_tensors(self.config).items():
+            if g not in self._tensors:
+                raise CheckpointMismatch(f"tensor {g} (for {hfs[0]}) is missing", self.path)
             actual = tuple(int(d) for d in reversed(self._tensors[g].shape.tolist()))
+            shape = (len(hfs), *expected[hfs[0]]) if len(hfs) > 1 else expected[hfs[0]]
             if actual != shape:
                 raise CheckpointMismatch(f"tensor {g} has shape {list(actual)}, metadata implies {list(shape)}", self.path)
         return list(expected)
@@ -188,6 +196,12 @@ class GGUFSource(ModelSource):
         return self._tensors[self._gguf_of[name]].tensor_type.name
 
     def get_array(self, name: str) -> np.ndarray:
+        expert = self.config.spec.expert_index(name)
+        if expert is not None:  # one expert's slice of the merged tensor (kept decoded for the next)
+            g = self._gguf_of[name]
+            if self._merged[0] != g:
+                self._merged = (g, self._array(g))
+            return self._merged[1][expert].copy()
         w = self._array(self._gguf_of[name])
         spec = self.config.spec
         heads = spec.rope_heads(name, self.config)

@@ -3,8 +3,8 @@
 A file type such as ``q4_k_m`` is a *mix*: a default tensor type plus rules that spend more bits
 where quantization hurts most (attn_v and ffn_down in a subset of layers, the output matrix),
 and fallbacks for rows whose length is not a multiple of the block size. The rules follow
-llama.cpp's ``src/llama-quant.cpp`` (non-MoE, non-Falcon models, no imatrix) so that qconv's
-files are byte-identical to ``llama_model_quantize``'s.
+llama.cpp's ``src/llama-quant.cpp`` (non-Falcon models, no imatrix; for mixtures of experts
+its 8-expert rules) so that qconv's files are byte-identical to ``llama_model_quantize``'s.
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ def use_more_bits(i: int, n: int) -> bool:
 
 
 def quantizable(name: str, ndim: int) -> bool:
-    """Tensors llama-quantize may change: 2-D ``*weight`` matrices except norms."""
-    return ndim >= 2 and name.endswith("weight") and "_norm.weight" not in name
+    """Tensors llama-quantize may change: 2-D (and merged-expert 3-D) ``*weight`` matrices except
+    norms and MoE routers (``ffn_gate_inp``)."""
+    return ndim >= 2 and name.endswith("weight") and "_norm.weight" not in name and "ffn_gate_inp.weight" not in name
 
 
 def fallback(t: T, row: int) -> T:
@@ -89,8 +90,9 @@ def _attn_v_like(name: str) -> bool:
 
 
 def tensor_types(tensors: Sequence[tuple[str, tuple[int, ...]]], ft: FileType, n_layer: int,
-                 is_70b: bool = False) -> dict[str, T]:
-    """GGML type of every tensor (GGUF name, numpy shape), in llama.cpp's processing order.
+                 is_70b: bool = False, n_expert: int = 0) -> dict[str, T]:
+    """GGML type of every tensor (GGUF name, numpy shape), in llama.cpp's processing order;
+    ``n_expert``: experts per MoE layer (llama.cpp spends more bits on attention at exactly 8).
 
     ``tensors`` must be in the order llama-quantize visits them (globals, then layer by layer):
     the attn_v(-like) / ffn_down rules count occurrences. Non-quantizable tensors are F32.
@@ -120,7 +122,15 @@ def tensor_types(tensors: Sequence[tuple[str, tuple[int, ...]]], ft: FileType, n
                 new = T.Q5_K
             if is_70b and new in (T.Q3_K, T.Q4_K):
                 new = T.Q5_K
+            if n_expert == 8:  # 8-expert models (Mixtral): attention is a small share of the bytes
+                new = T.Q8_0
             i_attn_v += 1
+        elif "attn_k.weight" in name:
+            if n_expert == 8:
+                new = T.Q8_0
+        elif "attn_output.weight" in name:
+            if n_expert == 8 and ft.name in ("q4_k_s", "q4_k_m"):
+                new = T.Q5_K
         elif "ffn_down" in name:
             if ft.name in ("q4_k_m", "q5_k_m") and use_more_bits(i_ffn_down, n_layer):
                 new = T.Q6_K

@@ -28,7 +28,7 @@ from qconv.checkpoint.source import ModelSource
 from qconv.errors import UnsupportedModel
 from qconv.formats.gguf_tokenizer import gguf_tokenizer_metadata
 from qconv.formats.gguf_types import FileType, llama_cpp_order, tensor_types
-from qconv.quant import ggml
+from qconv.core import ggml
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class PlannedTensor:
     """One tensor of the output file: where it comes from and how it is stored."""
 
     name: str
-    hf_name: str | None  # None for tensors computed from the config (rope_freqs)
+    #: the HF tensors it holds: one, every expert's (stacked), or none (computed from the config)
+    sources: tuple[str, ...]
     shape: tuple[int, ...]
     type: T
 
@@ -64,15 +65,17 @@ class GGUFExportResult:
 
 def plan_tensors(config: ModelConfig, ft: FileType) -> list[PlannedTensor]:
     """Every output tensor in llama.cpp's order, with its GGML type."""
-    shapes: dict[str, tuple[tuple[int, ...], str | None]] = {
-        config.spec.gguf_name(hf): (shape, hf) for hf, shape in config.expected_shapes().items()
-    }
+    hf_shapes = config.expected_shapes()
+    shapes: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+    for name, hfs in config.spec.gguf_tensors(config).items():
+        one = hf_shapes[hfs[0]]
+        shapes[name] = ((len(hfs), *one) if len(hfs) > 1 else one, hfs)
     for name, values in computed_tensors(config).items():
-        shapes[name] = (values.shape, None)
+        shapes[name] = (values.shape, ())
     order = llama_cpp_order(list(shapes))
     types = tensor_types([(n, shapes[n][0]) for n in order], ft, config.num_layers,
                          is_70b=config.spec.gguf_arch == "llama" and config.num_layers == 80
-                         and config.num_heads != config.num_kv_heads)
+                         and config.num_heads != config.num_kv_heads, n_expert=config.num_experts)
     return [PlannedTensor(n, shapes[n][1], shapes[n][0], types[n]) for n in order]
 
 
@@ -129,6 +132,11 @@ def _add_model_metadata(w: gguf.GGUFWriter, config: ModelConfig, ft: FileType, n
             w.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
     if config.rope_local_theta is not None:
         w.add_rope_freq_base_swa(config.rope_local_theta)
+    if config.num_experts:
+        w.add_expert_count(config.num_experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        if config.spec.experts.ffn_key != "intermediate_size":  # experts narrower than a dense MLP (qwen3moe)
+            w.add_expert_feed_forward_length(config.moe_intermediate_size)
 
 
 #: llama.cpp archs that apply a sliding window (its phi3 reads the key and disables it)
@@ -142,6 +150,9 @@ def check_llama_cpp_runs(config: ModelConfig) -> None:
     """Refuse what llama.cpp's graph for the arch would compute differently from the model:
     a file it loads but runs wrong is worse than no file."""
     arch = config.spec.gguf_arch
+    if config.num_experts and not config.norm_topk_prob:
+        raise UnsupportedModel(f"llama.cpp's {arch} renormalizes the chosen experts' weights; this model "
+                               "does not (norm_topk_prob false)")
     if arch not in _GEMMA_27B_LAYERS:
         return
     if not config.tie_word_embeddings:
@@ -210,12 +221,15 @@ def _encode(x: np.ndarray, t: T) -> np.ndarray:
 
 def _tensor_data(source: ModelSource, p: PlannedTensor) -> np.ndarray:
     config = source.config
-    if p.hf_name is None:  # computed from the config, never stored in HF checkpoints
+    if not p.sources:  # computed from the config, never stored in HF checkpoints
         return computed_tensors(config)[p.name]
-    x = source.get_array(p.hf_name)
-    if config.spec.norm_offset and config.spec.is_norm(p.hf_name):  # llama.cpp stores offset + weight
+    if len(p.sources) > 1:  # llama.cpp's merged experts: [experts, out, in]
+        return np.stack([source.get_array(hf) for hf in p.sources])
+    hf = p.sources[0]
+    x = source.get_array(hf)
+    if config.spec.norm_offset and config.spec.is_norm(hf):  # llama.cpp stores offset + weight
         x = x + np.float32(config.spec.norm_offset)
-    heads = config.spec.rope_heads(p.hf_name, config)
+    heads = config.spec.rope_heads(hf, config)
     if heads:
         x = permute_rows(x, heads)
     return x

@@ -244,6 +244,61 @@ class FusedMLP(MLP):
         return act * up
 
 
+class Expert(nn.Module):
+    """One expert: a gated MLP whose Linears carry the family's names (``gate_proj``/``w1``, ...)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, f = config.hidden_size, config.moe_intermediate_size
+        experts = config.spec.experts
+        assert experts is not None
+        self.names = tuple(lin.name for lin in experts.linears)  # gate, up, down
+        for name, (i, o) in zip(self.names, ((h, f), (h, f), (f, h))):
+            self.add_module(name, nn.Linear(i, o, bias=False))
+        self.gelu = config.activation == "gelu_pytorch_tanh"
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The down Linear's input: ``act(gate(x)) * up(x)``."""
+        gate, up = (self.get_submodule(n)(x) for n in self.names[:2])
+        return (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.get_submodule(self.names[2])(self.hidden(x))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts, computed as transformers does: softmax of the router logits in
+    float32, the top ``k`` (renormalized when ``norm_topk_prob``), each expert run on the tokens
+    routed to it, expert by expert in index order, weighted outputs summed per token."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        experts = config.spec.experts
+        assert experts is not None
+        self.router_name = experts.router
+        self.add_module(experts.router, nn.Linear(config.hidden_size, config.num_experts, bias=False))
+        self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_experts))
+        self.top_k, self.renormalize = config.num_experts_per_tok, config.norm_topk_prob
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights ``[N, k]``, expert indices ``[N, k]``) for tokens ``x`` ``[N, hidden]``."""
+        logits = self.get_submodule(self.router_name)(x)
+        weights, chosen = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(logits.dtype), chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.route(flat)
+        out = torch.zeros_like(flat)
+        for e in chosen.unique().tolist():
+            tokens, slot = torch.where(chosen == e)
+            y = self.experts[e](flat[tokens]) * weights[tokens, slot, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out.view(x.shape)
+
+
 class Op(NamedTuple):
     """One step of a block's forward: ``fn(x, y)`` over the residual stream ``x`` and the current
     branch value ``y``. It either replaces the residual (``residual=True``) or produces the
@@ -328,8 +383,33 @@ class Phi3Layer(DecoderLayer):
     mlp_cls = FusedMLP
 
 
+class MoELayer(DecoderLayer):
+    """Llama's block with a mixture of experts as its MLP (named as the family names it)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        nn.Module.__init__(self)
+        self.input_layernorm = norm(config)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = norm(config)
+        experts = config.spec.experts
+        assert experts is not None
+        self.moe_name = experts.module
+        self.add_module(self.moe_name, SparseMoE(config))
+
+    def ops(self, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, start_pos: int) -> tuple[Op, ...]:
+        attn, moe = self.self_attn, self.get_submodule(self.moe_name)
+        return (
+            Op(False, lambda x, y: self.input_layernorm(x)),  # -> q/k/v
+            Op(False, lambda x, y: attn.mix(y, cos, sin, cache, start_pos)),  # -> o_proj
+            Op(True, lambda x, y: x + attn.o_proj(y)),
+            Op(False, lambda x, y: self.post_attention_layernorm(x)),  # -> router and experts
+            Op(True, lambda x, y: x + moe(y)),
+        )
+
+
 #: The runner's block compute per ``ArchSpec.block``.
-BLOCKS: dict[str, type[DecoderLayer]] = {"llama": DecoderLayer, "gemma2": Gemma2Layer, "phi3": Phi3Layer}
+BLOCKS: dict[str, type[DecoderLayer]] = {"llama": DecoderLayer, "gemma2": Gemma2Layer, "phi3": Phi3Layer,
+                                         "moe": MoELayer}
 
 
 def make_block(config: ModelConfig, layer_idx: int) -> DecoderLayer:

@@ -93,6 +93,11 @@ class LayerContext:
     def spec(self) -> ArchSpec:
         return self.pipeline.config.spec
 
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """Every quantizable Linear of the layer, by inner name (experts' included)."""
+        return self.spec.block_linears(self.pipeline.config)
+
     def ops(self) -> tuple[Op, ...]:
         """The layer's forward ops over the calibration windows (no KV cache, position 0)."""
         return self.layer.ops(*self.pipeline.rope(self.index), None, 0)
@@ -154,7 +159,7 @@ class LayerContext:
         if x_all.shape[0] == 0:  # no calibration data (RTN): nothing flows
             return x_all
         p = self.pipeline
-        with _input_hooks(self.layer, self.spec.linear_names, hook):
+        with _input_hooks(self.layer, self.linears, hook):
             return p.map(lambda t: self.layer(t, *p.rope(self.index), None, 0), x_all)
 
 

@@ -16,7 +16,7 @@ from qconv.arch.spec import EMBED, FINAL_NORM, LAYER_PREFIX, LM_HEAD
 from qconv.checkpoint import open_model
 from qconv.checkpoint.hf_writer import parse_dtype, parse_size
 from qconv.checkpoint.source import ModelSource
-from qconv.errors import InvalidOption
+from qconv.errors import InvalidOption, UnsupportedModel
 from qconv.progress import progress
 from qconv.quant.calibration import calibration_windows, load_calibration_rows
 from qconv.quant.methods import Quantizer, SourceTransform, Transform, get_method
@@ -83,6 +83,10 @@ def quantize_model(
         original = source
         for m in rewrites:
             source = m.wrap(source)
+        if source.config.spec.experts and (recipe.needs_calibration or transforms):
+            raise UnsupportedModel(
+                f"{recipe.name}: calibrated methods (GPTQ, AWQ, SmoothQuant) are not implemented for "
+                f"mixture-of-experts models ({source.config.model_type}) yet; use rtn", source.path)
         model_dtype = parse_dtype(source.config.torch_dtype)
         schemes = recipe.schemes(scale_dtype=model_dtype)
         widths = _linear_widths(source)

@@ -29,7 +29,7 @@ class RTN(Quantizer):
 
     def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
         result: dict[str, QuantizedWeight] = {}
-        for inner in ctx.spec.linear_names:
+        for inner in ctx.linears:
             scheme = schemes.scheme_for(ctx.module_name(inner))
             if scheme is None:
                 continue

@@ -2,7 +2,7 @@
 
 Pure functions, no I/O::
 
-    from qconv.quant import ggml
+    from qconv.core import ggml
     data = ggml.quantize(w, "Q4_K")          # float32 [rows, n] -> uint8 [rows, n/256*144]
     w2 = ggml.dequantize(data, "Q4_K", n)    # -> float32 [rows, n]
     ggml.block_size("Q4_K")                  # (256, 144)

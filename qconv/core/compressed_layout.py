@@ -1,0 +1,215 @@
+"""The compressed-tensors layout (the format vLLM and transformers load): how one quantized
+Linear is stored, read by the compressed-tensors reader and written by the writer.
+
+A compressed-tensors checkpoint is an HF safetensors checkpoint whose quantized Linear weights
+are replaced by their integer codes plus per-(row, group) parameters, described by
+``config.json["quantization_config"]``. qconv writes two formats:
+
+* ``pack-quantized`` (weight-only, W2..W8 A16): ``X.weight_packed`` int32 ``[out, ceil(in*b/32)]``
+  (codes offset to unsigned and packed densely along the input dim, see :func:`pack_int32`),
+  ``X.weight_scale`` ``[out, groups]`` in ``scheme.scale_dtype``, ``X.weight_shape`` int32
+  ``[out, in]`` and, for asymmetric grids only, ``X.weight_zero_point`` int32 packed along the
+  *output* dim ``[ceil(out*b/32), groups]``.
+* ``int-quantized`` (W8A8: int8 per-channel symmetric weights, int8 dynamic per-token
+  activations): ``X.weight`` int8 ``[out, in]`` and ``X.weight_scale`` ``[out, 1]``; nothing is
+  stored for the activations (their scales are computed per token at run time).
+
+Codes and parameters follow :mod:`qconv.core.grid`, which uses compressed-tensors' own
+convention (``x = (q - zero) * scale``, signed codes), so writing is pure re-layout: the
+stored codes dequantize to exactly what the quantizer produced.
+
+Layout facts were checked against compressed-tensors 0.20.0 (``PackedQuantizationCompressor``,
+``pack_to_int32``, ``QuantizationArgs``) and are tested against it. 2/4/8-bit packing is the same
+in every compressed-tensors release; 3/5/6/7-bit packing became *dense* (codes straddle int32
+words) in 0.20, so those widths need compressed-tensors >= 0.20 to load (older releases refuse
+them or expect a padded layout, and vLLM's WNA16 kernels take only 4 and 8 bits).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import torch
+
+from qconv.core.grid import WeightScheme
+from qconv.core.quantized import ActivationScheme, QuantizedWeight
+
+QUANT_METHOD = "compressed-tensors"
+PACKED = "pack-quantized"
+INT_QUANTIZED = "int-quantized"
+NAIVE_QUANTIZED = "naive-quantized"
+MIXED = "mixed-precision"
+#: The compressed-tensors release whose layout qconv writes (recorded as ``version``).
+CT_VERSION = "0.20.0"
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """Pack signed ``bits``-bit codes (int8, 2-D) into int32 words along ``dim``.
+
+    Codes are offset to unsigned (``q + 2^(b-1)``) and laid out as one little-endian bit stream
+    per row: code ``i`` occupies bits ``i*b .. i*b+b-1``, so a row of ``n`` codes takes
+    ``ceil(n*b/32)`` words and, for widths that do not divide 32, a code may straddle two words.
+    This is compressed-tensors' ``pack_to_int32`` layout (identical to the classic
+    "``32/b`` codes per word, first code in the low bits" layout for b = 1, 2, 4, 8).
+
+    Works on bytes (uint8) rather than int32 words so no step can overflow and every step is a
+    cheap byte op: the bit stream is built a byte at a time, then reinterpreted as int32.
+    """
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"pack_int32 needs a 2-D int8 tensor, got {q.dtype} {list(q.shape)}")
+    _check_bits(bits)
+    if dim == 0:
+        return pack_int32(q.t(), bits, 1).t().contiguous()
+    rows, n = q.shape
+    # q + 2^(b-1) in uint8 arithmetic: wraps modulo 256 to the right value in [0, 2^b)
+    u = q.contiguous().view(torch.uint8) + (1 << (bits - 1))
+    u = torch.nn.functional.pad(u, (0, _padded(n) - n))  # whole 32-code blocks = whole words
+    if 8 % bits == 0:  # whole codes per byte: OR them in directly
+        per = u.view(rows, -1, 8 // bits)
+        stream = per[..., 0].clone()
+        for k in range(1, 8 // bits):
+            stream |= per[..., k] << (bits * k)
+    else:  # codes straddle bytes: expand to single bits, regroup by 8
+        bit_stream = (u.unsqueeze(-1) >> torch.arange(bits, dtype=torch.uint8)) & 1
+        stream = (bit_stream.view(rows, -1, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    return _bytes_to_words(stream)[:, : packed_width(n, bits)].contiguous()
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, size: int, dim: int = 1) -> torch.Tensor:
+    """Inverse of :func:`pack_int32`: the first ``size`` signed codes (int8) along ``dim``."""
+    if packed.dtype != torch.int32 or packed.dim() != 2:
+        raise ValueError(f"unpack_int32 needs a 2-D int32 tensor, got {packed.dtype} {list(packed.shape)}")
+    _check_bits(bits)
+    if dim == 0:
+        return unpack_int32(packed.t(), bits, size, 1).t().contiguous()
+    rows, nwords = packed.shape
+    if nwords != packed_width(size, bits):
+        raise ValueError(f"{nwords} int32 words do not hold {size} densely packed {bits}-bit codes")
+    words = torch.nn.functional.pad(packed, (0, _padded(size) * bits // 32 - nwords))
+    stream = _words_to_bytes(words)
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        u = ((stream.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).view(rows, -1)
+    else:
+        bit_stream = ((stream.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).view(rows, -1, bits)
+        u = (bit_stream << torch.arange(bits, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    return (u[:, :size] - (1 << (bits - 1))).view(torch.int8).contiguous()
+
+
+def _padded(n: int) -> int:
+    return -(-n // 32) * 32
+
+
+def _bytes_to_words(stream: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[rows, 4k]`` little-endian byte stream -> int32 ``[rows, k]``, on any host."""
+    stream = stream.contiguous()
+    if sys.byteorder == "big":
+        stream = stream.view(stream.shape[0], -1, 4).flip(-1).reshape(stream.shape[0], -1)
+    return stream.view(torch.int32)
+
+
+def _words_to_bytes(words: torch.Tensor) -> torch.Tensor:
+    stream = words.contiguous().view(torch.uint8)
+    if sys.byteorder == "big":
+        stream = stream.view(words.shape[0], -1, 4).flip(-1).reshape(words.shape[0], -1)
+    return stream
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+
+
+def packed_width(n: int, bits: int) -> int:
+    """int32 words holding ``n`` densely packed ``bits``-bit codes."""
+    return math.ceil(n * bits / 32)
+
+
+# --------------------------------------------------------------------------- schemes
+
+
+def weight_args(scheme: WeightScheme) -> dict[str, Any]:
+    """compressed-tensors ``QuantizationArgs`` (as JSON) for a weight scheme."""
+    channel = scheme.group_size == -1
+    return {
+        "num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric,
+        "strategy": "channel" if channel else "group", "group_size": None if channel else scheme.group_size,
+        "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {},
+    }
+
+
+def module_format(act: ActivationScheme | None) -> str:
+    """The compressed-tensors format a module is stored in (what ``infer_module_format`` picks)."""
+    return PACKED if act is None else INT_QUANTIZED
+
+
+def compress(w: QuantizedWeight, act: ActivationScheme | None) -> dict[str, torch.Tensor]:
+    """The stored tensors of one quantized Linear, keyed by local name (``weight_packed``, ...).
+    Packed on the CPU whatever device quantized them: the bytes must not depend on it."""
+    s = w.scheme
+    q = w.q.cpu()
+    scale = w.scale.to("cpu", s.scale_dtype).contiguous()
+    if act is not None:
+        return {"weight": q.contiguous(), "weight_scale": scale}
+    out: dict[str, torch.Tensor] = {
+        "weight_packed": pack_int32(q, s.bits, dim=1),
+        "weight_scale": scale,
+        "weight_shape": torch.tensor(w.shape, dtype=torch.int32),
+    }
+    if not s.symmetric:
+        out["weight_zero_point"] = pack_int32(w.zero.to("cpu", torch.int8), s.bits, dim=0)
+    return out
+
+
+def stored_shapes(fmt: str, scheme: WeightScheme, shape: tuple[int, int],
+                  tensor_strategy: bool = False) -> dict[str, tuple[int, ...]]:
+    """Local names and shapes a module of format ``fmt`` must store (for header validation).
+
+    ``tensor_strategy``: one scale for the whole matrix (``strategy: tensor``, read only).
+    A zero point is required for asymmetric grids only (some writers also store zeros for
+    symmetric ones; those are ignored).
+    """
+    out, n = shape
+    groups = scheme.groups(n)
+    scale_shape: tuple[int, ...] = (1,) if tensor_strategy else (out, groups)
+    shapes: dict[str, tuple[int, ...]]
+    if fmt == PACKED:
+        shapes = {"weight_packed": (out, packed_width(n, scheme.bits)), "weight_scale": scale_shape,
+                  "weight_shape": (2,)}
+        zero_shape = scale_shape if tensor_strategy else (packed_width(out, scheme.bits), groups)
+    else:
+        shapes = {"weight": (out, n), "weight_scale": scale_shape}
+        zero_shape = scale_shape
+    if not scheme.symmetric:
+        shapes["weight_zero_point"] = zero_shape
+    return shapes
+
+
+def decompress(fmt: str, scheme: WeightScheme, shape: tuple[int, int], tensors: dict[str, torch.Tensor],
+               tensor_strategy: bool = False) -> QuantizedWeight:
+    """Codes and grid parameters back from one module's stored tensors (local names, shapes
+    already validated against :func:`stored_shapes`)."""
+    out, n = shape
+    groups = scheme.groups(n)
+    if fmt == PACKED:
+        q = unpack_int32(tensors["weight_packed"], scheme.bits, n, dim=1)
+    else:
+        q = tensors["weight"].to(torch.int8)
+    zp = tensors.get("weight_zero_point")
+    if tensor_strategy:
+        scale = tensors["weight_scale"].reshape(1, 1).expand(out, 1)
+        zero = (torch.zeros(1, 1) if scheme.symmetric or zp is None else zp.reshape(1, 1)).expand(out, 1)
+    else:
+        scale = tensors["weight_scale"].reshape(out, groups)
+        if scheme.symmetric or zp is None:
+            zero = torch.zeros(out, groups)
+        elif fmt == PACKED:
+            zero = unpack_int32(zp, scheme.bits, out, dim=0)
+        else:
+            zero = zp.reshape(out, groups)
+    return QuantizedWeight(q, scale.float().contiguous(), zero.to(torch.int32).contiguous(), scheme)
