@@ -15,6 +15,7 @@ import torch
 from qconv import api
 from qconv.checkpoint import open_model
 from qconv.errors import InvalidOption
+from qconv.quant.calibration import calibration_windows, load_calibration_rows
 from qconv.quant.recipe import load_recipe, recipe_from_dict
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -185,24 +186,70 @@ def test_entry_point_plugin(monkeypatch: pytest.MonkeyPatch, model: Path, tmp_pa
         recipe_from_dict({"stages": [{"method": "halfrange", "facter": 0.5}]})
 
 
-def test_moe_rtn_and_refused_calibrated_methods(tiny_hf_model_builder, calib: Path, tmp_path: Path) -> None:
-    """A mixture of experts quantizes with RTN (every expert's Linears, the router kept in full
-    precision, deterministic); calibrated methods are refused in one line, leaving nothing."""
+def test_moe_rtn_gptq_and_refused_methods(tiny_hf_model_builder, calib: Path, tmp_path: Path) -> None:
+    """A mixture of experts quantizes with RTN and GPTQ (every expert's Linears, the router kept in
+    full precision, deterministic; GPTQ's experts fitted on their routed tokens end closer to the fp
+    model than RTN); AWQ / SmoothQuant are refused in one line, leaving nothing."""
     from tests_support import write_tokenizer
 
     tiny_hf_model_builder("qwen3_moe", vocab_size=384).save_pretrained(tmp_path / "hf")
     write_tokenizer(tmp_path / "hf", 384)
-    api.quantize(tmp_path / "hf", tmp_path / "a", method="rtn", bits=4, group_size=32)
-    api.quantize(tmp_path / "hf", tmp_path / "b", method="rtn", bits=4, group_size=32)
+    flags = dict(bits=3, group_size=32, data=str(calib), samples=8, seqlen=32)
+    for out in ("a", "b"):
+        api.quantize(tmp_path / "hf", tmp_path / out, method="gptq", **flags)
     for f in sorted(p.name for p in (tmp_path / "a").iterdir()):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    api.quantize(tmp_path / "hf", tmp_path / "rtn", method="rtn", bits=3, group_size=32)
     qc = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
     assert "model.layers.0.mlp.gate" in qc["ignore"]
-    kl = torch.nn.functional.kl_div(_logits(tmp_path / "a").log_softmax(-1), _logits(tmp_path / "hf").log_softmax(-1),
-                                    log_target=True, reduction="batchmean")
-    assert kl < 0.5, kl
-    r = subprocess.run([QCONV, "quantize", str(tmp_path / "hf"), "--method", "gptq", "--data", str(calib),
-                        "-o", str(tmp_path / "g")], capture_output=True, text=True)
+    with open_model(tmp_path / "hf") as src:
+        windows = calibration_windows(src.tokenizer(), load_calibration_rows(str(calib), "text"), 8, 32, 0)
+    ref = _logits(tmp_path / "hf", windows).log_softmax(-1).flatten(0, 1)
+
+    def kl(path: Path) -> float:
+        out = _logits(path, windows).log_softmax(-1).flatten(0, 1)
+        return torch.nn.functional.kl_div(out, ref, log_target=True, reduction="batchmean").item()
+
+    assert kl(tmp_path / "a") < kl(tmp_path / "rtn")
+    r = subprocess.run([QCONV, "quantize", str(tmp_path / "hf"), "--method", "awq", "--data", str(calib),
+                        "-o", str(tmp_path / "w")], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "not implemented for mixture-of-experts models (qwen3_moe)" in r.stderr
-    assert not (tmp_path / "g").exists()
+    assert "awq: not implemented for mixture-of-experts models (qwen3_moe)" in r.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_moe_expert_without_tokens(tiny_hf_model_builder, calib: Path, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An expert the router never picks gets no Hessian: GPTQ stores RTN's codes for it (with a
+    warning) instead of zeroing it as dead columns; ``moe_all_tokens`` fits it on every token."""
+    import yaml
+    from safetensors import safe_open
+
+    from qconv.model.decoder import SparseMoE
+    from tests_support import write_tokenizer
+
+    route = SparseMoE.route
+
+    def never_three(self: SparseMoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, chosen = route(self, x)
+        return weights, torch.where(chosen == 3, (chosen + 1) % 3, chosen)  # expert 3 sees no token
+
+    monkeypatch.setattr(SparseMoE, "route", never_three)
+    model = tiny_hf_model_builder("qwen3_moe", vocab_size=384)
+    model.save_pretrained(tmp_path / "hf")
+    write_tokenizer(tmp_path / "hf", 384)
+
+    def run(out: str, method: str, **options: object) -> dict[str, torch.Tensor]:
+        recipe = {"name": out, "scheme": {"bits": 4, "group_size": 32, "symmetric": False},
+                  "calibration": {"samples": 4, "seqlen": 32}, "stages": [{"method": method, **options}]}
+        (tmp_path / f"{out}.yaml").write_text(yaml.safe_dump(recipe))
+        api.quantize(tmp_path / "hf", tmp_path / out, recipe=tmp_path / f"{out}.yaml", data=str(calib))
+        with safe_open(str(tmp_path / out / "model.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if ".mlp.experts." in k}
+
+    rtn, gptq, every = run("rtn", "rtn"), run("gptq", "gptq"), run("all", "gptq", moe_all_tokens=True)
+    unused = [k for k in rtn if ".experts.3." in k]
+    used = [k for k in rtn if ".experts.0." in k and "weight_packed" in k]
+    assert unused and all(torch.equal(gptq[k], rtn[k]) for k in unused)
+    assert any(not torch.equal(every[k], rtn[k]) for k in unused)
+    assert any(not torch.equal(gptq[k], rtn[k]) for k in used)

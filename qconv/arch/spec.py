@@ -114,10 +114,17 @@ class ExpertsSpec:
     ffn_key: str  #: config.json key with an expert's intermediate size
     #: router probabilities of the chosen experts renormalized to sum 1: a constant or its key
     norm_topk: bool | str
+    #: the norm whose output the router and every expert read
+    input_norm: str = "post_attention_layernorm"
 
     def expert(self, e: int) -> str:
         """Module name (inside the block) of expert ``e``."""
         return f"{self.module}.experts.{e}"
+
+    def groups(self, e: int) -> tuple[GroupSpec, GroupSpec]:
+        """Expert ``e``'s Linear groups: gate/up (reading the routed tokens), then down."""
+        gate, up, down = (f"{self.expert(e)}.{lin.name}" for lin in self.linears)
+        return (GroupSpec((gate, up), self.input_norm, "norm", "reads"), GroupSpec((down,), up, "linear", "writes"))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from torch import nn
 
 from qconv.arch.config import ModelConfig
 from qconv.arch.spec import EMBED, LAYER_PREFIX, ArchSpec, GroupSpec
+from qconv.errors import InvalidOption
 from qconv.checkpoint.source import ModelSource
 from qconv.model.decoder import (
     DecoderLayer,
@@ -103,7 +104,7 @@ class LayerContext:
         return self.layer.ops(*self.pipeline.rope(self.index), None, 0)
 
     @torch.inference_mode()
-    def sequential(self, visit: GroupVisitor) -> torch.Tensor:
+    def sequential(self, visit: GroupVisitor, all_expert_tokens: bool = False) -> torch.Tensor:
         """One pass over every sample, one Linear group at a time (the spec's groups).
 
         Before each group is applied, ``visit(group, inputs, fp_inputs)`` sees that group's
@@ -117,6 +118,9 @@ class LayerContext:
         With the pipeline's fp stream, ``fp_inputs`` are the same group's inputs in the
         full-precision model, and :attr:`fp_outputs` its next-layer input: the fp stream runs
         one group ahead, through each group before ``visit`` changes it. Otherwise ``None``.
+
+        A mixture of experts then visits each expert's groups (:meth:`_visit_experts`) with the
+        tokens the router sends it (``all_expert_tokens``: every token), before the pass goes on.
         """
         ops, p = self.ops(), self.pipeline
         quant = _Stream(p, ops, self.inputs)
@@ -128,9 +132,33 @@ class LayerContext:
             assert y is not None, "the block's ops produce fewer group inputs than its spec has groups"
             visit(group, y, fy)
             p.recycle(*quant.retired(), *(fp.retired() if fp else ()))
+        if self.spec.experts is not None:
+            if fp is not None:
+                raise InvalidOption("fp targets are not implemented for mixture-of-experts layers")
+            y = quant.next_input()
+            assert y is not None, "a mixture-of-experts block's ops end with the experts' input"
+            self._visit_experts(y, visit, all_expert_tokens)
         self.outputs = quant.finish()
         self.fp_outputs = fp.finish() if fp else None
         return self.outputs
+
+    def _visit_experts(self, y: torch.Tensor, visit: GroupVisitor, all_tokens: bool) -> None:
+        """Each expert's gate/up group on the tokens routed to it (``[1, tokens, hidden]``: the
+        full-precision router decides, as it will at run time), then its down group on what the
+        (now quantized) gate/up make of them. An expert no token reaches gets an empty input."""
+        x, p = self.spec.experts, self.pipeline
+        assert x is not None
+        moe = self.layer.get_submodule(x.module)
+        chosen = p.map(lambda t: moe.route(t.reshape(-1, t.shape[-1]))[1].view(*t.shape[:2], -1), y,
+                       dtype=torch.int64)
+        flat, picks = y.reshape(-1, y.shape[-1]), chosen.reshape(-1, chosen.shape[-1])
+        for e, expert in enumerate(moe.experts):
+            tokens = flat if all_tokens else flat[(picks == e).any(-1)]
+            log.debug("layer %d expert %d: %d calibration tokens", self.index, e, tokens.shape[0])
+            gate_up, down = x.groups(e)
+            visit(gate_up, tokens[None], None)
+            hidden = p.map(expert.hidden, tokens[None], dtype=p.compute_dtype)
+            visit(down, hidden, None)
 
     def branch(self, group: GroupSpec) -> Callable[[torch.Tensor], torch.Tensor]:
         """What ``group``'s input contributes to the residual stream: the block's ops from that

@@ -83,10 +83,11 @@ def quantize_model(
         original = source
         for m in rewrites:
             source = m.wrap(source)
-        if source.config.spec.experts and (recipe.needs_calibration or transforms):
-            raise UnsupportedModel(
-                f"{recipe.name}: calibrated methods (GPTQ, AWQ, SmoothQuant) are not implemented for "
-                f"mixture-of-experts models ({source.config.model_type}) yet; use rtn", source.path)
+        unfit = [m.name for m in (*transforms, quantizer) if not m.supports_experts]
+        if source.config.spec.experts and (unfit or quantizer.fp_stream):
+            what = ", ".join(unfit) or "gptq fp_targets"
+            raise UnsupportedModel(f"{what}: not implemented for mixture-of-experts models "
+                                   f"({source.config.model_type}) yet; use gptq or rtn", source.path)
         model_dtype = parse_dtype(source.config.torch_dtype)
         schemes = recipe.schemes(scale_dtype=model_dtype)
         widths = _linear_widths(source)

@@ -36,6 +36,8 @@ class Method(ABC):
     needs_calibration: ClassVar[bool] = True
     #: option name -> default; unknown recipe keys are rejected against this
     options: ClassVar[dict[str, Any]] = {}
+    #: whether it handles mixture-of-experts layers (routed expert inputs, a shared router)
+    supports_experts: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.config = {**self.options, **options}

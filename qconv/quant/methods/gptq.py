@@ -30,6 +30,7 @@ from qconv.core.quantized import QuantizedWeight
 from qconv.errors import InvalidOption
 from qconv.quant.gptq import HessianAccumulator, cross_products, gptq_quantize, retarget
 from qconv.quant.methods.base import Quantizer, set_weight
+from qconv.quant.methods.rtn import rtn_weight
 from qconv.arch.spec import GroupSpec
 from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
@@ -42,8 +43,9 @@ HESSIAN_CHUNK = 16384
 
 class GPTQ(Quantizer):
     name = "gptq"
+    supports_experts = True
     options = {"damp": 0.01, "act_order": True, "block_size": 128, "static_groups": True, "true_sequential": True,
-               "bf16_hessian": None, "mse": False, "fp_targets": False, "refine": 0}
+               "bf16_hessian": None, "mse": False, "fp_targets": False, "refine": 0, "moe_all_tokens": False}
 
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
@@ -57,22 +59,36 @@ class GPTQ(Quantizer):
         return bool(self.config["fp_targets"])
 
     def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
-        todo = {g: [m for m in g.linears if schemes.scheme_for(ctx.module_name(m)) is not None]
-                for g in ctx.spec.groups}
+        def todo(group: GroupSpec) -> list[str]:
+            return [m for m in group.linears if schemes.scheme_for(ctx.module_name(m)) is not None]
+
         result: dict[str, QuantizedWeight] = {}
         if self.config["true_sequential"]:
             def visit(group: GroupSpec, inputs: torch.Tensor, fp_inputs: torch.Tensor | None) -> None:
-                if todo[group]:
-                    H = self._hessian(ctx, group, inputs)
-                    C = cross_products(inputs, fp_inputs) if fp_inputs is not None else None
-                    result.update(self._quantize_group(ctx, schemes, todo[group], H, C))
-            ctx.sequential(visit)
+                linears = todo(group)
+                if not linears:
+                    return
+                if not inputs.numel():  # an expert no calibration token was routed to
+                    log.warning("%s: no calibration tokens reached it; used RTN (more samples, or "
+                                "moe_all_tokens: true)", ctx.module_name(group.linears[0]))
+                    for inner in linears:
+                        qw = rtn_weight(ctx.layer.get_submodule(inner).weight, schemes.scheme_for(ctx.module_name(inner)))
+                        set_weight(ctx, inner, qw)
+                        result[inner] = qw
+                    return
+                H = self._hessian(ctx, group, inputs)
+                C = cross_products(inputs, fp_inputs) if fp_inputs is not None else None
+                result.update(self._quantize_group(ctx, schemes, linears, H, C))
+            ctx.sequential(visit, all_expert_tokens=bool(self.config["moe_all_tokens"]))
         else:
-            firsts = {g.linears[0]: g for g in ctx.spec.groups if todo[g]}
+            if ctx.spec.experts is not None:
+                raise InvalidOption("gptq: mixture-of-experts layers need true_sequential (experts see routed inputs)")
+            todo_of = {g: todo(g) for g in ctx.spec.groups}
+            firsts = {g.linears[0]: g for g in ctx.spec.groups if todo_of[g]}
             acc = {g: self._accumulator(ctx, g) for g in firsts.values()}
             ctx.forward(lambda inner, x: acc[firsts[inner]].add(x) if inner in firsts else None)
             for g, a in acc.items():
-                result.update(self._quantize_group(ctx, schemes, todo[g], a.hessian))
+                result.update(self._quantize_group(ctx, schemes, todo_of[g], a.hessian))
         return result
 
     def _accumulator(self, ctx: LayerContext, group: GroupSpec) -> HessianAccumulator:

@@ -24,6 +24,7 @@ def rtn_weight(w: torch.Tensor, scheme: WeightScheme, mse: bool = False) -> Quan
 
 class RTN(Quantizer):
     name = "rtn"
+    supports_experts = True
     needs_calibration = False
     options = {"mse": False}
 
