@@ -187,9 +187,9 @@ def test_entry_point_plugin(monkeypatch: pytest.MonkeyPatch, model: Path, tmp_pa
 
 
 def test_moe_rtn_gptq_and_refused_methods(tiny_hf_model_builder, calib: Path, tmp_path: Path) -> None:
-    """A mixture of experts quantizes with RTN and GPTQ (every expert's Linears, the router kept in
-    full precision, deterministic; GPTQ's experts fitted on their routed tokens end closer to the fp
-    model than RTN); AWQ / SmoothQuant are refused in one line, leaving nothing."""
+    """A mixture of experts quantizes with RTN, GPTQ and AWQ (every expert's Linears, the router
+    kept in full precision, deterministic; GPTQ's experts fitted on their routed tokens, and AWQ's
+    scales, end closer to the fp model than RTN); GPTQ's fp targets are refused in one line."""
     from tests_support import write_tokenizer
 
     tiny_hf_model_builder("qwen3_moe", vocab_size=384).save_pretrained(tmp_path / "hf")
@@ -211,10 +211,12 @@ def test_moe_rtn_gptq_and_refused_methods(tiny_hf_model_builder, calib: Path, tm
         return torch.nn.functional.kl_div(out, ref, log_target=True, reduction="batchmean").item()
 
     assert kl(tmp_path / "a") < kl(tmp_path / "rtn")
-    r = subprocess.run([QCONV, "quantize", str(tmp_path / "hf"), "--method", "awq", "--data", str(calib),
-                        "-o", str(tmp_path / "w")], capture_output=True, text=True)
+    api.quantize(tmp_path / "hf", tmp_path / "awq", method="awq", **flags)
+    assert kl(tmp_path / "awq") < kl(tmp_path / "rtn")
+    r = subprocess.run([QCONV, "quantize", str(tmp_path / "hf"), "--method", "gptq", "--fp-targets", "--data",
+                        str(calib), "-o", str(tmp_path / "w")], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "awq: not implemented for mixture-of-experts models (qwen3_moe)" in r.stderr
+    assert "gptq fp_targets: not implemented for mixture-of-experts models (qwen3_moe)" in r.stderr
     assert not (tmp_path / "w").exists()
 
 
@@ -253,3 +255,29 @@ def test_moe_expert_without_tokens(tiny_hf_model_builder, calib: Path, tmp_path:
     assert unused and all(torch.equal(gptq[k], rtn[k]) for k in unused)
     assert any(not torch.equal(every[k], rtn[k]) for k in unused)
     assert any(not torch.equal(gptq[k], rtn[k]) for k in used)
+
+
+def test_moe_smoothquant_and_rotation(tiny_hf_model_builder, calib: Path, tmp_path: Path) -> None:
+    """SmoothQuant on a mixture of experts: one scale from the norm into the router and every
+    expert's gate/up (the router stays fp, scaled to match), each expert's up -> down; the fp
+    layer computes the same function. rotate + smoothquant + RTN W8A8 writes a checkpoint."""
+    from qconv.core.grid import WeightScheme
+    from qconv.quant.methods import get_method
+    from qconv.quant.pipeline import LayerPipeline
+    from qconv.quant.schemes import SchemeMap
+    from tests_support import write_tokenizer
+
+    tiny_hf_model_builder("qwen3_moe", vocab_size=384).save_pretrained(tmp_path / "hf")
+    write_tokenizer(tmp_path / "hf", 384)
+    source = open_model(tmp_path / "hf")
+    tokens = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(0))
+    ctx = next(LayerPipeline(source, tokens).layers())
+    ref, router = ctx.forward(), ctx.layer.mlp.gate.weight.clone()
+    down = ctx.layer.mlp.experts[1].down_proj.weight.clone()
+    get_method("smoothquant")(alpha=0.8, down_proj=True).apply(ctx, SchemeMap(WeightScheme(8, -1, True)))
+    out = ctx.forward()
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (out - ref).abs().max()
+    assert not torch.equal(ctx.layer.mlp.gate.weight, router) and not torch.equal(ctx.layer.mlp.experts[1].down_proj.weight, down)
+    api.quantize(tmp_path / "hf", tmp_path / "q", method="smoothquant", data=str(calib), samples=4, seqlen=32,
+                 rotate=True)
+    assert torch.isfinite(_logits(tmp_path / "q")).all()

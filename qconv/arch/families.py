@@ -120,7 +120,6 @@ QWEN3_MOE = replace(
     linears=_LLAMA_LINEARS[:4], groups=_LLAMA_GROUPS[:2],
     experts=ExpertsSpec("mlp", "gate", "ffn_gate_inp", _expert_linears("gate_proj", "up_proj", "down_proj"),
                         count_keys=("num_experts", "num_local_experts"), ffn_key="moe_intermediate_size", norm_topk="norm_topk_prob"),
-    rotation_refused="the rotation does not handle the router and experts yet",
 )
 #: Mixtral: Mistral's attention, ``block_sparse_moe.gate`` routing to ``experts.{e}.w1/w3/w2``
 #: (gate/up/down), the chosen experts' weights always renormalized; llama.cpp's llama arch.
@@ -129,7 +128,6 @@ MIXTRAL = replace(
     linears=_LLAMA_LINEARS[:4], groups=_LLAMA_GROUPS[:2],
     experts=ExpertsSpec("block_sparse_moe", "gate", "ffn_gate_inp", _expert_linears("w1", "w3", "w2"),
                         count_keys=("num_local_experts",), ffn_key="intermediate_size", norm_topk=True),
-    rotation_refused="the rotation does not handle the router and experts yet",
 )
 
 FAMILIES: dict[str, ArchSpec] = {s.model_type: s for s in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3,

@@ -15,6 +15,7 @@ import numpy as np
 
 from qconv.atomic import atomic_output
 from qconv.arch.spec import ArchSpec
+from qconv.errors import UnsupportedModel
 from qconv.quant.calibration import ActivationStats
 
 
@@ -22,6 +23,9 @@ def write_imatrix(stats: ActivationStats, spec: ArchSpec, out: Path | str, datas
                   chunk_size: int, force: bool = False) -> Path:
     """Write ``stats`` (of a model of family ``spec``) as a llama.cpp imatrix GGUF
     (``general.type = imatrix``)."""
+    if spec.experts:  # llama.cpp's merged experts want their statistics stacked per expert
+        raise UnsupportedModel(f"imatrix output is not implemented for mixture-of-experts models ({spec.model_type}) "
+                               "yet; use --format safetensors")
     gguf_name = spec.gguf_name
     out = Path(out)
     with atomic_output(out, force=force) as tmp:

@@ -99,6 +99,12 @@ class LayerContext:
         """Every quantizable Linear of the layer, by inner name (experts' included)."""
         return self.spec.block_linears(self.pipeline.config)
 
+    @property
+    def router(self) -> str | None:
+        """The MoE router's inner name (a Linear kept in full precision), if the layer has one."""
+        x = self.spec.experts
+        return None if x is None else f"{x.module}.{x.router}"
+
     def ops(self) -> tuple[Op, ...]:
         """The layer's forward ops over the calibration windows (no KV cache, position 0)."""
         return self.layer.ops(*self.pipeline.rope(self.index), None, 0)
@@ -165,7 +171,12 @@ class LayerContext:
         input to the next residual update, with a zero residual (for the q/k/v group the whole
         attention, for gate/up the whole MLP, for o_proj and down_proj the Linear itself).
         AWQ's scale search measures its error at this output."""
-        ops, k = self.ops(), self.spec.groups.index(group)
+        return self.branch_at(self.spec.groups.index(group))
+
+    def branch_at(self, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:meth:`branch` from the block's ``k``-th branch value (after the spec's groups, a
+        mixture of experts' input: the branch is then the whole MoE)."""
+        ops = self.ops()
         starts = [i + 1 for i, op in enumerate(ops) if not op.residual]
         start = starts[k]
         end = next(i for i in range(start, len(ops)) if ops[i].residual) + 1
@@ -182,12 +193,12 @@ class LayerContext:
     @torch.inference_mode()
     def forward(self, hook: InputHook | None = None, inputs: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs ``[n, T, h]`` of the layer as it is now; ``hook(inner_name, x)`` sees every
-        Linear's input on the way."""
+        Linear's input on the way (a MoE router's too; an expert's: the tokens routed to it)."""
         x_all = self.inputs if inputs is None else inputs
         if x_all.shape[0] == 0:  # no calibration data (RTN): nothing flows
             return x_all
         p = self.pipeline
-        with _input_hooks(self.layer, self.linears, hook):
+        with _input_hooks(self.layer, self.linears + ((self.router,) if self.router else ()), hook):
             return p.map(lambda t: self.layer(t, *p.rope(self.index), None, 0), x_all)
 
 

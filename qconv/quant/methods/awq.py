@@ -78,6 +78,7 @@ def clip_search(w: torch.Tensor, x: torch.Tensor, scheme: WeightScheme, steps: i
 
 class AWQ(Transform):
     name = "awq"
+    supports_experts = True
     #: ``search_samples`` 32 x 2048 tokens = the 64k tokens AutoAWQ searches with (128 x 512)
     options = {"grid": 20, "clip": True, "clip_tokens": 512, "search_samples": 32}
 
@@ -87,23 +88,43 @@ class AWQ(Transform):
         inputs = ctx.inputs[:n]
         feats: dict[str, list[torch.Tensor]] = {}
         ctx.forward(lambda inner, x: feats.setdefault(inner, []).append(x.float().cpu()), inputs=inputs)
-        x = {k: torch.cat(v) for k, v in feats.items()}
+        # an expert's inputs are its routed tokens, one sequence of them
+        x = {k: torch.cat(v).reshape(1, -1, v[0].shape[-1]) if v[0].dim() == 2 else torch.cat(v)
+             for k, v in feats.items()}
         p = ctx.pipeline
         with torch.inference_mode():
-            for group in ctx.spec.groups:
-                scheme = schemes.scheme_for(ctx.module_name(group.linears[0]))
-                feat = group.linears[0]
-                source = layer.get_submodule(group.source)
-                if (scheme is None or feat not in x or group.source_kind == "fused"
-                        or source.weight.shape[0] != x[feat].shape[-1]):
-                    continue  # not quantized, not reached, or no exact source (fused, or a value Linear under GQA)
-                branch = ctx.branch(group)
-                s = self._search(layer, group.linears, lambda t: p.map(branch, t), x[feat], scheme)
-                fold_scales(source, [layer.get_submodule(b) for b in group.linears], s)
-                for name in group.linears:  # their inputs are now x / s
-                    x[name] = x[name] / s.to(x[name].device)
+            for source_name, balance, also, feat, branch in self._pairs(ctx):
+                scheme = schemes.scheme_for(ctx.module_name(balance[0]))
+                source = layer.get_submodule(source_name)
+                if scheme is None or feat not in x or source.weight.shape[0] != x[feat].shape[-1]:
+                    continue  # not quantized, not reached, or no exact source (a value Linear under GQA)
+                s = self._search(layer, balance, lambda t: p.map(branch, t), x[feat], scheme)
+                fold_scales(source, [layer.get_submodule(b) for b in (*also, *balance)], s)
+                for name in (*also, *balance):  # their inputs are now x / s
+                    if name in x:
+                        x[name] = x[name] / s.to(x[name].device)
             if self.config["clip"]:
-                self._clip(ctx, schemes, x)
+                self._clip(ctx, schemes, {k: v for k, v in x.items() if k != ctx.router})
+
+    @staticmethod
+    def _pairs(ctx: LayerContext) -> list[tuple[str, tuple[str, ...], tuple[str, ...], str,
+                                                Callable[[torch.Tensor], torch.Tensor]]]:
+        """(source, balanced Linears, fp Linears scaled with them, the input feature to search
+        on, the branch the error is measured at) for every scale pair of the layer: the spec's
+        groups (none through a fused source), then in a mixture of experts its norm -> the
+        router and every expert's gate/up (one scale: one norm feeds them; on all tokens,
+        measured at the whole MoE's output) and each expert's up -> down (its routed tokens)."""
+        pairs = [(g.source, g.linears, (), g.linears[0], ctx.branch(g)) for g in ctx.spec.groups
+                 if g.source_kind != "fused"]
+        x = ctx.spec.experts
+        if x is not None:
+            experts = [x.groups(e) for e in range(ctx.pipeline.config.num_experts)]
+            assert ctx.router is not None
+            gate_up = tuple(n for g, _ in experts for n in g.linears)
+            pairs.append((x.input_norm, gate_up, (ctx.router,), ctx.router, ctx.branch_at(len(ctx.spec.groups))))
+            pairs += [(down.source, down.linears, (), down.linears[0], ctx.layer.get_submodule(down.linears[0]))
+                      for _, down in experts]
+        return pairs
 
     def _search(self, layer: torch.nn.Module, balance: tuple[str, ...], inspect: Callable[[torch.Tensor], torch.Tensor],
                 x: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
@@ -128,7 +149,7 @@ class AWQ(Transform):
     def _clip(self, ctx: LayerContext, schemes: SchemeMap, x: dict[str, torch.Tensor]) -> None:
         for inner, feats in x.items():
             scheme = schemes.scheme_for(ctx.module_name(inner))
-            if scheme is None or ctx.spec.linear(inner).rope_heads:
+            if scheme is None or (inner in ctx.spec.linear_names and ctx.spec.linear(inner).rope_heads):
                 continue
             flat = feats.reshape(-1, feats.shape[-1])
             step = max(1, flat.shape[0] // int(self.config["clip_tokens"]))

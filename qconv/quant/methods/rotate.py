@@ -34,7 +34,7 @@ from dataclasses import replace
 import torch
 
 from qconv.arch.config import ModelConfig
-from qconv.arch.spec import LAYER_PREFIX, ArchSpec
+from qconv.arch.spec import LAYER_PREFIX, GroupSpec
 from qconv.arch.spec import EMBED as _EMBED
 from qconv.arch.spec import FINAL_NORM as _FINAL_NORM
 from qconv.arch.spec import LM_HEAD as _LM_HEAD
@@ -50,12 +50,19 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 class Roles:
     """What the rotation does to each tensor of a block, read off the family's spec: Linears
     reading the residual stream (through the norm whose weight they absorb), Linears writing
-    it, and value Linears with the Linear that reads their heads."""
+    it, and value Linears with the Linear that reads their heads. In a mixture of experts the
+    router and every expert's gate/up read the stream through the MoE's norm, every expert's
+    down writes it."""
 
-    def __init__(self, spec: ArchSpec) -> None:
+    def __init__(self, config: ModelConfig) -> None:
+        spec = config.spec
         if spec.rotation_refused:
             raise UnsupportedModel(f"rotate: not available for {spec.model_type}: {spec.rotation_refused}")
-        groups = spec.groups
+        groups = list(spec.groups)
+        if spec.experts:
+            x = spec.experts
+            groups.append(GroupSpec((f"{x.module}.{x.router}",), x.input_norm, "norm", "reads"))
+            groups += [g for e in range(config.num_experts) for g in x.groups(e)]
         self.readers = {lin: g.source for g in groups if g.residual == "reads" for lin in g.linears}
         self.writers = {lin for g in groups if g.residual == "writes" for lin in g.linears}
         self.norms = {g.source for g in groups if g.residual == "reads"}
@@ -72,7 +79,7 @@ class RotatedSource(ModelSource):
         if q.shape != (c.hidden_size, c.hidden_size):
             raise ValueError(f"rotation must be {c.hidden_size}x{c.hidden_size}, got {list(q.shape)}")
         self.base, self.q, self.head = base, q.double(), None if head is None else head.double()
-        self.roles = Roles(c.spec)
+        self.roles = Roles(c)
         self.path, self.format = base.path, base.format
         self.config: ModelConfig = replace(c, tie_word_embeddings=False)
         #: the base has no lm_head of its own (tied): the rotated head starts from the embeddings

@@ -30,6 +30,7 @@ shared between query heads), so it is left alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -77,6 +78,7 @@ def search_alpha(act_max: torch.Tensor, x: torch.Tensor, weights: list[torch.Ten
 
 class SmoothQuant(Transform):
     name = "smoothquant"
+    supports_experts = True
     options = {"alpha": 0.5, "norms": True, "down_proj": False, "down_proj_alpha": None,
                "search": False, "search_tokens": 4096}
 
@@ -86,15 +88,15 @@ class SmoothQuant(Transform):
         groups = [(g.source, g.linears, g.source_kind == "linear") for g in ctx.spec.groups
                   if g.source_kind in ("norm", "linear")
                   and self.config["down_proj" if g.source_kind == "linear" else "norms"]]
-        act_max: dict[str, torch.Tensor] = {}
-        firsts = {linears[0] for _, linears, _ in groups}
-
         search, budget = bool(self.config["search"]), int(self.config["search_tokens"])
+        groups += _expert_groups(ctx, search, bool(self.config["norms"]), bool(self.config["down_proj"]))
+        act_max: dict[str, torch.Tensor] = {}
+        members = {n for _, linears, _ in groups for n in linears}
         kept: dict[str, list[torch.Tensor]] = {}
         stride = max(1, ctx.inputs.shape[0] * ctx.inputs.shape[1] // max(budget, 1))
 
         def record(inner: str, x: torch.Tensor) -> None:
-            if inner in firsts:
+            if inner in members:
                 rows = x.reshape(-1, x.shape[-1])
                 m = rows.abs().amax(0).float().cpu()
                 act_max[inner] = m if inner not in act_max else torch.maximum(act_max[inner], m)
@@ -111,18 +113,41 @@ class SmoothQuant(Transform):
             # all maxima come from one pass over the unsmoothed layer: each group's scale only
             # rescales its own input channels, which no other group's input depends on
             for source, linears, from_linear in groups:
-                if linears[0] not in act_max:  # no calibration tokens reached it
+                # the group's input channels' maxima: of its Linears' inputs (in a mixture of
+                # experts the union of every expert's routed tokens is every token)
+                seen = [act_max[n] for n in linears if n in act_max]
+                if not seen:  # no calibration tokens reached it
                     continue
+                group_max = functools.reduce(torch.maximum, seen)
                 mods = [ctx.layer.get_submodule(n) for n in linears]
                 a = float(down_alpha) if from_linear and down_alpha is not None else alpha
                 if search:
                     grid = sorted({a, *(i / 20 for i in range(21))})
                     quantizers = [_weight_quantizer(schemes.scheme_for(ctx.module_name(n))) for n in linears]
-                    a = search_alpha(act_max[linears[0]], torch.cat(kept[linears[0]])[:budget],
+                    a = search_alpha(group_max, torch.cat(kept[linears[0]])[:budget],
                                      [m.weight for m in mods], quantizers, grid)
                     log.debug("layer %d, %s -> %s: alpha %.2f", ctx.index, source, linears[0], a)
-                s = smoothing_scales(act_max[linears[0]], [m.weight for m in mods], a)
+                s = smoothing_scales(group_max, [m.weight for m in mods], a)
                 fold_scales(ctx.layer.get_submodule(source), mods, s)
+
+
+def _expert_groups(ctx: LayerContext, search: bool, norms: bool, down_proj: bool
+                   ) -> list[tuple[str, tuple[str, ...], bool]]:
+    """A mixture of experts' pairs: its norm -> the router and every expert's gate/up (one scale:
+    one norm feeds them all; the router stays in full precision, scaled to match), and each
+    expert's up -> down."""
+    x = ctx.spec.experts
+    if x is None:
+        return []
+    if search:
+        raise InvalidOption("smoothquant: search is not implemented for mixture-of-experts layers")
+    experts = [x.groups(e) for e in range(ctx.pipeline.config.num_experts)]
+    out: list[tuple[str, tuple[str, ...], bool]] = []
+    if norms:
+        out.append((x.input_norm, (f"{x.module}.{x.router}", *(n for g, _ in experts for n in g.linears)), False))
+    if down_proj:
+        out += [(down.source, down.linears, True) for _, down in experts]
+    return out
 
 
 def _weight_quantizer(scheme: WeightScheme | None) -> WeightQuantizer:
