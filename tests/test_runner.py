@@ -79,6 +79,21 @@ def test_phi3_longrope_matches_transformers(tiny_hf_model_builder, tmp_path: Pat
 
 
 @torch.no_grad()
+def test_gemma3_global_rope_scaling_matches_transformers(tiny_hf_model_builder, tmp_path: Path) -> None:
+    """Gemma 3's global layers scale RoPE (linear, as its 4B+ models) while its sliding layers keep
+    their own unscaled base."""
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
+    hf = tiny_hf_model_builder("gemma3_text", rope_parameters=rope).eval()
+    hf.save_pretrained(tmp_path)
+    tokens = random_ids(40)[None]
+    with open_model(tmp_path) as source:
+        assert source.config.rope_scaling is not None and source.config.rope_local_theta == 10000.0
+        ours = load_model(source)(tokens)
+    assert (ours - hf(tokens).logits).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
 def test_full_sequence_logits_match_transformers(runner: Transformer, hf_model) -> None:
     tokens = random_ids(2 * 40).view(2, 40)
     diff = (runner(tokens) - hf_model(tokens).logits).abs().max().item()
