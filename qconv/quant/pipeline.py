@@ -28,6 +28,7 @@ with ``reuse``): a fresh multi-GB tensor is page-faulted in on first write, whic
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -60,8 +61,10 @@ GroupVisitor = Callable[[GroupSpec, torch.Tensor, torch.Tensor | None], None]
 def pipeline_memory_bytes(config: ModelConfig, samples: int, seqlen: int,
                           compute_dtype: torch.dtype = torch.float32, fp_stream: bool = False) -> dict[str, int]:
     """The peak-memory formula printed by ``quantize --dry-run``."""
-    h, f = config.hidden_size, config.intermediate_size
-    layer = 4 * (h * config.num_heads * config.head_dim * 2 + h * config.num_kv_heads * config.head_dim * 2 + 3 * h * f)
+    h = config.hidden_size
+    f = config.moe_intermediate_size if config.spec.experts else config.intermediate_size
+    block = LAYER_PREFIX.format(0)
+    layer = 4 * sum(math.prod(s) for n, s in config.expected_shapes().items() if n.startswith(block))
     hidden = 4 * samples * seqlen * h
     # sequential pass: the residual (float32), a norm output and the MLP hidden (compute dtype)
     staged = samples * seqlen * (4 * h + compute_dtype.itemsize * (h + f))
