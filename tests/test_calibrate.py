@@ -222,3 +222,29 @@ def test_cli_output_exists_needs_force(model: Path, calib: Path, tmp_path: Path)
     res = qconv(*base, "--force", "--quiet")
     assert res.returncode == 0 and res.stdout == "", res.stderr
     assert load_file(str(out))["model.layers.1.mlp.down_proj.count"].item() == 2 * SEQLEN
+
+
+def test_imatrix_stacks_experts(tiny_hf_model_builder, calib: Path, tmp_path: Path) -> None:
+    """A mixture of experts' statistics go into llama.cpp's merged tensors, one row per expert
+    (``in_sum2 [experts, in]``, ``counts [experts, 1]``), each equal to that expert's own
+    statistics; every token is counted once per expert it was routed to (top-2 of 4)."""
+    import gguf
+
+    from tests_support import write_tokenizer
+
+    tiny_hf_model_builder("qwen3_moe", vocab_size=384).save_pretrained(tmp_path / "hf")
+    write_tokenizer(tmp_path / "hf", 384)
+    api.calibrate(tmp_path / "hf", str(calib), tmp_path / "m.gguf", samples=SAMPLES, seqlen=SEQLEN, fmt="imatrix")
+    api.calibrate(tmp_path / "hf", str(calib), tmp_path / "m.safetensors", samples=SAMPLES, seqlen=SEQLEN)
+    stats = load_file(str(tmp_path / "m.safetensors"))
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    sums = np.asarray(tensors["blk.0.ffn_gate_exps.weight.in_sum2"].data).reshape(4, -1)
+    counts = np.asarray(tensors["blk.0.ffn_gate_exps.weight.counts"].data).reshape(4)
+    assert counts.sum() == 2 * SAMPLES * SEQLEN
+    for e in range(4):
+        name = f"model.layers.0.mlp.experts.{e}.gate_proj"
+        if f"{name}.count" in stats:
+            assert counts[e] == stats[f"{name}.count"].item()
+            np.testing.assert_array_equal(sums[e], stats[f"{name}.sum_sq"].numpy())
+        else:
+            assert counts[e] == 0

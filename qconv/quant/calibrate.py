@@ -95,14 +95,14 @@ def calibrate(
     check_output(out, force)
     with open_model(model_path) as source:
         tokens = calibration_windows(source.tokenizer(), load_calibration_rows(data, text_field), samples, seqlen, seed)
-        spec = source.config.spec
+        config = source.config
         pipeline = LayerPipeline(source, tokens, device)
         with progress("calibrating", source.config.num_layers, quiet) as advance:
             stats = collect_stats(pipeline, advance)
     if fmt == "imatrix":
         from qconv.quant.imatrix import write_imatrix
 
-        write_imatrix(stats, spec, out, Path(data).name, samples, seqlen, force)
+        write_imatrix(stats, config, out, Path(data).name, samples, seqlen, force)
     else:
         meta = {"data": str(data), "samples": str(samples), "seqlen": str(seqlen), "seed": str(seed)}
         with atomic_output(out, force=force) as tmp:
