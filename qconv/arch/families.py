@@ -1,7 +1,10 @@
 """The model families qconv supports, each one :class:`~qconv.arch.spec.ArchSpec`.
 
-Llama, Mistral and Qwen2 share one block layout (pre-norm attention with RoPE and GQA, SwiGLU
-MLP); they differ in names, biases and llama.cpp's architecture key.
+Most derive from Llama's pre-norm block (attention with RoPE and GQA, a gated MLP) by
+``dataclasses.replace``: Mistral, Qwen2 and Qwen3 differ in names, biases, q/k norms and
+llama.cpp's architecture key; Qwen3-MoE and Mixtral swap the MLP for routed experts; Phi-3 fuses
+its projections. Gemma 2 and 3 have their own block (norms on both sides of each branch).
+docs/architectures.md says how to add one.
 """
 
 from __future__ import annotations
