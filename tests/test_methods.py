@@ -156,8 +156,6 @@ def test_smoothquant_norms_off(outlier_model: Path) -> None:
 def test_smoothquant_search(outlier_model: Path) -> None:
     """``search: true`` picks, per pair, the grid α with the least W8A8 output error (never worse
     than the configured α, which is in the grid), and still leaves the fp function unchanged."""
-    if open_model(outlier_model).config.spec.experts:
-        pytest.skip("smoothquant search on mixtures of experts: refused (not implemented)")
     from qconv.quant.methods.smoothquant import search_alpha, smoothed_error, smoothing_scales
 
     _, ctx = first_layer(outlier_model)

@@ -89,7 +89,7 @@ class SmoothQuant(Transform):
                   if g.source_kind in ("norm", "linear")
                   and self.config["down_proj" if g.source_kind == "linear" else "norms"]]
         search, budget = bool(self.config["search"]), int(self.config["search_tokens"])
-        groups += _expert_groups(ctx, search, bool(self.config["norms"]), bool(self.config["down_proj"]))
+        groups += _expert_groups(ctx, bool(self.config["norms"]), bool(self.config["down_proj"]))
         act_max: dict[str, torch.Tensor] = {}
         members = {n for _, linears, _ in groups for n in linears}
         kept: dict[str, list[torch.Tensor]] = {}
@@ -123,7 +123,8 @@ class SmoothQuant(Transform):
                 a = float(down_alpha) if from_linear and down_alpha is not None else alpha
                 if search:
                     grid = sorted({a, *(i / 20 for i in range(21))})
-                    quantizers = [_weight_quantizer(schemes.scheme_for(ctx.module_name(n))) for n in linears]
+                    quantizers = [_weight_quantizer(None if n == ctx.router else schemes.scheme_for(ctx.module_name(n)))
+                                  for n in linears]
                     a = search_alpha(group_max, torch.cat(kept[linears[0]])[:budget],
                                      [m.weight for m in mods], quantizers, grid)
                     log.debug("layer %d, %s -> %s: alpha %.2f", ctx.index, source, linears[0], a)
@@ -131,16 +132,14 @@ class SmoothQuant(Transform):
                 fold_scales(ctx.layer.get_submodule(source), mods, s)
 
 
-def _expert_groups(ctx: LayerContext, search: bool, norms: bool, down_proj: bool
-                   ) -> list[tuple[str, tuple[str, ...], bool]]:
+def _expert_groups(ctx: LayerContext, norms: bool, down_proj: bool) -> list[tuple[str, tuple[str, ...], bool]]:
     """A mixture of experts' pairs: its norm -> the router and every expert's gate/up (one scale:
-    one norm feeds them all; the router stays in full precision, scaled to match), and each
-    expert's up -> down."""
+    one norm feeds them all; the router stays in full precision, scaled to match; ``search``
+    measures this pair's error on every token for every expert, the router's choice aside), and
+    each expert's up -> down (on its routed tokens)."""
     x = ctx.spec.experts
     if x is None:
         return []
-    if search:
-        raise InvalidOption("smoothquant: search is not implemented for mixture-of-experts layers")
     experts = [x.groups(e) for e in range(ctx.pipeline.config.num_experts)]
     out: list[tuple[str, tuple[str, ...], bool]] = []
     if norms:
