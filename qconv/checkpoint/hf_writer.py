@@ -1,7 +1,8 @@
 """Write HF checkpoints: sharded safetensors + index + config + tokenizer files, atomically.
 
-Tensors are pulled from a :class:`ModelSource` one at a time and flushed shard by shard, so
-peak memory is one shard (``max_shard_size``) rather than the model. :class:`ShardWriter` and
+Tensors are pulled from a :class:`ModelSource` one at a time and each is written out as it
+arrives (:class:`~qconv.checkpoint.safetensors_file.SafetensorsFileWriter`), so peak memory is one
+tensor rather than a shard or the model. :class:`ShardWriter` and
 :func:`write_config_and_tokenizer` are the reusable halves (the compressed-tensors writer uses
 them too).
 """
@@ -16,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from qconv.atomic import atomic_output
 from qconv.checkpoint.hf import INDEX_FILE, SINGLE_FILE
+from qconv.checkpoint.safetensors_file import SafetensorsFileWriter
 from qconv.checkpoint.source import ModelSource
 from qconv.errors import InvalidOption
 
@@ -64,10 +65,11 @@ def _nbytes(t: torch.Tensor) -> int:
 class ShardWriter:
     """Streams named tensors into safetensors shards inside a directory being written.
 
-    Tensors are buffered until the next one would push the shard past ``max_shard_size``, then
-    flushed, so peak memory is one shard whatever the model size. :meth:`finish` gives the
-    shards their final HF names and writes the index. Used by every safetensors writer
-    (plain HF, compressed-tensors) so sharding and naming behave identically everywhere.
+    Each tensor goes to disk as it arrives; a new shard starts when the next tensor would push
+    the current one past ``max_shard_size``, so peak memory is one tensor whatever the shard or
+    model size. :meth:`finish` gives the shards their final HF names and writes the index. Used
+    by every safetensors writer (plain HF, compressed-tensors) so sharding and naming behave
+    identically everywhere.
     """
 
     def __init__(self, directory: Path, max_shard_size: int) -> None:
@@ -75,29 +77,30 @@ class ShardWriter:
         self.max_shard_size = max_shard_size
         self.total_size = 0
         self._shards: list[list[str]] = []
-        self._current: dict[str, torch.Tensor] = {}
-        self._size = 0
+        self._current: SafetensorsFileWriter | None = None
+        self._current_names: list[str] = []
         self._names: set[str] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor (made contiguous); flushes the current shard first if it is full."""
+        """Write one tensor; starts a new shard first if the current one is full."""
         if name in self._names:
             raise ValueError(f"tensor {name} written twice")
         self._names.add(name)
-        tensor = tensor.contiguous()
-        if self._current and self._size + _nbytes(tensor) > self.max_shard_size:
+        if self._current is not None and self._current.nbytes and \
+                self._current.nbytes + _nbytes(tensor) > self.max_shard_size:
             self._flush()
-        self._current[name] = tensor
-        self._size += _nbytes(tensor)
+        if self._current is None:
+            self._current = SafetensorsFileWriter(self.directory / f"shard-{len(self._shards):05d}", {"format": "pt"})
+        self._current.add(name, tensor)
+        self._current_names.append(name)
         self.total_size += _nbytes(tensor)
 
     def _flush(self) -> None:
-        if self._current:
-            path = self.directory / f"shard-{len(self._shards):05d}"
-            save_file(self._current, str(path), metadata={"format": "pt"})
-            path.chmod(_FILE_MODE)  # safetensors creates 0600 files; outputs are ordinary files
-            self._shards.append(list(self._current))
-            self._current, self._size = {}, 0
+        if self._current is not None:
+            self._current.close()
+            self._current.path.chmod(_FILE_MODE)
+            self._shards.append(self._current_names)
+            self._current, self._current_names = None, []
 
     def finish(self) -> dict[str, str]:
         """Flush, rename shards to ``model.safetensors`` or ``model-0000i-of-0000n.safetensors``,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import struct
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +11,7 @@ import torch
 
 from qconv.atomic import atomic_output, check_output
 from qconv.checkpoint import open_model
+from qconv.checkpoint.safetensors_file import SafetensorsFileWriter
 from qconv.errors import InvalidOption
 from qconv.progress import progress
 from qconv.quant.calibration import ActivationStats, calibration_windows, load_calibration_rows
@@ -35,33 +34,17 @@ class CalibrateResult:
         return asdict(self)
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.int64: "I64"}
-
-
 def save_sorted(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """A safetensors file with a byte-for-byte reproducible header.
-
-    ``safetensors.save_file`` stores ``__metadata__`` from a Rust HashMap, whose key order
-    changes from process to process; here every key is sorted, so the same statistics give
-    the same bytes. Layout as safetensors writes it: larger items first, then by name.
-    """
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    blobs, offset = [], 0
-    for name in order:
-        t = tensors[name].detach().contiguous().cpu()
-        data = t.numpy().tobytes()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for data in blobs:
-            f.write(data)
+    """A safetensors file with a byte-for-byte reproducible header (every key sorted; larger
+    items first, then by name, as safetensors lays files out)."""
+    writer = SafetensorsFileWriter(path, metadata)
+    try:
+        for name in sorted(tensors):
+            writer.add(name, tensors[name])
+        writer.close()
+    except BaseException:
+        writer.discard()
+        raise
 
 
 def collect_stats(pipeline: LayerPipeline, on_layer: Any = None) -> ActivationStats:
