@@ -46,7 +46,7 @@ def rope_inv_freq(config: ModelConfig, local: bool = False, long: bool = False) 
         return 1.0 / (config.rope_local_theta**exponents)
     scaling = config.rope_scaling
     if scaling is not None and scaling.rope_type == "longrope":
-        ext = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32)
+        ext = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32, device="cpu")
         return 1.0 / (ext * config.rope_theta**exponents)
     inv_freq = 1.0 / (config.rope_theta**exponents)
     if scaling is None:
@@ -80,15 +80,20 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 
-def rope_tables(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype
-                ) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
-    """``cos``/``sin`` for ``positions`` (ascending from 0 or a cache offset), keyed by whether a
-    layer uses the local (sliding-window) tables, for the layer kinds the model has."""
-    long = long_rope(config, int(positions[-1]) + 1)
+InvFreq = Callable[[bool, bool], torch.Tensor]
+
+
+def rope_tables(config: ModelConfig, start: int, length: int, device: torch.device, dtype: torch.dtype,
+                inv_freq: InvFreq | None = None) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+    """``cos``/``sin`` for positions ``start..start+length``, keyed by whether a layer uses the
+    local (sliding-window) tables, for the layer kinds the model has. ``inv_freq(local, long)``
+    gives the frequencies (default: :func:`rope_inv_freq`; the runner passes its cached ones)."""
+    freqs = inv_freq or (lambda local, long: rope_inv_freq(config, local, long))
+    positions = torch.arange(start, start + length, device=device)
+    long = long_rope(config, start + length)
     scale = config.rope_scaling.cos_sin_scale if config.rope_scaling is not None else 1.0
     kinds = {local_rope(config, i) for i in range(config.num_layers)}
-    return {local: rope_cos_sin(rope_inv_freq(config, local, long), positions, dtype, 1.0 if local else scale)
-            for local in kinds}
+    return {local: rope_cos_sin(freqs(local, long), positions, dtype, 1.0 if local else scale) for local in kinds}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -423,8 +428,9 @@ class Transformer(nn.Module):
 
     With tied embeddings there is no ``lm_head`` module: the output projection reads
     ``embed_tokens.weight`` directly, so the tie survives weight loading by assignment.
-    RoPE tables are computed per call in float32 (:func:`rope_tables`): which ones a call needs
-    depends on its positions (longrope) and on the layer (sliding layers' own base).
+    RoPE frequencies are float32 buffers (one per layer kind, and per longrope half), kept on
+    the model's device; which ones a call uses depends on its positions (longrope) and on the
+    layer (sliding layers' own base), the cos/sin tables are built per call (:func:`rope_tables`).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -436,6 +442,10 @@ class Transformer(nn.Module):
         self.lm_head = (
             None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
+        longs = (False, True) if config.rope_scaling is not None and config.rope_scaling.rope_type == "longrope" else (False,)
+        for local in {local_rope(config, i) for i in range(config.num_layers)}:
+            for long in longs:
+                self.register_buffer(_inv_freq_name(local, long), rope_inv_freq(config, local, long), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -451,9 +461,9 @@ class Transformer(nn.Module):
         Without a cache the T tokens attend only to each other; with one they also see the
         ``start_pos`` positions already stored in it, and their keys/values are added to it.
         """
-        positions = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
         x = embed(self.config, self.embed_tokens.weight, tokens)
-        tables = rope_tables(self.config, positions, x.dtype)
+        tables = rope_tables(self.config, start_pos, tokens.shape[1], tokens.device, x.dtype,
+                             lambda local, long: getattr(self, _inv_freq_name(local, long)))
         for i, layer in enumerate(self.layers):
             x = layer(x, *tables[local_rope(self.config, i)], cache, start_pos)
         out_weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -462,6 +472,10 @@ class Transformer(nn.Module):
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
+
+
+def _inv_freq_name(local: bool, long: bool) -> str:
+    return "inv_freq" + ("_local" if local else "") + ("_long" if long else "")
 
 
 def load_model(

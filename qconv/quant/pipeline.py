@@ -286,10 +286,9 @@ class LayerPipeline:
             log.warning("bfloat16 calibration on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and "
                         "hundreds of times slower than float32: use --calib-dtype float32 here")
         self.tokens = tokens
-        positions = torch.arange(tokens.shape[1], device=self.device)
         # in the compute dtype, as a bf16 model's own rotary tables: float32 tables would promote
         # q/k back to float32 and keep attention off the bf16 kernels
-        self._rope = rope_tables(self.config, positions, compute_dtype)
+        self._rope = rope_tables(self.config, 0, tokens.shape[1], self.device, compute_dtype)
 
     def rope(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE ``cos``/``sin`` tables of layer ``index`` over the calibration positions."""
