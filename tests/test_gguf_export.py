@@ -17,7 +17,6 @@ import math
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import gguf
@@ -28,7 +27,7 @@ import torch
 from qconv import api
 from qconv.checkpoint import open_model
 from qconv.formats.gguf_types import FILE_TYPES
-from tests_support import write_tokenizer
+from tests_support import extract_converter, write_tokenizer
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
 
@@ -196,15 +195,7 @@ def converter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the oracle is built from (``make test`` passes its path in QCONV_LLAMA_CPP_SDIST)."""
     if not SDIST or not Path(SDIST).is_file():
         pytest.skip("QCONV_LLAMA_CPP_SDIST does not name the llama-cpp-python sdist (make test sets it)")
-    root = tmp_path_factory.mktemp("llama.cpp")
-    prefix = f"{Path(SDIST).name[: -len('.tar.gz')]}/vendor/llama.cpp/"
-    with tarfile.open(SDIST) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
-            m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith((prefix + "conversion/", prefix + "gguf-py/")))]
-        for m in members:
-            m.name = m.name[len(prefix):]
-        tar.extractall(root, members=members, filter="data")
-    return root
+    return extract_converter(Path(SDIST), tmp_path_factory.mktemp("llama.cpp"))
 
 
 def _perplexity(logits: np.ndarray, ids: list[int]) -> float:

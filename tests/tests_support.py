@@ -28,3 +28,18 @@ def write_tokenizer(directory: Path, vocab_size: int, fill: bool = False) -> Non
               "tokenizer_class": "PreTrainedTokenizerFast"}
     (directory / "tokenizer.json").write_text(tok.to_str())
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def extract_converter(sdist: Path, root: Path) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py with its conversion package and gguf-py, out of the
+    llama-cpp-python sdist (its vendor/llama.cpp) into ``root``; returns ``root``."""
+    import tarfile
+
+    prefix = f"{sdist.name[: -len('.tar.gz')]}/vendor/llama.cpp/"
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
+            m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith((prefix + "conversion/", prefix + "gguf-py/")))]
+        for m in members:
+            m.name = m.name[len(prefix):]
+        tar.extractall(root, members=members, filter="data")
+    return root

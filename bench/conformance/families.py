@@ -28,14 +28,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 TESTS = Path(__file__).resolve().parents[2] / "tests"
 sys.path.insert(0, str(TESTS))
 
 from conftest import TINY_ARCHS, build_tiny_hf_model  # noqa: E402
-from tests_support import write_tokenizer  # noqa: E402
+from tests_support import extract_converter, write_tokenizer  # noqa: E402
 
 from qconv import api  # noqa: E402
 from qconv.checkpoint import open_model  # noqa: E402
@@ -71,32 +70,11 @@ def runner_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
         return load_model(src)(tokens)
 
 
-def llama_ppl(path: Path, ids: list[int]) -> float:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
-                          type_k=0, type_v=0)
-    llm.eval(ids)
-    lp = torch.log_softmax(torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float64), -1)
-    return float(torch.exp(-lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean()))
-
-
 def converter_check(model: Path, sdist: Path, work: Path) -> str:
     """Tensors differing from the converter's f32 file, and llama.cpp's PPL on both."""
-    sys.path.insert(0, str(TESTS))
     import test_gguf_export as t  # the converter wrapper and metadata splice the tests use
 
-    root = work / "llama.cpp"
-    if not root.exists():
-        import tarfile
-
-        prefix = f"{sdist.name[: -len('.tar.gz')]}/vendor/llama.cpp/"
-        with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
-                m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith((prefix + "conversion/", prefix + "gguf-py/")))]
-            for m in members:
-                m.name = m.name[len(prefix):]
-            tar.extractall(root, members=members, filter="data")
+    root = extract_converter(sdist, work / "llama.cpp")
     ref, ours, spliced = work / "conv.gguf", work / "ours.gguf", work / "conv-model.gguf"
     subprocess.run([sys.executable, "-c", t._CONVERT, str(root), str(model), "--outfile", str(ref), "--outtype", "f32"],
                    check=True, capture_output=True)
@@ -105,7 +83,7 @@ def converter_check(model: Path, sdist: Path, work: Path) -> str:
     differing = [n for n in a if n not in b or a[n] != b[n]]
     t._with_tokenizer_of(ref, ours, spliced)
     ids = [(i * 37 + 11) % VOCAB for i in range(48)]
-    p1, p2 = llama_ppl(ours, ids), llama_ppl(spliced, ids)
+    p1, p2 = (t._perplexity(t._llama_logits(f, ids), ids) for f in (ours, spliced))
     return f"{len(differing)} of {len(a)} tensors differ{' (' + ', '.join(differing) + ')' if differing else ''}; PPL rel. diff {abs(p1 - p2) / p2:.1e}"
 
 
