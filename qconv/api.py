@@ -79,15 +79,20 @@ def convert(
 
 
 def resolve_device(device: str) -> torch.device:
-    """``cpu|cuda|auto`` -> torch.device, refusing cuda where there is none."""
+    """``cpu|cuda|cuda:N|auto`` -> torch.device, refusing a CUDA device that is not there."""
     import torch
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidOption("--device cuda: no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise InvalidOption(f"unknown device {device!r} (valid: cpu, cuda, auto)")
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise InvalidOption(f"unknown device {device!r} (valid: cpu, cuda, cuda:N, auto)")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise InvalidOption(f"--device {device}: no CUDA device is available")
+        if index and int(index) >= count:
+            raise InvalidOption(f"--device {device}: this machine has {count} CUDA device(s)")
     return torch.device(device)
 
 
@@ -273,11 +278,14 @@ def quantize(
     device: str = "cpu",
     quiet: bool = True,
     dry_run: bool = False,
+    max_memory: str | None = None,
     **flags: Any,
 ) -> Any:
     """Quantize with a YAML recipe or a method name; ``flags`` (bits, group_size, symmetric, data,
-    samples, seqlen, seed, text_field, dtype (calibration arithmetic), damp, act_order, alpha, mse,
-    fp_targets, refine, rotate; None = not given) override it."""
+    samples, seqlen, seed, text_field, dtype (calibration arithmetic), act_dtype (activation
+    storage), memory (mode), damp, act_order, alpha, mse, fp_targets, refine, rotate; None = not
+    given) override it. ``max_memory`` (``"20GB"``): the host memory the run may use."""
+    from qconv.checkpoint.hf_writer import parse_size
     from qconv.quant.quantize import quantize_model
     from qconv.quant.recipe import apply_flags, load_recipe, recipe_for_method
 
@@ -286,4 +294,4 @@ def quantize(
     base = load_recipe(recipe) if recipe is not None else recipe_for_method(str(method))
     resolved = apply_flags(base, **flags)
     return quantize_model(model_path, out, resolved, force=force, device=str(resolve_device(device)),
-                          quiet=quiet, dry_run=dry_run)
+                          quiet=quiet, dry_run=dry_run, max_memory=parse_size(max_memory) if max_memory else None)

@@ -188,6 +188,12 @@ def quantize(
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Text field of structured calibration files."),
     calib_dtype: Optional[str] = typer.Option(None, "--calib-dtype",
                                               help="Arithmetic of calibration passes: float32, or bfloat16 (faster only on CPUs with AVX512-BF16/AMX, and GPUs)."),
+    act_dtype: Optional[str] = typer.Option(None, "--act-dtype",
+                                            help="Storage of calibration activations: auto (the checkpoint's 16-bit dtype), float32, bfloat16, float16."),
+    memory_mode: Optional[str] = typer.Option(None, "--memory-mode",
+                                              help="auto, keep (fastest), stream (group inputs recomputed per batch) or spill (buffers in a scratch file)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory",
+                                             help="Host memory the run may use (e.g. 20GB); default: what is available. Picks the memory mode."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: activation order (static groups)."),
     damp: Optional[float] = typer.Option(None, "--damp", help="GPTQ: relative Hessian dampening."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant: migration strength."),
@@ -219,7 +225,7 @@ def quantize(
     r = api.quantize(model, output, recipe=recipe, method=method, force=force, device=device,
                      quiet=quiet or json_out, dry_run=dry_run, bits=bits, group_size=group_size, symmetric=symmetric,
                      data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field, dtype=calib_dtype,
-                     act_order=act_order, damp=damp, alpha=alpha, mse=mse, fp_targets=fp_targets, refine=refine,
+                     act_dtype=act_dtype, memory=memory_mode, max_memory=max_memory, act_order=act_order, damp=damp, alpha=alpha, mse=mse, fp_targets=fp_targets, refine=refine,
                      rotate=rotate)
     if json_out:
         _print_json(r.to_dict())
@@ -227,16 +233,14 @@ def quantize(
     if quiet:
         return
     if r.dry_run:
-        mem = r.memory_estimate
-        fp = (f" + fp stream (its hidden states, group inputs and cross products) {mem['fp_stream'] / 2**20:.0f}"
-              if "fp_stream" in mem else "")
+        p = r.memory_plan
+        parts = " + ".join(f"{k.replace('_', ' ')} {v / 2**20:.0f}" for k, v in p["estimate"].items()
+                           if k != "total" and v)
+        others = ", ".join(f"{m} {v / 2**30:.2f} GiB" for m, v in p["alternatives"].items())
         _console().print(
-            f"plan: {r.quantized_modules} Linears with recipe {r.recipe['name']}; peak memory ~ "
-            f"{mem['total'] / 2**20:.0f} MiB = layer weights {mem['layer_weights'] / 2**20:.0f} + hidden states "
-            f"2 x samples x seqlen x hidden x 4 B = {mem['hidden_states'] / 2**20:.0f} + group inputs "
-            f"samples x seqlen x (4 hidden + c x (hidden + intermediate)) B, c = compute dtype bytes, "
-            f"= {mem['group_inputs'] / 2**20:.0f} + Hessians {mem['hessians'] / 2**20:.0f}{fp}"
-        )
+            f"plan: {r.quantized_modules} Linears with recipe {r.recipe['name']}\n"
+            f"memory mode: {p['mode']} ({p['why']}; limit {p['limit'] / 2**30:.2f} GiB; modes: {others})\n"
+            f"peak host memory ~ {p['estimate']['total'] / 2**20:.0f} MiB = {parts}", highlight=False)
     else:
         _console().print(f"wrote [bold]{r.output}[/] ({r.quantized_modules} quantized Linears) in {r.seconds:.1f}s")
 

@@ -42,11 +42,11 @@ def outlier_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     return path
 
 
-def first_layer(path: Path, seed: int = 0):
+def first_layer(path: Path, seed: int = 0, **options):
     """(pipeline, context of layer 0) over 8 random sequences of 64 tokens."""
     source = open_model(path)
     tokens = torch.randint(0, source.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(seed))
-    pipeline = LayerPipeline(source, tokens, batch_size=4)
+    pipeline = LayerPipeline(source, tokens, batch_size=4, **options)
     return pipeline, next(pipeline.layers())
 
 
@@ -216,31 +216,36 @@ def test_mse_clip_never_worse_than_minmax() -> None:
     assert mse <= plain
 
 
-def test_sequential_pass_equals_forward(outlier_model: Path) -> None:
+@pytest.mark.parametrize("mode", ["keep", "stream"])
+def test_sequential_pass_equals_forward(outlier_model: Path, mode: str) -> None:
     """The staged pass GPTQ uses computes exactly the layer's forward when nothing changes, and
-    shows each group the inputs the hooks of a plain forward see."""
-    _, ctx = first_layer(outlier_model)
+    shows each group the inputs the hooks of a plain forward see, whether the group inputs are
+    kept or recomputed batch by batch."""
+    _, ctx = first_layer(outlier_model, mode=mode)
     hooked: dict[str, torch.Tensor] = {}
     ref = ctx.forward(lambda inner, x: hooked.setdefault(inner, x.clone()) if inner not in hooked else None)
     seen: dict[tuple[str, ...], torch.Tensor] = {}
-    out = ctx.sequential(lambda group, x, fp: seen.__setitem__(group.linears, x.clone()))  # buffers are recycled
+    # buffers are recycled: copy
+    out = ctx.sequential(lambda group, x, fp: seen.__setitem__(group.linears, x.tensor().clone()))
     x = ctx.spec.experts
     experts = [g.linears for e in range(ctx.pipeline.config.num_experts) for g in x.groups(e)] if x else []
     assert list(seen) == [g.linears for g in ctx.spec.groups] + experts
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     assert ctx.outputs is out
-    for group in [g.linears for g in ctx.spec.groups]:  # the hook saw the first batch (4 samples)
-        torch.testing.assert_close(seen[group][:4], hooked[group[0]], rtol=0, atol=1e-6)
+    for group in [g.linears for g in ctx.spec.groups]:  # the hook saw the first batch
+        first = hooked[group[0]]
+        torch.testing.assert_close(seen[group][:len(first)].float(), first, rtol=0, atol=1e-6)
     for group in experts[::2]:  # an expert's gate/up: the tokens routed to it, all of them
         assert seen[group].shape[1] <= ctx.inputs.shape[0] * ctx.inputs.shape[1]
 
 
-def test_sequential_pass_feeds_quantized_groups_forward(outlier_model: Path) -> None:
+@pytest.mark.parametrize("mode", ["keep", "stream"])
+def test_sequential_pass_feeds_quantized_groups_forward(outlier_model: Path, mode: str) -> None:
     """A change made at one group boundary is what every later group computes with."""
-    _, ctx = first_layer(outlier_model)
+    _, ctx = first_layer(outlier_model, mode=mode)
     ref = ctx.forward()
 
-    def visit(group: GroupSpec, _x: torch.Tensor, _fp: torch.Tensor | None) -> None:
+    def visit(group: GroupSpec, _x, _fp) -> None:
         if group.linears[0] == "self_attn.o_proj":
             ctx.layer.self_attn.o_proj.weight.data.mul_(0.5)
 
@@ -259,10 +264,10 @@ def test_sequential_pass_stores_group_inputs_in_compute_dtype(outlier_model: Pat
     for _ in range(2):
         ctx, seen = next(layers), set()
 
-        def visit(group: GroupSpec, x: torch.Tensor, _fp: torch.Tensor | None, seen: set[int] = seen) -> None:
-            assert x.dtype == torch.bfloat16, group
+        def visit(group: GroupSpec, x, _fp, seen: set[int] = seen) -> None:
+            assert x.dtype == torch.bfloat16 and x.tensor().dtype == torch.bfloat16, group
             if group in ctx.spec.groups:  # experts' routed inputs are gathered afresh, not recycled
-                seen.add(x.data_ptr())
+                seen.add(x.tensor().data_ptr())
 
         assert ctx.sequential(visit).dtype == torch.float32
         pointers.append(seen)

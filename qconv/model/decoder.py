@@ -216,12 +216,16 @@ class MLP(nn.Module):
         return act.mul_(self.up_proj(x))
 
 
-def embed(config: ModelConfig, table: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Rows of the embedding ``table`` for ``tokens``, times sqrt(hidden) for the families that
-    scale them (rounded to the table's dtype first, as transformers does)."""
+def embed(config: ModelConfig, table: torch.Tensor, tokens: torch.Tensor, dtype: torch.dtype | None = None
+          ) -> torch.Tensor:
+    """Rows of the embedding ``table`` for ``tokens`` (converted to ``dtype``: the rows of a
+    converted table, without converting all of it), times sqrt(hidden) for the families that
+    scale them (rounded to that dtype first, as transformers does)."""
     x = F.embedding(tokens, table)
+    if dtype is not None:
+        x = x.to(dtype)
     if config.spec.embed_scale:
-        x = x * torch.tensor(config.hidden_size ** 0.5, dtype=torch.float32).to(table.dtype)
+        x = x * torch.tensor(config.hidden_size ** 0.5, dtype=torch.float32).to(x.dtype)
     return x
 
 

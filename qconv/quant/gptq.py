@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from qconv.errors import InvalidOption
+from qconv.quant.distributed import DataParallel
+from qconv.quant.reduce import BUCKETS, TreeSum
 from qconv.core.grid import WeightScheme, dequantize, group_minmax, mse_clip_params, qparams, quantize
 
 # Multipliers of ``damp`` tried in turn when the damped Hessian cannot be factored. With a
@@ -30,6 +32,9 @@ from qconv.core.grid import WeightScheme, dequantize, group_minmax, mse_clip_par
 # up to 10x as GPTQModel's auto-increment reaches, are worth a try before giving up on GPTQ.
 DAMP_MULTIPLIERS: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0)
 
+
+#: tokens per Hessian product: bounds the float32/bfloat16 copy of the rows being added
+HESSIAN_CHUNK = 16384
 
 # Column blocks of the Hessian's lower block triangle (see HessianAccumulator.add); blocks
 # narrower than 128 columns lose more GEMM efficiency than the skipped upper triangle saves.
@@ -60,46 +65,61 @@ class HessianAccumulator:
     Frobenius), GPTQ's output error moved by 0.05%; at in=256, ±1.5% either way over 8 seeds
     (+0.2% on average) on held-out tokens. Off by default here; the GPTQ method turns it on
     when the calibration pass itself runs in bfloat16 (its inputs are bf16 values then anyway).
+
+    The sum is kept per bucket of calibration samples and the buckets' sums are combined in
+    :mod:`qconv.quant.reduce`'s fixed tree, so a data-parallel run (``parallel``: each rank
+    adds its own buckets) gets the single-process Hessian bit for bit.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu", bf16_matmul: bool = False) -> None:
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", bf16_matmul: bool = False,
+                 span: tuple[int, int] = (0, BUCKETS), parallel: DataParallel | None = None) -> None:
         self.in_features = in_features
         self.bf16_matmul = bf16_matmul
-        self._sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._tree = TreeSum(lambda: torch.zeros(in_features, in_features, dtype=torch.float32, device=device), span)
+        self._parallel = parallel
+        self._device = torch.device(device)
+        self._first_bucket = span[0]
         self._tokens = 0
         width = max(_MIN_SYMMETRY_BLOCK, -(-in_features // _SYMMETRY_BLOCKS))
         self._blocks = [(j0, min(j0 + width, in_features)) for j0 in range(0, in_features, width)]
 
     @property
     def tokens(self) -> int:
-        """Token rows accumulated so far."""
+        """Token rows accumulated so far (by this process)."""
         return self._tokens
 
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate inputs ``x [..., in]`` (any float dtype; every leading index is a token)."""
+    def add(self, x: torch.Tensor, bucket: int | None = None) -> None:
+        """Accumulate inputs ``x [..., in]`` (any float dtype; every leading index is a token)
+        of calibration bucket ``bucket`` (default: the first; buckets come in order)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input width {x.shape[-1]} does not match the Hessian's {self.in_features}")
         dtype = torch.bfloat16 if self.bf16_matmul else torch.float32
-        rows = x.detach().reshape(-1, self.in_features).to(device=self._sum.device, dtype=dtype)
-        if rows.shape[0] == 0:
+        flat = x.detach().reshape(-1, self.in_features)
+        if flat.shape[0] == 0:
             return
-        # lower block triangle only: Σ x xᵀ is symmetric, so 4 column blocks cost 5/8 of the
-        # full product (measured 1536 wide: 8.4 s instead of 13.8 s of CPU per 128×2048 tokens)
-        for j0, j1 in self._blocks:
-            if self.bf16_matmul:
-                self._sum[j0:j1, :j1] += rows[:, j0:j1].T @ rows[:, :j1]
-            else:
-                self._sum[j0:j1, :j1].addmm_(rows[:, j0:j1].T, rows[:, :j1])
-        self._tokens += rows.shape[0]
+        acc = self._tree.partial(self._first_bucket if bucket is None else bucket)
+        for chunk in flat.split(HESSIAN_CHUNK):
+            rows = chunk.to(device=acc.device, dtype=dtype)
+            # lower block triangle only: Σ x xᵀ is symmetric, so 4 column blocks cost 5/8 of the
+            # full product (measured 1536 wide: 8.4 s instead of 13.8 s of CPU per 128×2048 tokens)
+            for j0, j1 in self._blocks:
+                if self.bf16_matmul:
+                    acc[j0:j1, :j1] += rows[:, j0:j1].T @ rows[:, :j1]
+                else:
+                    acc[j0:j1, :j1].addmm_(rows[:, j0:j1].T, rows[:, :j1])
+        self._tokens += flat.shape[0]
 
     @property
     def hessian(self) -> torch.Tensor:
-        """``(2/N) Σ x xᵀ`` as a new float32 ``[in, in]`` tensor."""
-        if not self._tokens:
+        """``(2/N) Σ x xᵀ`` as a new float32 ``[in, in]`` tensor (over every rank's tokens)."""
+        total = self._tree.total(self._parallel.gather if self._parallel else None)
+        tokens = self._parallel.total(self._tokens, self._device) if self._parallel else self._tokens
+        if not tokens or total is None:
             # an all-zero H would mark every column dead and zero the whole weight
             raise ValueError("no calibration tokens were accumulated for this Hessian")
-        lower = self._sum.tril()
-        return lower.add_(lower.tril(-1).T).mul_(2.0 / self._tokens)
+        lower = total.tril()  # a new tensor: the sum may be an inference tensor (filled by a hook)
+        del total
+        return lower.add_(lower.tril(-1).T).mul_(2.0 / tokens)
 
 
 def cross_products(x: torch.Tensor, y: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
@@ -171,18 +191,26 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
     """
     if not torch.isfinite(H).all():
         return None
-    flipped = H.to(torch.float64).flip(0, 1)
-    mean_diag = flipped.diagonal().mean()
-    for multiplier in DAMP_MULTIPLIERS:
-        frac = damp * multiplier
-        damped = flipped.clone()
-        damped.diagonal().add_(frac * mean_diag)
-        M, info = torch.linalg.cholesky_ex(damped)
-        if info.item():
-            continue
-        U = _lower_triangular_inverse(M).flip(0, 1)
-        if torch.isfinite(U).all():
-            return U.to(torch.float32), frac
+    n = H.shape[0]
+    mean_diag = H.diagonal().to(torch.float64).mean()
+    # one thread: LAPACK's Cholesky gives different bits with different thread counts (measured),
+    # and a data-parallel rank must factor exactly as a single process does. Copies are made one
+    # at a time (peak: H, the float64 factor and its inverse), as this runs on 14336-wide
+    # Hessians for 8B models.
+    with _one_thread():
+        for multiplier in DAMP_MULTIPLIERS:
+            frac = damp * multiplier
+            damped = torch.empty(n, n, dtype=torch.float64, device=H.device)
+            damped.copy_(H.flip(0, 1))
+            damped.diagonal().add_(frac * mean_diag)
+            M, info = torch.linalg.cholesky_ex(damped)
+            del damped
+            if info.item():
+                continue
+            U = _lower_triangular_inverse(M)
+            del M
+            if torch.isfinite(U).all():
+                return U.to(torch.float32).flip(0, 1), frac
     return None
 
 

@@ -1,27 +1,27 @@
 """The layer-streaming pipeline: calibration activations flow through one decoder layer at a time.
 
-Only one layer's weights are materialized (from the memory-mapped checkpoint); the hidden
+Only one layer's weights are materialized (from the checkpoint, read per tensor); the hidden
 states of all calibration samples ``[n, T, h]`` are the only other large buffer. Methods see a
 :class:`LayerContext` that runs the current layer over all samples with hooks on its Linears;
 after a layer is processed (possibly quantized), its outputs become the next layer's inputs,
 so later layers calibrate on what the quantized model will actually feed them.
 
-Peak memory ≈ one layer's weights (fp32, plus methods' scratch such as Hessians) +
-2 × n·T·h·4 bytes of hidden states (inputs and outputs of the current layer); a
-:meth:`LayerContext.sequential` pass (GPTQ) also keeps the intermediate activations at the
-Linear-group boundaries, at most n·T·(4h + c(h + f)) bytes more (f = intermediate size, c = bytes
-of the compute dtype: 4 for float32, 2 for bfloat16). The optional fp stream (GPTQ's
-``fp_targets``) carries the full-precision model's hidden states beside the quantized ones and
-doubles the activation terms.
+Memory (estimated by :mod:`qconv.quant.memory`): the hidden states are stored in a storage
+dtype (by default the checkpoint's 16-bit dtype); a :meth:`LayerContext.sequential` pass (GPTQ)
+also stores each Linear group's inputs in the ``keep`` mode, or recomputes them batch by batch
+from the residual stream in the ``stream`` mode (same bits, about one more forward pass); the
+``spill`` mode maps the large buffers to a scratch file. The optional fp stream (GPTQ's
+``fp_targets``) carries the full-precision model's hidden states beside the quantized ones.
 
-The layer's arithmetic can run in bfloat16 (``compute_dtype``, through autocast): on CPUs with
-AVX512-BF16/AMX its GEMMs are ~4x faster than float32. Weights stay float32 (what methods
-quantize) and the residual stream is stored float32; only the products are rounded. A
-sequential pass stores each Linear group's inputs in the compute dtype, since that is the
-precision the group's (autocast) matmuls read them in anyway.
+The layer's arithmetic is float32, or bfloat16 (``compute_dtype``, through autocast): on CPUs
+with AVX512-BF16/AMX its GEMMs are ~4x faster than float32. Weights stay float32 (what methods
+quantize), and stored activations are widened to float32 as each batch is computed on.
 
-Large activation buffers are recycled from step to step and layer to layer (:meth:`LayerPipeline.map`
-with ``reuse``): a fresh multi-GB tensor is page-faulted in on first write, which measured
+Samples are processed in batches that never straddle a bucket of :mod:`qconv.quant.reduce`, so
+a data-parallel rank (``parallel``) computes on its samples exactly what a single process
+computes on them.
+
+Large activation buffers are recycled from step to step and layer to layer (:meth:`LayerPipeline.recycle`): a fresh multi-GB tensor is page-faulted in on first write, which measured
 ~0.4 s per 1.6 GB, more than the copy itself.
 """
 
@@ -29,16 +29,19 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from qconv.arch.config import ModelConfig
 from qconv.arch.spec import EMBED, LAYER_PREFIX, ArchSpec, GroupSpec
 from qconv.errors import InvalidOption
 from qconv.checkpoint.source import ModelSource
+from qconv.quant.distributed import DataParallel
+from qconv.quant.reduce import BUCKETS, bucket_sizes, bucket_span
 from qconv.model.decoder import (
     DecoderLayer,
     Op,
@@ -51,30 +54,16 @@ from qconv.model.decoder import (
 
 log = logging.getLogger(__name__)
 
+#: ``keep`` | ``stream`` | ``spill``: see :class:`LayerPipeline`
+MEMORY_MODES = ("keep", "stream", "spill")
+#: buffers from this size on go to the scratch file in the ``spill`` mode
+SPILL_MIN_BYTES = 16 << 20
+
 InputHook = Callable[[str, torch.Tensor], None]
 #: Called by a sequential pass with a Linear group, its inputs ``[n, T, in]`` for every sample and
-#: the fp model's inputs to it (None without the pipeline's fp stream); in the compute dtype, and
-#: the buffers are reused after the call returns, so copy what must outlive it.
-GroupVisitor = Callable[[GroupSpec, torch.Tensor, torch.Tensor | None], None]
-
-
-def pipeline_memory_bytes(config: ModelConfig, samples: int, seqlen: int,
-                          compute_dtype: torch.dtype = torch.float32, fp_stream: bool = False) -> dict[str, int]:
-    """The peak-memory formula printed by ``quantize --dry-run``."""
-    h = config.hidden_size
-    f = config.moe_intermediate_size if config.spec.experts else config.intermediate_size
-    block = LAYER_PREFIX.format(0)
-    layer = 4 * sum(math.prod(s) for n, s in config.expected_shapes().items() if n.startswith(block))
-    hidden = 4 * samples * seqlen * h
-    # sequential pass: the residual (float32), a norm output and the MLP hidden (compute dtype)
-    staged = samples * seqlen * (4 * h + compute_dtype.itemsize * (h + f))
-    hessians = 4 * f * f  # the largest one alive at once (GPTQ)
-    parts = {"layer_weights": layer, "hidden_states": 2 * hidden, "group_inputs": staged, "hessians": hessians}
-    if fp_stream:
-        # the fp model's layer inputs and outputs, its staged residual and group inputs, and a
-        # cross-product matrix beside each Hessian
-        parts["fp_stream"] = 2 * hidden + staged + hessians
-    return {**parts, "total": sum(parts.values())}
+#: the fp model's inputs to it (None without the pipeline's fp stream), as :class:`GroupInputs`;
+#: buffers behind them are reused after the call returns, so copy what must outlive it.
+GroupVisitor = Callable[[GroupSpec, "GroupInputs", "GroupInputs | None"], None]
 
 
 class LayerContext:
@@ -122,7 +111,8 @@ class LayerContext:
         already quantized groups before it ("true sequential" inside the layer) at the cost of
         a single forward pass, whose output becomes :attr:`outputs` (the next layer's input).
         The pass runs the block's own forward ops (:meth:`DecoderLayer.ops`), each over all
-        samples before the next.
+        samples before the next. In the pipeline's ``stream`` memory mode the group inputs are
+        not stored but recomputed batch by batch from the residual stream (:class:`_Stream`).
 
         With the pipeline's fp stream, ``fp_inputs`` are the same group's inputs in the
         full-precision model, and :attr:`fp_outputs` its next-layer input: the fp stream runs
@@ -132,8 +122,8 @@ class LayerContext:
         tokens the router sends it (``all_expert_tokens``: every token), before the pass goes on.
         """
         ops, p = self.ops(), self.pipeline
-        quant = _Stream(p, ops, self.inputs)
-        fp = None if self.fp_inputs is None else _Stream(p, ops, self.fp_inputs)
+        quant = _Stream(p, ops, self.inputs, p.mode == "stream")
+        fp = None if self.fp_inputs is None else _Stream(p, ops, self.fp_inputs, False)
         fp_next = fp.next_input() if fp else None
         for group in self.spec.groups:
             y = quant.next_input()
@@ -146,7 +136,7 @@ class LayerContext:
                 raise InvalidOption("fp targets are not implemented for mixture-of-experts layers")
             y = quant.next_input()
             assert y is not None, "a mixture-of-experts block's ops end with the experts' input"
-            self._visit_experts(y, visit, all_expert_tokens)
+            self._visit_experts(y.tensor(), visit, all_expert_tokens)
         self.outputs = quant.finish()
         self.fp_outputs = fp.finish() if fp else None
         return self.outputs
@@ -165,9 +155,9 @@ class LayerContext:
             tokens = flat if all_tokens else flat[(picks == e).any(-1)]
             log.debug("layer %d expert %d: %d calibration tokens", self.index, e, tokens.shape[0])
             gate_up, down = x.groups(e)
-            visit(gate_up, tokens[None], None)
-            hidden = p.map(expert.hidden, tokens[None], dtype=p.compute_dtype)
-            visit(down, hidden, None)
+            visit(gate_up, GroupInputs.kept(p, tokens[None]), None)
+            hidden = p.map(expert.hidden, tokens[None], dtype=p.group_dtype)
+            visit(down, GroupInputs.kept(p, hidden), None)
 
     def branch(self, group: GroupSpec) -> Callable[[torch.Tensor], torch.Tensor]:
         """What ``group``'s input contributes to the residual stream: the block's ops from that
@@ -195,50 +185,130 @@ class LayerContext:
 
     @torch.inference_mode()
     def forward(self, hook: InputHook | None = None, inputs: torch.Tensor | None = None) -> torch.Tensor:
-        """Outputs ``[n, T, h]`` of the layer as it is now; ``hook(inner_name, x)`` sees every
-        Linear's input on the way (a MoE router's too; an expert's: the tokens routed to it)."""
+        """Outputs ``[n, T, h]`` of the layer as it is now (in the pipeline's storage dtype);
+        ``hook(inner_name, x)`` sees every Linear's input on the way (a MoE router's too; an
+        expert's: the tokens routed to it)."""
         x_all = self.inputs if inputs is None else inputs
         if x_all.shape[0] == 0:  # no calibration data (RTN): nothing flows
             return x_all
         p = self.pipeline
         with _input_hooks(self.layer, self.linears + ((self.router,) if self.router else ()), hook):
-            return p.map(lambda t: self.layer(t, *p.rope(self.index), None, 0), x_all)
+            return p.map(lambda t: self.layer(t, *p.rope(self.index), None, 0), x_all, dtype=p.store_dtype)
+
+
+class GroupInputs:
+    """One Linear group's inputs over every calibration sample (``[n, T, in]``), read by batches.
+
+    Kept (a stored tensor) or streamed (recomputed batch by batch from the stored residual
+    stream, in the ``stream`` memory mode): a consumer that only accumulates over tokens, as
+    GPTQ's Hessian does, reads :meth:`batches` and gets the same values either way; one that
+    needs every sample at once calls :meth:`tensor` (which materializes a streamed one)."""
+
+    def __init__(self, pipeline: "LayerPipeline", shape: tuple[int, ...], stored: torch.Tensor | None = None,
+                 compute: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 residual: torch.Tensor | None = None) -> None:
+        self.pipeline, self.shape = pipeline, shape
+        self._stored, self._compute, self._residual = stored, compute, residual
+
+    @classmethod
+    def kept(cls, pipeline: "LayerPipeline", tensor: torch.Tensor) -> "GroupInputs":
+        return cls(pipeline, tuple(tensor.shape), stored=tensor)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._stored.dtype if self._stored is not None else self.pipeline.group_dtype
+
+    def batches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(bucket, inputs of a batch of samples)`` on the pipeline's device, in sample order
+        (the buckets of :mod:`qconv.quant.reduce`), in the pipeline's group dtype."""
+        p = self.pipeline
+        if self._stored is not None:
+            for bucket, part in p.batches(self._stored.shape[0]):
+                yield bucket, self._stored[part].to(p.device)
+            return
+        assert self._compute is not None and self._residual is not None
+        for bucket, part in p.batches(self._residual.shape[0]):
+            with p.autocast():
+                yield bucket, self._compute(p.on_device(self._residual[part]))
+
+    def tensor(self) -> torch.Tensor:
+        """All of them as one host tensor (the stored one, or a new one)."""
+        if self._stored is not None:
+            return self._stored
+        assert self._compute is not None and self._residual is not None
+        return self.pipeline.map(self._compute, self._residual, dtype=self.pipeline.group_dtype)
 
 
 class _Stream:
     """A block's ops run over every sample, op by op, for :meth:`LayerContext.sequential`.
 
-    Residuals are stored float32, branch values (group inputs) in the compute dtype, the
-    precision the group's (autocast) matmuls read them in anyway. Intermediate buffers go back
-    to the pipeline for reuse: a replaced residual at once, a replaced group input when the
-    caller says it is done with it (:meth:`retired`); the layer's inputs stay the caller's."""
+    Residuals are stored in the pipeline's storage dtype, branch values (group inputs) in its
+    group dtype. Kept (``streamed=False``): each branch value is computed for all samples and
+    stored. Streamed: only the residual is stored; a group's inputs are the branch ops since the
+    last residual update, rerun per batch whenever they are read (after the earlier groups were
+    changed: what a kept pass computes), and a residual update reruns them once more. Each
+    recomputed branch value is rounded to the group dtype as a stored one is, so the two modes
+    compute the same bits. Intermediate buffers go back to the pipeline for reuse: a replaced
+    residual at once, a replaced group input when the caller says it is done with it
+    (:meth:`retired`); the layer's inputs stay the caller's."""
 
-    def __init__(self, pipeline: "LayerPipeline", ops: tuple[Op, ...], inputs: torch.Tensor) -> None:
-        self.p, self.ops, self.at = pipeline, ops, 0
+    def __init__(self, pipeline: "LayerPipeline", ops: tuple[Op, ...], inputs: torch.Tensor, streamed: bool) -> None:
+        self.p, self.ops, self.at, self.streamed = pipeline, ops, 0, streamed
         self.x, self.y = inputs, None
         self._inputs = inputs
+        self._pending: list[Op] = []  # streamed: branch ops since the last residual update
         self._retired: list[torch.Tensor] = []
 
-    def next_input(self) -> torch.Tensor | None:
+    def _branch(self, ops: list[Op]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Residual batch (float32) -> the last of ``ops``' branch values, each rounded to the
+        group dtype as a stored one would be."""
+        dtype = self.p.group_dtype
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            y = None
+            for op in ops:
+                y = op.fn(x, None if y is None else y.float()).to(dtype)
+            assert y is not None
+            return y
+
+        return run
+
+    def next_input(self) -> GroupInputs | None:
         """Run ops up to and including the next branch op; its output (None when the ops end)."""
         p = self.p
         while self.at < len(self.ops):
             op = self.ops[self.at]
             self.at += 1
+            if self.streamed:
+                if op.residual:
+                    branch, fn = self._branch(self._pending), op.fn
+                    new = p.map(lambda x: fn(x, branch(x).float()) if self._pending else fn(x, None), self.x,
+                                dtype=p.store_dtype)
+                    self._advance(new)
+                    self._pending = []
+                    continue
+                self._pending.append(op)
+                return GroupInputs(p, (*self.x.shape[:-1], -1), compute=self._branch(list(self._pending)),
+                                   residual=self.x)
             args = (self.x, self.y) if self.y is not None else (self.x,)
             fn = op.fn if self.y is not None else (lambda x, fn=op.fn: fn(x, None))
             if op.residual:
-                new = p.map(fn, *args)
-                if self.x is not self._inputs:
-                    p.recycle(self.x)
-                self.x = new
+                self._advance(p.map(fn, *args, dtype=p.store_dtype))
             else:
-                new = p.map(fn, *args, dtype=p.compute_dtype)
+                new = p.map(fn, *args, dtype=p.group_dtype)
                 if self.y is not None:
                     self._retired.append(self.y)
                 self.y = new
-                return new
+                return GroupInputs.kept(p, new)
         return None
+
+    def _advance(self, new: torch.Tensor) -> None:
+        if self.x is not self._inputs:
+            self.p.recycle(self.x)
+        self.x = new
 
     def retired(self) -> list[torch.Tensor]:
         """Group inputs no op will read again (handed over once)."""
@@ -269,10 +339,25 @@ def _input_hooks(layer: nn.Module, names: tuple[str, ...], hook: InputHook | Non
 
 
 class LayerPipeline:
-    """Streams a model's decoder layers over calibration tokens ``[n, T]``."""
+    """Streams a model's decoder layers over calibration tokens ``[n, T]``.
+
+    ``store_dtype``: what the residual stream between ops and layers is stored in (the
+    checkpoint's 16-bit dtype halves the largest buffers; float32 keeps every bit of the
+    float32 arithmetic). ``mode`` (:data:`MEMORY_MODES`): ``keep`` stores every Linear group's
+    inputs for the layer's sequential pass, ``stream`` recomputes them batch by batch from the
+    residual stream (less memory, about one more forward pass per layer), ``spill`` streams
+    and also keeps the large buffers in a memory-mapped scratch file (``scratch_dir``) the
+    kernel can page out. ``parallel``: this process is one rank of a data-parallel run and
+    handles only its buckets of the samples (:mod:`qconv.quant.reduce`)."""
 
     def __init__(self, source: ModelSource, tokens: torch.Tensor, device: torch.device | str = "cpu",
-                 batch_size: int = 4, compute_dtype: torch.dtype = torch.float32, fp_stream: bool = False) -> None:
+                 batch_size: int = 4, compute_dtype: torch.dtype = torch.float32, fp_stream: bool = False,
+                 store_dtype: torch.dtype = torch.float32, mode: str = "keep",
+                 parallel: DataParallel | None = None, scratch_dir: Path | None = None) -> None:
+        if mode not in MEMORY_MODES:
+            raise InvalidOption(f"unknown memory mode {mode!r} (valid: {', '.join(MEMORY_MODES)})")
+        if fp_stream and mode != "keep":
+            raise InvalidOption(f"memory mode {mode}: the fp stream (gptq fp_targets) needs the group inputs kept")
         self.source = source
         #: also carry the full-precision model's hidden states, for methods that fit against them
         self.fp_stream = fp_stream
@@ -281,11 +366,23 @@ class LayerPipeline:
         self.batch_size = batch_size
         self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
         self.compute_dtype = compute_dtype
+        self.store_dtype = store_dtype
+        #: what group inputs are held in: the compute dtype's 16 bits when it has them (the
+        #: precision its autocast matmuls read them in anyway), else the storage dtype
+        self.group_dtype = compute_dtype if compute_dtype != torch.float32 else store_dtype
+        self.mode = mode
+        self.parallel = parallel
+        self._scratch = scratch_dir
         if self.device.type == "cpu" and compute_dtype == torch.bfloat16 and not _native_cpu_bf16():
             # measured on a 2-core AVX2 EPYC: bf16 GEMMs 0.25 GFLOP/s against 53-79 in float32
             log.warning("bfloat16 calibration on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and "
                         "hundreds of times slower than float32: use --calib-dtype float32 here")
-        self.tokens = tokens
+        sizes = bucket_sizes(tokens.shape[0])
+        self.span = (0, BUCKETS) if parallel is None else bucket_span(parallel.rank, parallel.world)
+        lo, hi = self.span
+        #: (bucket, samples) of the samples this process handles
+        self.buckets = [(b, sizes[b]) for b in range(lo, hi)]
+        self.tokens = tokens[sum(sizes[:lo]):sum(sizes[:hi])]
         # in the compute dtype, as a bf16 model's own rotary tables: float32 tables would promote
         # q/k back to float32 and keep attention off the bf16 kernels
         self._rope = rope_tables(self.config, 0, tokens.shape[1], self.device, compute_dtype)
@@ -294,9 +391,26 @@ class LayerPipeline:
         """RoPE ``cos``/``sin`` tables of layer ``index`` over the calibration positions."""
         return self._rope[local_rope(self.config, index)]
 
+    def batches(self, n: int) -> list[tuple[int, slice]]:
+        """``(bucket, slice)`` batches of ``n`` samples: of at most ``batch_size`` samples that
+        never straddle a bucket, when ``n`` is this process's sample count (so any rank split
+        computes the same batches); otherwise (a subset, an expert's routed tokens) plain
+        batches, counted in the span's first bucket."""
+        if n != self.tokens.shape[0]:
+            return [(self.span[0], slice(i, min(i + self.batch_size, n))) for i in range(0, n, self.batch_size)]
+        out, at = [], 0
+        for bucket, size in self.buckets:
+            out += [(bucket, slice(i, min(i + self.batch_size, at + size))) for i in range(at, at + size, self.batch_size)]
+            at += size
+        return out
+
     def embeddings(self) -> torch.Tensor:
-        """Layer-0 inputs: token embeddings of every sample, float32 on CPU."""
-        return embed(self.config, self.source.get_tensor(f"{EMBED}.weight").float(), self.tokens)
+        """Layer-0 inputs: token embeddings of every sample, on the host in the storage dtype."""
+        weight = self.source.get_tensor(f"{EMBED}.weight")
+        out = self._buffer((*self.tokens.shape, weight.shape[1]), self.store_dtype)
+        for _, part in self.batches(self.tokens.shape[0]):
+            out[part] = embed(self.config, weight, self.tokens[part], torch.float32)
+        return out
 
     def load_layer(self, index: int) -> DecoderLayer:
         """Decoder layer ``index`` in float32 on the pipeline's device."""
@@ -306,22 +420,29 @@ class LayerPipeline:
         layer.load_state_dict(tensors, strict=True, assign=True)
         return layer.requires_grad_(False).eval()
 
+    def on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A stored batch as the layer computes on it: floats widened to float32 (the layer's
+        weights and residual arithmetic), on the pipeline's device."""
+        return t.to(self.device, torch.float32) if t.is_floating_point() else t.to(self.device)
+
+    def autocast(self) -> torch.autocast:
+        """The compute dtype's autocast on the pipeline's device (disabled for float32)."""
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+
     def map(self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor,
             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``fn`` over aligned batches of samples of ``tensors`` ``[n, ...]`` (CPU tensors in,
-        a CPU ``dtype`` tensor out, computed on the pipeline's device in its compute dtype).
-        Results go straight into one preallocated output (a recycled buffer when one of the
-        right shape is free): concatenating a list of batches would briefly hold the (up to
-        1.6 GB) result twice."""
-        mixed = self.compute_dtype != torch.float32
-        n, out, at = tensors[0].shape[0], None, 0
-        for parts in zip(*(t.split(self.batch_size) for t in tensors)):
-            with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=mixed):
-                y = fn(*(t.to(self.device) for t in parts))
+        """``fn`` over aligned batches (:meth:`batches`) of samples of ``tensors`` ``[n, ...]``
+        (host tensors in, a host ``dtype`` tensor out, computed on the pipeline's device in its
+        compute dtype). Results go straight into one preallocated output (a recycled buffer when
+        one of the right shape is free): concatenating a list of batches would briefly hold the
+        (up to 1.6 GB) result twice."""
+        out = None
+        for _, part in self.batches(tensors[0].shape[0]):
+            with self.autocast():
+                y = fn(*(self.on_device(t[part]) for t in tensors))
             if out is None:
-                out = self._buffer((n, *y.shape[1:]), dtype)
-            out[at: at + y.shape[0]] = y
-            at += y.shape[0]
+                out = self._buffer((tensors[0].shape[0], *y.shape[1:]), dtype)
+            out[part] = y
         return out if out is not None else torch.empty(0, dtype=dtype)
 
     def recycle(self, *tensors: torch.Tensor) -> None:
@@ -332,7 +453,12 @@ class LayerPipeline:
 
     def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         free = self._free.get((shape, dtype))
-        return free.pop() if free else torch.empty(shape, dtype=dtype)
+        if free:
+            return free.pop()
+        numel = math.prod(shape)
+        if self.mode == "spill" and numel * dtype.itemsize >= SPILL_MIN_BYTES:
+            return _mapped(shape, dtype, self._scratch)
+        return torch.empty(shape, dtype=dtype)
 
     def layers(self) -> Iterator[LayerContext]:
         """Yield each layer's context in order; after the caller is done with a context (the
@@ -355,6 +481,15 @@ class LayerPipeline:
             if ctx.inputs.numel():
                 self.recycle(ctx.inputs)
             del ctx
+
+
+def _mapped(shape: tuple[int, ...], dtype: torch.dtype, directory: Path | None) -> torch.Tensor:
+    """A tensor backed by a fresh, already unlinked scratch file: its pages are the kernel's to
+    write back and drop under memory pressure, and the file vanishes with the mapping (also
+    when the process is killed)."""
+    with tempfile.NamedTemporaryFile(prefix="qconv-spill-", dir=directory) as f:
+        f.truncate(math.prod(shape) * dtype.itemsize)
+        return torch.from_file(f.name, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
 
 
 def _native_cpu_bf16() -> bool:

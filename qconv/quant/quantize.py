@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,9 +21,14 @@ from qconv.checkpoint.source import ModelSource
 from qconv.errors import InvalidOption, UnsupportedModel
 from qconv.progress import progress
 from qconv.quant.calibration import calibration_windows, load_calibration_rows
-from qconv.quant.methods import Quantizer, SourceTransform, Transform, get_method
-from qconv.quant.pipeline import LayerPipeline, pipeline_memory_bytes
+from qconv.quant.distributed import data_parallel
+from qconv.quant.memory import Workload, plan
+from qconv.quant.methods import Method, Quantizer, SourceTransform, Transform, get_method
+from qconv.quant.pipeline import LayerPipeline
 from qconv.quant.recipe import Recipe
+from qconv.quant.reduce import BUCKETS, bucket_sizes, bucket_span
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,6 +39,8 @@ class QuantizeResult:
     seconds: float
     dry_run: bool = False
     memory_estimate: dict[str, int] = field(default_factory=dict)
+    #: the memory mode chosen, its estimate, the limit and the other modes' estimates
+    memory_plan: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +65,27 @@ def _linear_widths(source: ModelSource) -> dict[str, int]:
     return {m: shapes[f"{m}.weight"][1] for m in source.config.spec.linear_modules(source.config)}
 
 
+def activation_dtype(name: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype of calibration activations: ``auto`` is the checkpoint's own 16-bit
+    dtype (what the deployed model holds them in) and float32 for a wider checkpoint."""
+    if name != "auto":
+        return getattr(torch, name)
+    return checkpoint_dtype if checkpoint_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+class _Discard:
+    """The writer of a data-parallel rank other than 0: it computes, rank 0 writes."""
+
+    def add(self, *_args: object) -> None:
+        pass
+
+    def __enter__(self) -> "_Discard":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 def quantize_model(
     model_path: Path | str,
     out: Path | str,
@@ -65,8 +95,14 @@ def quantize_model(
     quiet: bool = True,
     dry_run: bool = False,
     batch_size: int = 4,
+    max_memory: int | None = None,
 ) -> QuantizeResult:
-    """Quantize ``model_path`` with ``recipe`` into a compressed-tensors checkpoint at ``out``."""
+    """Quantize ``model_path`` with ``recipe`` into a compressed-tensors checkpoint at ``out``.
+
+    ``max_memory``: host bytes the run may use (default: what the machine has available); the
+    memory mode is chosen to fit it (:func:`qconv.quant.memory.plan`). Started by ``torchrun``
+    with several processes, each rank calibrates on its share of the samples and rank 0 writes
+    (:mod:`qconv.quant.distributed`)."""
     from qconv.core.quantized import ActivationScheme
     from qconv.formats.compressed_tensors import CompressedTensorsWriter
 
@@ -79,6 +115,18 @@ def quantize_model(
     quantizer = stages[-1]
     assert isinstance(quantizer, Quantizer)
     calib = recipe.calibration
+    torch_device = torch.device(device)
+    parallel = data_parallel(torch_device) if recipe.needs_calibration else None
+    if parallel is not None:
+        refused = [m.name for m in stages if not m.supports_parallel]
+        if refused:
+            raise InvalidOption(f"{', '.join(refused)}: data-parallel calibration is not implemented for this "
+                                f"method yet; run it in one process")
+        if calib.samples < BUCKETS:
+            raise InvalidOption(f"data-parallel calibration needs at least {BUCKETS} samples (got {calib.samples})")
+        if torch_device.type == "cuda":
+            torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", parallel.rank)))
+        quiet = quiet or not parallel.writes
     with open_model(model_path) as source:
         original = source
         for m in rewrites:
@@ -88,15 +136,29 @@ def quantize_model(
             what = ", ".join(unfit) or "gptq fp_targets"
             raise UnsupportedModel(f"{what}: not implemented for mixture-of-experts models "
                                    f"({source.config.model_type}) yet; use gptq or rtn", source.path)
+        if source.config.spec.experts and parallel is not None:
+            raise UnsupportedModel("data-parallel calibration of mixture-of-experts models is not implemented yet",
+                                   source.path)
         model_dtype = parse_dtype(source.config.torch_dtype)
         schemes = recipe.schemes(scale_dtype=model_dtype)
         widths = _linear_widths(source)
         schemes.check_shapes(widths)
-        memory = pipeline_memory_bytes(source.config, calib.samples if recipe.needs_calibration else 0, calib.seqlen,
-                                       getattr(torch, calib.dtype), quantizer.fp_stream)
+        store_dtype = activation_dtype(calib.act_dtype, model_dtype)
+        samples = calib.samples if recipe.needs_calibration else 0
+        if parallel is not None:
+            lo, hi = bucket_span(parallel.rank, parallel.world)
+            samples = sum(bucket_sizes(samples)[lo:hi])
+        work = Workload(samples, calib.seqlen, getattr(torch, calib.dtype), store_dtype, batch_size,
+                        sequential=quantizer.sequential, fp_stream=quantizer.fp_stream,
+                        extra=_method_memory(stages, source, samples, calib.seqlen))
+        memory = plan(source.config, work, calib.memory, max_memory)
         quantized = [m for m in widths if schemes.scheme_for(m) is not None]
         if dry_run:
-            return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, True, memory)
+            return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, True,
+                                  memory.estimate, memory.to_dict())
+        if memory.mode != calib.memory and memory.estimate["total"] > memory.limit:
+            log.warning("no memory mode fits %.1f GiB (the %s mode needs ~%.1f GiB): running it anyway",
+                        memory.limit / 2**30, memory.mode, memory.estimate["total"] / 2**30)
         if recipe.needs_calibration:
             if not calib.data:
                 raise InvalidOption(f"recipe {recipe.name!r} needs calibration data: pass --data FILE")
@@ -105,11 +167,14 @@ def quantize_model(
         else:
             tokens = torch.zeros((0, 1), dtype=torch.long)
         act = ActivationScheme(bits=recipe.act_bits) if recipe.act_bits else None
-        metadata = {"recipe": recipe.to_dict(), "qconv_version": __version__, "input_sha256": fingerprint(original)}
-        pipeline = LayerPipeline(source, tokens, device, batch_size, getattr(torch, calib.dtype), quantizer.fp_stream)
-        with CompressedTensorsWriter(out, source.config, source.tokenizer_files(), parse_size(recipe.max_shard_size),
-                                     force, metadata, dtype=model_dtype) as writer, \
-                progress(f"quantizing ({recipe.name})", source.config.num_layers, quiet) as advance:
+        pipeline = LayerPipeline(source, tokens, torch_device, batch_size, getattr(torch, calib.dtype),
+                                 quantizer.fp_stream, store_dtype, memory.mode, parallel)
+        writes = parallel is None or parallel.writes
+        writer = CompressedTensorsWriter(
+            out, source.config, source.tokenizer_files(), parse_size(recipe.max_shard_size), force,
+            {"recipe": recipe.to_dict(), "qconv_version": __version__, "input_sha256": fingerprint(original)},
+            dtype=model_dtype) if writes else _Discard()
+        with writer, progress(f"quantizing ({recipe.name})", source.config.num_layers, quiet) as advance:
             writer.add(f"{EMBED}.weight", source.get_tensor(f"{EMBED}.weight"))
             for ctx in pipeline.layers():
                 for t in transforms:
@@ -126,5 +191,17 @@ def quantize_model(
             writer.add(f"{FINAL_NORM}.weight", source.get_tensor(f"{FINAL_NORM}.weight"))
             if not source.config.tie_word_embeddings:
                 writer.add(f"{LM_HEAD}.weight", source.get_tensor(f"{LM_HEAD}.weight"))
-    return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, False, memory)
+    if parallel is not None:
+        import torch.distributed as dist
 
+        dist.barrier()  # the output exists when any rank returns
+    return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, False,
+                          memory.estimate, memory.to_dict())
+
+
+def _method_memory(stages: list[Method], source: ModelSource, samples: int, seqlen: int) -> dict[str, int]:
+    """Each stage's own scratch memory at the run's peak (named parts)."""
+    out: dict[str, int] = {}
+    for m in stages:
+        out.update(m.memory_bytes(source.config, samples, seqlen))
+    return out

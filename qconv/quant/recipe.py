@@ -33,6 +33,10 @@ from qconv.quant.schemes import DEFAULT_IGNORE, Override, SchemeMap
 
 OUTPUT_FORMATS = ("compressed-tensors",)
 CALIBRATION_DTYPES = ("float32", "bfloat16")
+#: what calibration activations may be stored in; "auto": the checkpoint's 16-bit dtype, or float32
+ACTIVATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: memory modes (:class:`qconv.quant.pipeline.LayerPipeline`); "auto" chooses from the memory available
+MEMORY_MODES = ("auto", "keep", "stream", "spill")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,13 @@ class Calibration:
     #: arithmetic of the calibration forward passes: float32, or bfloat16 (~4x faster GEMMs on
     #: CPUs with AVX512-BF16/AMX; weights and stored activations stay float32)
     dtype: str = "float32"
+    #: what the calibration activations between ops and layers are stored in: "auto" is the
+    #: checkpoint's 16-bit dtype (what the deployed model stores them in; half the memory), or
+    #: float32 for a float32 checkpoint
+    act_dtype: str = "auto"
+    #: keep / stream / spill the calibration buffers (see ``quantize --dry-run``); "auto" picks
+    #: the first that fits the memory available (or ``--max-memory``)
+    memory: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -207,6 +218,11 @@ def validate(recipe: Recipe) -> Recipe:
         raise InvalidOption("recipe: calibration.samples must be >= 1 and calibration.seqlen >= 2")
     if c.dtype not in CALIBRATION_DTYPES:
         raise InvalidOption(f"recipe: calibration.dtype must be one of {', '.join(CALIBRATION_DTYPES)}, got {c.dtype!r}")
+    if c.act_dtype not in ACTIVATION_DTYPES:
+        raise InvalidOption(f"recipe: calibration.act_dtype must be one of {', '.join(ACTIVATION_DTYPES)}, "
+                            f"got {c.act_dtype!r}")
+    if c.memory not in MEMORY_MODES:
+        raise InvalidOption(f"recipe: calibration.memory must be one of {', '.join(MEMORY_MODES)}, got {c.memory!r}")
     return recipe
 
 
@@ -245,7 +261,7 @@ def apply_flags(recipe: Recipe, **flags: Any) -> Recipe:
         others = tuple(s for s in recipe.stages if s.method != "rotate")
         recipe = replace(recipe, stages=(*rotations, *others) if rotate else others)
     top = {k: flags.pop(k) for k in ("bits", "group_size", "symmetric") if flags.get(k) is not None}
-    calib = {k: flags.pop(k) for k in ("data", "samples", "seqlen", "seed", "text_field", "dtype")
+    calib = {k: flags.pop(k) for k in ("data", "samples", "seqlen", "seed", "text_field", "dtype", "act_dtype", "memory")
              if flags.get(k) is not None}
     method_opts = {k: v for k, v in flags.items() if v is not None}
     stages = []

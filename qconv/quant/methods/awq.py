@@ -30,6 +30,8 @@ import torch
 from qconv.core.grid import WeightScheme, fake_quantize
 from qconv.quant.methods.base import Transform
 from qconv.quant.methods.scaling import fold_scales
+from qconv.arch.config import ModelConfig
+from qconv.quant.memory import linear_shapes
 from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
 
@@ -81,6 +83,12 @@ class AWQ(Transform):
     supports_experts = True
     #: ``search_samples`` 32 x 2048 tokens = the 64k tokens AutoAWQ searches with (128 x 512)
     options = {"grid": 20, "clip": True, "clip_tokens": 512, "search_samples": 32}
+
+    def memory_bytes(self, config: ModelConfig, samples: int, seqlen: int) -> dict[str, int]:
+        """Every Linear's inputs over the search samples in float32, and the two branch outputs
+        the loss compares."""
+        tokens = min(int(self.config["search_samples"]), samples) * seqlen
+        return {"awq_features": tokens * (sum(i for _, i in linear_shapes(config)) + 2 * config.hidden_size) * 4}
 
     def apply(self, ctx: LayerContext, schemes: SchemeMap) -> None:
         layer = ctx.layer

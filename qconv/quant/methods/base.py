@@ -19,6 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+from qconv.arch.config import ModelConfig
 from qconv.checkpoint.source import ModelSource
 from qconv.core.quantized import QuantizedWeight
 from qconv.core.grid import dequantize
@@ -38,9 +39,18 @@ class Method(ABC):
     options: ClassVar[dict[str, Any]] = {}
     #: whether it handles mixture-of-experts layers (routed expert inputs, a shared router)
     supports_experts: ClassVar[bool] = False
+    #: whether it runs data-parallel (:mod:`qconv.quant.distributed`): it reduces every statistic
+    #: it takes from the calibration samples over the ranks, in an order that does not depend
+    #: on their number
+    supports_parallel: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.config = {**self.options, **options}
+
+    def memory_bytes(self, config: ModelConfig, samples: int, seqlen: int) -> dict[str, int]:
+        """Host memory of the method's own scratch at a layer's peak, by name (for
+        ``quantize --dry-run`` and the choice of memory mode; see :mod:`qconv.quant.memory`)."""
+        return {}
 
 
 class SourceTransform(Method):
@@ -62,6 +72,12 @@ class Transform(Method):
 
 class Quantizer(Method):
     role = "quantizer"
+
+    @property
+    def sequential(self) -> bool:
+        """Whether it runs the layers' sequential pass (:meth:`LayerContext.sequential`), whose
+        group inputs the ``keep`` memory mode stores."""
+        return False
 
     @property
     def fp_stream(self) -> bool:

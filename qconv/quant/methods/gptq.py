@@ -32,18 +32,18 @@ from qconv.quant.gptq import HessianAccumulator, cross_products, gptq_quantize, 
 from qconv.quant.methods.base import Quantizer, set_weight
 from qconv.quant.methods.rtn import rtn_weight
 from qconv.arch.spec import GroupSpec
-from qconv.quant.pipeline import LayerContext
+from qconv.arch.config import ModelConfig
+from qconv.quant.memory import linear_shapes
+from qconv.quant.pipeline import GroupInputs, LayerContext
 from qconv.quant.schemes import SchemeMap
 
 log = logging.getLogger(__name__)
-
-#: tokens per Hessian update: bounds the temporary copy ``bf16_hessian`` makes
-HESSIAN_CHUNK = 16384
 
 
 class GPTQ(Quantizer):
     name = "gptq"
     supports_experts = True
+    supports_parallel = True
     options = {"damp": 0.01, "act_order": True, "block_size": 128, "static_groups": True, "true_sequential": True,
                "bf16_hessian": None, "mse": False, "fp_targets": False, "refine": 0, "moe_all_tokens": False}
 
@@ -58,13 +58,26 @@ class GPTQ(Quantizer):
     def fp_stream(self) -> bool:
         return bool(self.config["fp_targets"])
 
+    @property
+    def sequential(self) -> bool:
+        return bool(self.config["true_sequential"])
+
+    def memory_bytes(self, config: ModelConfig, samples: int, seqlen: int) -> dict[str, int]:
+        """The widest group's Hessian at its peak: the Hessian, GPTQ's copy (permuted with
+        act_order), the float64 Cholesky factor and its inverse, with the inverse's temporaries
+        (28 bytes per entry); and GPTQ's working copies of the largest weight (weight,
+        transposed, codes, per-column scales and zero points: 20 bytes per weight)."""
+        shapes = linear_shapes(config)
+        widest = max(i for _, i in shapes)
+        return {"hessians": 28 * widest * widest + 20 * max(o * i for o, i in shapes)}
+
     def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
         def todo(group: GroupSpec) -> list[str]:
             return [m for m in group.linears if schemes.scheme_for(ctx.module_name(m)) is not None]
 
         result: dict[str, QuantizedWeight] = {}
         if self.config["true_sequential"]:
-            def visit(group: GroupSpec, inputs: torch.Tensor, fp_inputs: torch.Tensor | None) -> None:
+            def visit(group: GroupSpec, inputs: GroupInputs, fp_inputs: GroupInputs | None) -> None:
                 linears = todo(group)
                 if not linears:
                     return
@@ -77,12 +90,14 @@ class GPTQ(Quantizer):
                         result[inner] = qw
                     return
                 H = self._hessian(ctx, group, inputs)
-                C = cross_products(inputs, fp_inputs) if fp_inputs is not None else None
+                C = cross_products(inputs.tensor(), fp_inputs.tensor()) if fp_inputs is not None else None
                 result.update(self._quantize_group(ctx, schemes, linears, H, C))
             ctx.sequential(visit, all_expert_tokens=bool(self.config["moe_all_tokens"]))
         else:
             if ctx.spec.experts is not None:
                 raise InvalidOption("gptq: mixture-of-experts layers need true_sequential (experts see routed inputs)")
+            if ctx.pipeline.parallel is not None:
+                raise InvalidOption("gptq: data-parallel calibration needs true_sequential")
             todo_of = {g: todo(g) for g in ctx.spec.groups}
             firsts = {g.linears[0]: g for g in ctx.spec.groups if todo_of[g]}
             acc = {g: self._accumulator(ctx, g) for g in firsts.values()}
@@ -97,13 +112,14 @@ class GPTQ(Quantizer):
         bf16 = self.config["bf16_hessian"]
         if bf16 is None:
             bf16 = ctx.pipeline.compute_dtype == torch.bfloat16
-        return HessianAccumulator(ctx.layer.get_submodule(group.linears[0]).in_features, device=ctx.pipeline.device,
-                                  bf16_matmul=bool(bf16))
+        p = ctx.pipeline
+        return HessianAccumulator(ctx.layer.get_submodule(group.linears[0]).in_features, device=p.device,
+                                  bf16_matmul=bool(bf16), span=p.span, parallel=p.parallel)
 
-    def _hessian(self, ctx: LayerContext, group: GroupSpec, inputs: torch.Tensor) -> torch.Tensor:
+    def _hessian(self, ctx: LayerContext, group: GroupSpec, inputs: GroupInputs) -> torch.Tensor:
         acc = self._accumulator(ctx, group)
-        for part in inputs.reshape(-1, inputs.shape[-1]).split(HESSIAN_CHUNK):
-            acc.add(part)
+        for bucket, x in inputs.batches():
+            acc.add(x, bucket)
         return acc.hessian
 
     def _quantize_group(self, ctx: LayerContext, schemes: SchemeMap, group: list[str], H: torch.Tensor,

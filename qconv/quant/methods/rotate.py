@@ -132,6 +132,7 @@ class RotatedSource(ModelSource):
 
 
 class Rotate(SourceTransform):
+    supports_parallel = True  # data-free
     """Recipe stage ``{method: rotate, kind: hadamard|random, seed: 0, heads: true}``; must come
     before every other stage."""
 

@@ -25,6 +25,7 @@ def rtn_weight(w: torch.Tensor, scheme: WeightScheme, mse: bool = False) -> Quan
 class RTN(Quantizer):
     name = "rtn"
     supports_experts = True
+    supports_parallel = True  # nothing to reduce
     needs_calibration = False
     options = {"mse": False}
 

@@ -79,6 +79,7 @@ def search_alpha(act_max: torch.Tensor, x: torch.Tensor, weights: list[torch.Ten
 class SmoothQuant(Transform):
     name = "smoothquant"
     supports_experts = True
+    supports_parallel = True  # maxima reduce exactly; the alpha search is refused data-parallel
     options = {"alpha": 0.5, "norms": True, "down_proj": False, "down_proj_alpha": None,
                "search": False, "search_tokens": 4096}
 
@@ -104,6 +105,12 @@ class SmoothQuant(Transform):
                     kept.setdefault(inner, []).append(rows[::stride].float().cpu())
 
         ctx.forward(record)
+        parallel = ctx.pipeline.parallel
+        if parallel is not None:
+            if search:
+                raise InvalidOption("smoothquant: the alpha search is not implemented data-parallel yet")
+            for name in sorted(act_max):
+                parallel.maximum(act_max[name])
         alpha = float(self.config["alpha"])
         down_alpha = self.config["down_proj_alpha"]
         for name, a in (("alpha", alpha), ("down_proj_alpha", down_alpha)):

@@ -1,0 +1,165 @@
+"""How much host memory a quantization run needs, and the memory mode that makes it fit.
+
+The estimate is a sum of the buffers alive at the run's peak, which is inside a decoder layer's
+pass, while the widest Linear group (the MLP's down projection) is quantized:
+
+* ``runtime``: the process before any work (Python, torch, qconv), measured, not guessed;
+* ``layer_weights``: one decoder layer in float32, plus its tensors as read from the checkpoint;
+* ``hidden_states``: the residual stream of every sample, three buffers (the layer's input, the
+  residual after attention, the output) in the storage dtype;
+* ``group_inputs`` (``keep`` mode only): the stored inputs of the attention, o_proj and MLP
+  groups (widths h + q + f) in the group dtype; the ``stream`` mode recomputes them per batch;
+* ``batch_work``: one batch's temporaries in float32 (the MLP's gate, up and product);
+* ``fp_stream`` (GPTQ ``fp_targets``): the fp model's hidden states and group inputs beside the
+  quantized ones, and a cross-product matrix per group;
+* each method's own scratch (:meth:`qconv.quant.methods.base.Method.memory_bytes`): GPTQ's
+  Hessians, AWQ's cached features.
+
+The ``spill`` mode maps the hidden states (and stored group inputs) to a scratch file: they leave
+the estimate of resident memory, which then counts one batch of them instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from qconv.arch.config import ModelConfig
+from qconv.arch.spec import LAYER_PREFIX
+from qconv.errors import InvalidOption
+
+
+def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """``(out, in)`` of every quantizable Linear of one decoder layer."""
+    shapes = config.expected_shapes()
+    block = LAYER_PREFIX.format(0)
+    return [tuple(shapes[f"{block}{m}.weight"]) for m in config.spec.block_linears(config)]  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a run computes, as far as memory is concerned."""
+
+    samples: int  # calibration samples this process handles
+    seqlen: int
+    compute_dtype: torch.dtype = torch.float32
+    store_dtype: torch.dtype = torch.float32
+    batch_size: int = 4
+    sequential: bool = False  # a method runs the layers' sequential pass (GPTQ)
+    fp_stream: bool = False
+    extra: dict[str, int] = field(default_factory=dict)  # the methods' own scratch
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The chosen mode, its estimate (named parts and ``total``, bytes) and the limit it fits."""
+
+    mode: str
+    estimate: dict[str, int]
+    limit: int
+    why: str
+    alternatives: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"mode": self.mode, "estimate": self.estimate, "limit": self.limit, "why": self.why,
+                "alternatives": self.alternatives}
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux ``/proc/self/statm``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def available_bytes() -> int:
+    """Memory this process may still take: ``MemAvailable`` (what the kernel can hand out
+    without swapping), capped by a cgroup limit when one is set, plus what the process holds."""
+    avail = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            try:
+                used = int(open(path.replace("max", "current").replace("limit_in_bytes", "usage_in_bytes")).read())
+            except (OSError, ValueError):
+                used = 0
+            avail = min(avail, int(text) - used)
+    return avail + resident_bytes()
+
+
+def estimate(config: ModelConfig, work: Workload, mode: str, runtime: int | None = None) -> dict[str, int]:
+    """Peak resident bytes of a run in memory ``mode`` (named parts and their ``total``)."""
+    h = config.hidden_size
+    f = config.moe_intermediate_size if config.spec.experts else config.intermediate_size
+    shapes = config.expected_shapes()
+    block = LAYER_PREFIX.format(0)
+    layer_params = sum(math.prod(s) for n, s in shapes.items() if n.startswith(block))
+    linears = linear_shapes(config)
+    q = next((i for _, i in linears if i not in (h, f)), h)  # attention output width (o_proj's input)
+    widest = max(i for _, i in linears)
+    tokens = work.samples * work.seqlen
+    s, g = work.store_dtype.itemsize, (work.compute_dtype if work.compute_dtype != torch.float32
+                                       else work.store_dtype).itemsize
+    checkpoint = _checkpoint_itemsize(config)
+    batch_tokens = min(work.batch_size, max(work.samples, 1)) * work.seqlen
+    calibrating = tokens > 0
+    spilled = mode == "spill"
+    parts = {
+        "runtime": resident_bytes() if runtime is None else runtime,
+        "layer_weights": layer_params * (4 + checkpoint),
+        "hidden_states": 3 * (batch_tokens if spilled else tokens) * h * s if calibrating else 0,
+        "group_inputs": tokens * (h + q + f) * g if calibrating and mode == "keep" and work.sequential else 0,
+        "batch_work": 3 * batch_tokens * f * 4 if calibrating else 0,
+        **work.extra,
+    }
+    if work.fp_stream:
+        parts["fp_stream"] = 3 * tokens * h * s + tokens * (h + q + f) * g + 4 * widest * widest
+    return {**parts, "total": sum(parts.values())}
+
+
+def _checkpoint_itemsize(config: ModelConfig) -> int:
+    return {"float32": 4, "float64": 8}.get(str(config.torch_dtype).replace("torch.", ""), 2)
+
+
+def plan(config: ModelConfig, work: Workload, mode: str = "auto", limit: int | None = None) -> MemoryPlan:
+    """The memory mode for ``work``: ``mode`` itself when given, else the first of keep, stream,
+    spill whose estimate fits ``limit`` (default: :func:`available_bytes`). Methods whose
+    statistics need every group input at once (GPTQ's fp stream) stay in ``keep``."""
+    limit = available_bytes() if limit is None else limit
+    runtime = resident_bytes()
+    modes = ("keep",) if work.fp_stream else ("keep", "stream", "spill")
+    if not work.sequential:
+        modes = ("keep", "spill")  # without GPTQ's sequential pass, keep and stream store the same
+    estimates = {m: estimate(config, work, m, runtime) for m in modes}
+    alternatives = {m: e["total"] for m, e in estimates.items()}
+    if mode != "auto":
+        if mode not in estimates:
+            fallback = "keep" if work.fp_stream else "spill"
+            raise InvalidOption(f"memory mode {mode!r} does not apply here (modes: {', '.join(modes)}; "
+                             f"use {fallback})")
+        fits = estimates[mode]["total"] <= limit
+        return MemoryPlan(mode, estimates[mode], limit, "chosen" + ("" if fits else ", over the limit"), alternatives)
+    for m in modes:
+        if estimates[m]["total"] <= limit:
+            return MemoryPlan(m, estimates[m], limit, f"the first mode whose estimate fits {_gb(limit)}", alternatives)
+    last = modes[-1]
+    return MemoryPlan(last, estimates[last], limit, f"no mode fits {_gb(limit)}; {last} needs the least", alternatives)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"

@@ -1,0 +1,167 @@
+"""Memory modes, activation storage dtypes and data-parallel calibration.
+
+- the ``keep``, ``stream`` and ``spill`` modes quantize to the same bytes (they only trade memory
+  for recomputation), with float32 and with bfloat16 activation storage;
+- the bucket tree sums to the same bits for every split of the buckets over ranks;
+- ``--dry-run`` reports the mode chosen for a memory limit, the estimate and the alternatives;
+- ``torchrun`` with 2 gloo processes writes exactly the single process's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from qconv import api
+from qconv.checkpoint import open_model
+from qconv.errors import InvalidOption
+from qconv.quant.distributed import DataParallel
+from qconv.quant.pipeline import LayerPipeline
+from qconv.quant.reduce import BUCKETS, TreeSum, bucket_sizes, bucket_span
+
+QCONV = str(Path(sys.executable).parent / "qconv")
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+
+
+@pytest.mark.parametrize("act_dtype", ["float32", "bfloat16"])
+def test_memory_modes_write_the_same_bytes(model: Path, calib: Path, tmp_path: Path, act_dtype: str) -> None:
+    outs = {}
+    for mode in ("keep", "stream", "spill"):
+        outs[mode] = tmp_path / mode
+        r = api.quantize(model, outs[mode], method="gptq", group_size=32, data=str(calib), samples=10, seqlen=32,
+                         memory=mode, act_dtype=act_dtype)
+        assert r.memory_plan["mode"] == mode
+    assert_same_tensors(outs["keep"], outs["stream"])
+    assert_same_tensors(outs["keep"], outs["spill"])
+
+
+def test_bfloat16_activations_are_stored_in_bfloat16(model: Path) -> None:
+    """The residual stream is stored in the storage dtype; computing on it changes the layer's
+    output only by that rounding."""
+    source = open_model(model)
+    tokens = torch.randint(0, source.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    fp = next(LayerPipeline(source, tokens).layers())
+    bf = next(LayerPipeline(source, tokens, store_dtype=torch.bfloat16).layers())
+    assert bf.inputs.dtype == torch.bfloat16 and fp.inputs.dtype == torch.float32
+    out_fp, out_bf = fp.forward(), bf.forward()
+    assert out_bf.dtype == torch.bfloat16
+    rel = ((out_bf.float() - out_fp).norm() / out_fp.norm()).item()
+    assert 0 < rel < 1e-2, rel
+
+
+def test_bucket_tree_is_split_invariant() -> None:
+    """Partials summed by one process equal every rank split's subtree roots combined."""
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(16, 16, generator=gen) * 10 ** float(torch.randint(-3, 4, (), generator=gen))
+             for _ in range(BUCKETS)]
+    parts[5] = None  # an empty bucket
+
+    def tree(span: tuple[int, int]) -> TreeSum:
+        t = TreeSum(lambda: torch.zeros(16, 16), span)
+        for b in range(*span):
+            if parts[b] is not None:
+                t.partial(b).add_(parts[b])
+        return t
+
+    single = tree((0, BUCKETS)).total()
+    naive = sum(p for p in parts if p is not None)
+    assert not torch.equal(single, naive)  # the order matters at these magnitudes
+    for world in (2, 4, 8):
+        roots = [tree(bucket_span(r, world)).total() for r in range(world)]
+        for rank in range(world):  # every rank combines the gathered roots into the same sum
+            gathered = [None if v is None else v.clone() for v in roots]
+            assert torch.equal(tree(bucket_span(rank, world)).total(lambda _v, _z: gathered), single), world
+    assert bucket_sizes(10) == [2, 2, 1, 1, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="power-of-two"):
+        bucket_span(0, 3)
+
+
+def test_dry_run_reports_the_mode_for_a_memory_limit(model: Path, calib: Path, tmp_path: Path) -> None:
+    def dry(limit: str | None, **kw):
+        return api.quantize(model, tmp_path / "o", method="gptq", group_size=32, data=str(calib), samples=64,
+                            seqlen=256, dry_run=True, max_memory=limit, **kw).memory_plan
+
+    roomy = dry("100GB")
+    assert roomy["mode"] == "keep" and set(roomy["alternatives"]) == {"keep", "stream", "spill"}
+    alts = roomy["alternatives"]
+    assert alts["keep"] > alts["stream"] > alts["spill"]
+    # a limit between the stream and keep estimates picks stream
+    assert dry(str((alts["keep"] + alts["stream"]) // 2))["mode"] == "stream"
+    assert dry("1000")["mode"] == "spill"
+    assert "no mode fits" in dry("1000")["why"]
+    assert dry(None, memory="stream")["mode"] == "stream"
+    fp = api.quantize(model, tmp_path / "o", method="gptq", group_size=32, data=str(calib), samples=8, seqlen=32,
+                      dry_run=True, fp_targets=True).memory_plan
+    assert set(fp["alternatives"]) == {"keep"} and "fp_stream" in fp["estimate"]
+    with pytest.raises(InvalidOption, match="memory mode 'stream' does not apply"):
+        api.quantize(model, tmp_path / "o", method="gptq", group_size=32, data=str(calib), samples=8, seqlen=32,
+                     dry_run=True, fp_targets=True, memory="stream")
+
+
+def test_cli_dry_run_prints_the_plan(model: Path, calib: Path, tmp_path: Path) -> None:
+    res = subprocess.run([QCONV, "quantize", str(model), "-o", str(tmp_path / "o"), "--method", "gptq", "-g", "32",
+                          "--data", str(calib), "--dry-run", "--max-memory", "64GB"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "memory mode: keep" in res.stdout and "peak host memory" in res.stdout
+    bad = subprocess.run([QCONV, "quantize", str(model), "-o", str(tmp_path / "o"), "--method", "gptq",
+                          "--data", str(calib), "--memory-mode", "lean"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "calibration.memory must be one of" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "qconv", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("method", ["gptq", "smoothquant"])
+def test_data_parallel_matches_one_process(model: Path, calib: Path, tmp_path: Path, method: str) -> None:
+    """2 gloo ranks (one thread each) write the bytes one process with two threads writes."""
+    args = ["quantize", str(model), "--method", method, "--data", str(calib), "--samples", "10", "--seqlen", "32",
+            "--quiet"]
+    if method == "gptq":
+        args += ["-g", "32"]
+    single = subprocess.run([QCONV, *args, "-o", str(tmp_path / "one")], capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    res = _torchrun(2, *args, "-o", str(tmp_path / "two"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_tensors(tmp_path / "one", tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["quantization_config"]
+
+
+def test_data_parallel_refusals(model: Path, calib: Path, tmp_path: Path) -> None:
+    res = _torchrun(2, "quantize", str(model), "--method", "awq", "--data", str(calib), "--samples", "10",
+                    "--seqlen", "32", "-o", str(tmp_path / "o"))
+    assert res.returncode != 0 and "awq: data-parallel calibration is not implemented" in res.stderr
+    assert not (tmp_path / "o").exists()
+    assert DataParallel(0, 2).writes and not DataParallel(1, 2).writes
