@@ -141,12 +141,14 @@ def inspect(
 def calibrate(
     model: Path = typer.Argument(..., help="Model: HF checkpoint directory or .gguf file."),
     data: str = typer.Option(..., "--data", help="Calibration text: local txt/json/jsonl/parquet file or folder, "
-                             "or a datasets name (name:config:split) when online."),
+                             "or a datasets name (name:config:split), streamed only as far as needed."),
     output: Path = typer.Option(..., "--output", "-o", help="Statistics file (.safetensors, or .gguf with --format imatrix)."),
     samples: int = typer.Option(128, "--samples", help="Number of calibration windows."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per window."),
     seed: int = typer.Option(0, "--seed", help="Seed for the window offsets."),
     text_field: str = typer.Option("text", "--text-field", help="Field holding the text in structured files."),
+    chat_template: bool = typer.Option(False, "--chat-template",
+                                       help="Rows are conversations (--text-field messages): render them with the model's chat template."),
     fmt: str = typer.Option("safetensors", "--format", help="safetensors (qconv statistics) or imatrix (llama.cpp)."),
     device: str = DeviceOpt,
     force: bool = ForceOpt,
@@ -165,7 +167,7 @@ def calibrate(
     from qconv import api
 
     r = api.calibrate(model, data, output, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field,
-                      fmt=fmt, force=force, device=device, quiet=quiet or json_out)
+                      fmt=fmt, force=force, device=device, quiet=quiet or json_out, chat_template=chat_template)
     if json_out:
         _print_json(r.to_dict())
     elif not quiet:
@@ -174,18 +176,20 @@ def calibrate(
 
 @app.command()
 def quantize(
-    model: Path = typer.Argument(..., help="Model: HF checkpoint directory or .gguf file."),
+    model: Path = typer.Argument(..., help="Model: HF checkpoint directory, .gguf file or Hub id (owner/name)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output checkpoint directory (compressed-tensors)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML recipe (see recipes/)."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help="rtn, gptq, awq or smoothquant (instead of a recipe)."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits, 2..8."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Columns per scale; -1 = per channel."),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric grid."),
-    data: Optional[str] = typer.Option(None, "--data", help="Calibration text (file, folder or datasets name)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Calibration text (file, folder or datasets name name:config:split, streamed)."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Calibration seed."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Text field of structured calibration files."),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template",
+                                                 help="Calibration rows are conversations (--text-field messages): render them with the model's chat template."),
     calib_dtype: Optional[str] = typer.Option(None, "--calib-dtype",
                                               help="Arithmetic of calibration passes: float32, or bfloat16 (faster only on CPUs with AVX512-BF16/AMX, and GPUs)."),
     act_dtype: Optional[str] = typer.Option(None, "--act-dtype",
@@ -225,7 +229,7 @@ def quantize(
     r = api.quantize(model, output, recipe=recipe, method=method, force=force, device=device,
                      quiet=quiet or json_out, dry_run=dry_run, bits=bits, group_size=group_size, symmetric=symmetric,
                      data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field, dtype=calib_dtype,
-                     act_dtype=act_dtype, memory=memory_mode, max_memory=max_memory, act_order=act_order, damp=damp, alpha=alpha, mse=mse, fp_targets=fp_targets, refine=refine,
+                     act_dtype=act_dtype, memory=memory_mode, chat_template=chat_template, max_memory=max_memory, act_order=act_order, damp=damp, alpha=alpha, mse=mse, fp_targets=fp_targets, refine=refine,
                      rotate=rotate)
     if json_out:
         _print_json(r.to_dict())

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qconv.checkpoint import is_gguf
+from qconv.checkpoint import is_gguf, model_path
 from qconv.checkpoint.hf import INDEX_FILE, SINGLE_FILE, open_shard
 from qconv.errors import CorruptFile, InputNotFound, InvalidOption
 
@@ -164,9 +164,7 @@ def _inspect_hf(path: Path) -> Inspection:
 
 def inspect_model(path: Path | str) -> Inspection:
     """Describe an HF checkpoint directory, a single .safetensors file or a GGUF file."""
-    path = Path(path)
-    if not path.exists():
-        raise InputNotFound("no such file or directory", path)
+    path = model_path(path)
     if path.is_dir():
         return _inspect_hf(path)
     if path.stat().st_size == 0:

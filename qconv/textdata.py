@@ -8,6 +8,7 @@ blank lines, as the GPTQ/AWQ evaluation scripts join dataset rows.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from qconv.errors import CorruptFile, InputNotFound, InvalidOption
 
@@ -16,6 +17,12 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "
 
 def load_rows(path: Path | str, text_field: str = "text") -> list[str]:
     """The text rows of a local file (one row for a plain-text file)."""
+    return [str(t) for t in load_records(path, text_field)]
+
+
+def load_records(path: Path | str, field: str = "text") -> list[Any]:
+    """The values of ``field`` in a local file's rows, as stored (a chat's ``messages`` stay lists
+    of dicts); a plain-text file is one row of text."""
     path = Path(path)
     if not path.is_file():
         raise InputNotFound("text file not found", path)
@@ -32,9 +39,9 @@ def load_rows(path: Path | str, text_field: str = "text") -> list[str]:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # datasets wraps parser errors in many types
         raise CorruptFile(f"cannot load as {builder}: {str(e).splitlines()[0]}", path) from None
-    if text_field not in ds.column_names:
-        raise InvalidOption(f"no field {text_field!r} (fields: {', '.join(ds.column_names)}); use --text-field", path)
-    return [str(t) for t in ds[text_field]]
+    if field not in ds.column_names:
+        raise InvalidOption(f"no field {field!r} (fields: {', '.join(ds.column_names)}); use --text-field", path)
+    return list(ds[field])
 
 
 def load_text(path: Path | str, text_field: str = "text") -> str:

@@ -11,7 +11,7 @@ from qconv.errors import InputNotFound, InvalidOption, UnsupportedModel
 
 GGUF_MAGIC = b"GGUF"
 
-__all__ = ["ModelConfig", "ModelSource", "load_config", "open_model", "is_gguf"]
+__all__ = ["ModelConfig", "ModelSource", "load_config", "model_path", "open_model", "is_gguf"]
 
 
 def is_gguf(path: Path) -> bool:
@@ -22,12 +22,25 @@ def is_gguf(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
+def model_path(path: Path | str) -> Path:
+    """A model argument as a local path: itself when it exists, else the snapshot of the Hub
+    model it names (:mod:`qconv.checkpoint.hub`); a one-line InputNotFound otherwise."""
+    text, path = str(path), Path(path)
+    if path.exists():
+        return path
+    from qconv.checkpoint import hub
+
+    if not hub.looks_like_repo_id(text):
+        raise InputNotFound("no such file or directory", path)
+    return hub.resolve(text)
+
+
 def open_model(path: Path | str) -> ModelSource:
     """Open an HF checkpoint directory (plain or compressed-tensors) or a GGUF file, validating it
-    against its config. Other quantized HF checkpoints (GPTQ, AWQ, FP8, ...) are refused."""
-    path = Path(path)
-    if not path.exists():
-        raise InputNotFound("no such file or directory", path)
+    against its config; a Hugging Face Hub model id (``owner/name[@revision]``) that is not a
+    local path is resolved to its snapshot first (:mod:`qconv.checkpoint.hub`). Other quantized
+    HF checkpoints (GPTQ, AWQ, FP8, ...) are refused."""
+    path = model_path(path)
     if path.is_dir():
         if not any(path.iterdir()):
             raise InputNotFound("directory is empty", path)

@@ -69,6 +69,7 @@ def calibrate(
     force: bool = False,
     device: str = "cpu",
     quiet: bool = True,
+    chat_template: bool = False,
 ) -> CalibrateResult:
     """Record per-channel input statistics of every Linear; write safetensors or a llama.cpp imatrix."""
     if fmt not in FORMATS:
@@ -77,7 +78,10 @@ def calibrate(
     out = Path(out)
     check_output(out, force)
     with open_model(model_path) as source:
-        tokens = calibration_windows(source.tokenizer(), load_calibration_rows(data, text_field), samples, seqlen, seed)
+        tok = source.tokenizer()
+        rows = load_calibration_rows(data, text_field, tok if chat_template else None, samples * seqlen)
+        tokens = calibration_windows(tok, rows, samples, seqlen, seed)
+        del rows
         config = source.config
         pipeline = LayerPipeline(source, tokens, device)
         with progress("calibrating", source.config.num_layers, quiet) as advance:

@@ -1,7 +1,8 @@
 """Calibration data and activation statistics.
 
 Data: rows of text from a local file or folder (txt/json/jsonl/parquet/csv via ``datasets``),
-or a dataset name ``datasets`` resolves when online; joined with blank lines, tokenized once,
+or a dataset name ``datasets`` streams (stopping after the documents the windows need), or
+conversations rendered with the model's chat template; joined with blank lines, tokenized once,
 and cut into seeded random windows of ``seqlen`` tokens (GPTQ's protocol), so a run is
 reproducible from (source, samples, seqlen, seed).
 
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from qconv.checkpoint.tokenizer import Tokenizer
 from qconv.errors import InputNotFound, InvalidOption
-from qconv.textdata import load_rows
+from qconv.textdata import load_records
 
 
 _DATA_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".parquet", ".csv", ".tsv", ".gz", ".zst", ".arrow")
@@ -32,12 +34,24 @@ def _looks_like_path(source: str) -> bool:
             or source.split(":")[0].lower().endswith(_DATA_SUFFIXES))
 
 
-def load_calibration_rows(source: str, text_field: str = "text") -> list[str]:
-    """Text rows from a local file, a folder of files, or (online) a ``datasets`` name
-    written ``name[:config[:split]]``."""
+#: characters of streamed text taken per calibration token wanted: ~4 characters per token, and
+#: 4x the tokens the windows cover, so seeded random windows still spread over many documents
+CHARS_PER_TOKEN = 16
+
+
+def load_calibration_rows(source: str, text_field: str = "text", chat: Tokenizer | None = None,
+                          tokens: int | None = None) -> list[str]:
+    """Text rows from a local file, a folder of files, or (online, or from the ``datasets``
+    cache) a dataset name written ``name[:config[:split]]``, which is streamed and read only up
+    to ``tokens`` x :data:`CHARS_PER_TOKEN` characters (all of it when ``tokens`` is None).
+
+    ``chat``: the rows are conversations (``text_field`` holds lists of ``{role, content}``
+    messages, as in chat datasets' ``messages`` column), rendered with that tokenizer's chat
+    template, as the model sees them at inference."""
     path = Path(source)
     if path.is_file() or path.is_dir():
-        rows = [row for f in _local_files(path) for row in load_rows(f, text_field)]
+        records = [r for f in _local_files(path) for r in load_records(f, text_field)]
+        rows = [_row(r, chat, path) for r in records]
         if not any(row.strip() for row in rows):
             raise InvalidOption("calibration text is empty", path)
         return rows
@@ -47,15 +61,35 @@ def load_calibration_rows(source: str, text_field: str = "text") -> list[str]:
 
     name, config, split = (source.split(":") + [None, None])[:3]
     try:
-        ds = datasets.load_dataset(name, config, split=split or "train")
+        stream = datasets.load_dataset(name, config, split=split or "train", streaming=True)
+        rows, chars, limit = [], 0, None if tokens is None else tokens * CHARS_PER_TOKEN
+        for record in stream:
+            if text_field not in record:
+                raise InvalidOption(f"dataset {source!r} has no field {text_field!r} "
+                                    f"(fields: {', '.join(record)})")
+            rows.append(_row(record[text_field], chat, source))
+            chars += len(rows[-1])
+            if limit is not None and chars >= limit:
+                break
+    except InvalidOption:
+        raise
     except Exception as e:  # offline or unknown: datasets raises ConnectionError, FileNotFoundError, ...
         raise InputNotFound(
             f"{source!r} is not a local file or folder, and the dataset of that name could not be loaded "
             f"({type(e).__name__}); offline, pass a local txt/json/jsonl/parquet file or folder with --data"
         ) from None
-    if text_field not in ds.column_names:
-        raise InvalidOption(f"dataset {source!r} has no field {text_field!r} (fields: {', '.join(ds.column_names)})")
-    return [str(t) for t in ds[text_field]]
+    if not rows:
+        raise InvalidOption(f"dataset {source!r} has no rows")
+    return rows
+
+
+def _row(value: Any, chat: Tokenizer | None, where: Path | str) -> str:
+    if chat is None:
+        return str(value)
+    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        raise InvalidOption("--chat-template needs rows of messages (lists of {role, content}): pass their "
+                            "field with --text-field", where)
+    return chat.apply_chat_template(value, add_generation_prompt=False)
 
 
 def _local_files(path: Path) -> list[Path]:

@@ -21,8 +21,10 @@ Samples are processed in batches that never straddle a bucket of :mod:`qconv.qua
 a data-parallel rank (``parallel``) computes on its samples exactly what a single process
 computes on them.
 
-Large activation buffers are recycled from step to step and layer to layer (:meth:`LayerPipeline.recycle`): a fresh multi-GB tensor is page-faulted in on first write, which measured
-~0.4 s per 1.6 GB, more than the copy itself.
+The hidden states' buffers are recycled from layer to layer (:meth:`LayerPipeline.recycle`): a
+fresh multi-GB tensor is page-faulted in on first write, which measured ~0.4 s per 1.6 GB, more
+than the copy itself. Group inputs are not: freed as soon as no op reads them, they leave the
+peak at one or two of them instead of all of a layer's.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from qconv.arch.spec import EMBED, LAYER_PREFIX, ArchSpec, GroupSpec
 from qconv.errors import InvalidOption
 from qconv.checkpoint.source import ModelSource
 from qconv.quant.distributed import DataParallel
+from qconv.quant.memory import release_memory
 from qconv.quant.reduce import BUCKETS, bucket_sizes, bucket_span
 from qconv.model.decoder import (
     DecoderLayer,
@@ -110,6 +113,7 @@ class LayerContext:
         the pass then computes with the changed weights. So each group's inputs come from the
         already quantized groups before it ("true sequential" inside the layer) at the cost of
         a single forward pass, whose output becomes :attr:`outputs` (the next layer's input).
+        The residual stream is updated in place: afterwards :attr:`inputs` hold the outputs.
         The pass runs the block's own forward ops (:meth:`DecoderLayer.ops`), each over all
         samples before the next. In the pipeline's ``stream`` memory mode the group inputs are
         not stored but recomputed batch by batch from the residual stream (:class:`_Stream`).
@@ -123,14 +127,16 @@ class LayerContext:
         """
         ops, p = self.ops(), self.pipeline
         quant = _Stream(p, ops, self.inputs, p.mode == "stream")
-        fp = None if self.fp_inputs is None else _Stream(p, ops, self.fp_inputs, False)
+        fp = None if self.fp_inputs is None else _Stream(p, ops, self.fp_inputs, False, hold=True)
         fp_next = fp.next_input() if fp else None
         for group in self.spec.groups:
             y = quant.next_input()
             fy, fp_next = fp_next, (fp.next_input() if fp else None)
             assert y is not None, "the block's ops produce fewer group inputs than its spec has groups"
             visit(group, y, fy)
-            p.recycle(*quant.retired(), *(fp.retired() if fp else ()))
+            del y, fy
+            if fp is not None:
+                p.recycle(*fp.retired())
         if self.spec.experts is not None:
             if fp is not None:
                 raise InvalidOption("fp targets are not implemented for mixture-of-experts layers")
@@ -138,7 +144,9 @@ class LayerContext:
             assert y is not None, "a mixture-of-experts block's ops end with the experts' input"
             self._visit_experts(y.tensor(), visit, all_expert_tokens)
         self.outputs = quant.finish()
-        self.fp_outputs = fp.finish() if fp else None
+        if fp is not None:
+            self.fp_outputs = fp.finish()
+            p.recycle(*fp.retired())
         return self.outputs
 
     def _visit_experts(self, y: torch.Tensor, visit: GroupVisitor, all_tokens: bool) -> None:
@@ -245,20 +253,22 @@ class GroupInputs:
 class _Stream:
     """A block's ops run over every sample, op by op, for :meth:`LayerContext.sequential`.
 
-    Residuals are stored in the pipeline's storage dtype, branch values (group inputs) in its
-    group dtype. Kept (``streamed=False``): each branch value is computed for all samples and
-    stored. Streamed: only the residual is stored; a group's inputs are the branch ops since the
-    last residual update, rerun per batch whenever they are read (after the earlier groups were
-    changed: what a kept pass computes), and a residual update reruns them once more. Each
-    recomputed branch value is rounded to the group dtype as a stored one is, so the two modes
-    compute the same bits. Intermediate buffers go back to the pipeline for reuse: a replaced
-    residual at once, a replaced group input when the caller says it is done with it
-    (:meth:`retired`); the layer's inputs stay the caller's."""
+    The residual stream is updated in place, batch by batch (each batch's rows depend only on
+    themselves), in the buffer of the layer's inputs, which ends up holding its outputs: one
+    ``[n, T, h]`` buffer per stream however many residual updates the block has. Branch values
+    (group inputs) are in the pipeline's group dtype. Kept (``streamed=False``): each branch
+    value is computed for all samples and stored, and dropped as soon as no op reads it again
+    (``hold``: only when the caller says so, :meth:`retired`, as the fp stream runs a group ahead
+    of the visits). Streamed: only the residual is stored; a group's inputs are the branch ops
+    since the last residual update, rerun per batch whenever they are read (after the earlier
+    groups were changed: what a kept pass computes), and a residual update reruns them once
+    more. Each recomputed branch value is rounded to the group dtype as a stored one is, so the
+    two modes compute the same bits."""
 
-    def __init__(self, pipeline: "LayerPipeline", ops: tuple[Op, ...], inputs: torch.Tensor, streamed: bool) -> None:
-        self.p, self.ops, self.at, self.streamed = pipeline, ops, 0, streamed
+    def __init__(self, pipeline: "LayerPipeline", ops: tuple[Op, ...], inputs: torch.Tensor, streamed: bool,
+                 hold: bool = False) -> None:
+        self.p, self.ops, self.at, self.streamed, self.hold = pipeline, ops, 0, streamed, hold
         self.x, self.y = inputs, None
-        self._inputs = inputs
         self._pending: list[Op] = []  # streamed: branch ops since the last residual update
         self._retired: list[torch.Tensor] = []
 
@@ -284,10 +294,8 @@ class _Stream:
             self.at += 1
             if self.streamed:
                 if op.residual:
-                    branch, fn = self._branch(self._pending), op.fn
-                    new = p.map(lambda x: fn(x, branch(x).float()) if self._pending else fn(x, None), self.x,
-                                dtype=p.store_dtype)
-                    self._advance(new)
+                    branch, fn, pending = self._branch(self._pending), op.fn, bool(self._pending)
+                    p.map(lambda x: fn(x, branch(x).float()) if pending else fn(x, None), self.x, out=self.x)
                     self._pending = []
                     continue
                 self._pending.append(op)
@@ -296,31 +304,31 @@ class _Stream:
             args = (self.x, self.y) if self.y is not None else (self.x,)
             fn = op.fn if self.y is not None else (lambda x, fn=op.fn: fn(x, None))
             if op.residual:
-                self._advance(p.map(fn, *args, dtype=p.store_dtype))
+                p.map(fn, *args, out=self.x)
+                self._drop()
             else:
                 new = p.map(fn, *args, dtype=p.group_dtype)
-                if self.y is not None:
-                    self._retired.append(self.y)
+                self._drop()
                 self.y = new
                 return GroupInputs.kept(p, new)
         return None
 
-    def _advance(self, new: torch.Tensor) -> None:
-        if self.x is not self._inputs:
-            self.p.recycle(self.x)
-        self.x = new
+    def _drop(self) -> None:
+        """The current branch value is read by no later op."""
+        if self.y is not None and self.hold:
+            self._retired.append(self.y)
+        self.y = None
 
     def retired(self) -> list[torch.Tensor]:
-        """Group inputs no op will read again (handed over once)."""
+        """Held group inputs no op will read again (handed over once)."""
         out, self._retired = self._retired, []
         return out
 
     def finish(self) -> torch.Tensor:
-        """Run the remaining ops; the block's output. The last group input is recycled."""
+        """Run the remaining ops; the block's output (the inputs' buffer)."""
         while self.next_input() is not None:
             pass
-        self.p.recycle(*self.retired(), *([self.y] if self.y is not None else []))
-        self.y = None
+        self._drop()
         return self.x
 
 
@@ -430,13 +438,13 @@ class LayerPipeline:
         return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
 
     def map(self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor,
-            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         """``fn`` over aligned batches (:meth:`batches`) of samples of ``tensors`` ``[n, ...]``
         (host tensors in, a host ``dtype`` tensor out, computed on the pipeline's device in its
-        compute dtype). Results go straight into one preallocated output (a recycled buffer when
-        one of the right shape is free): concatenating a list of batches would briefly hold the
-        (up to 1.6 GB) result twice."""
-        out = None
+        compute dtype). Results go straight into one preallocated output (``out``, which may be
+        one of ``tensors`` when ``fn`` maps each sample's rows to its own rows only; else a
+        recycled buffer when one of the right shape is free): concatenating a list of batches
+        would briefly hold the (up to 1.6 GB) result twice."""
         for _, part in self.batches(tensors[0].shape[0]):
             with self.autocast():
                 y = fn(*(self.on_device(t[part]) for t in tensors))
@@ -463,7 +471,8 @@ class LayerPipeline:
     def layers(self) -> Iterator[LayerContext]:
         """Yield each layer's context in order; after the caller is done with a context (the
         layer possibly modified in place), its forward output feeds the next layer, and its
-        inputs buffer is recycled (so a consumer must not keep views of ``ctx.inputs``).
+        inputs buffer is recycled or, after a sequential pass, holds the outputs (so a consumer
+        must not keep views of ``ctx.inputs``).
 
         With the fp stream, each context also carries ``fp_inputs``, and the consumer must run
         :meth:`LayerContext.sequential` (which computes ``fp_outputs`` before the layer changes)."""
@@ -476,11 +485,13 @@ class LayerPipeline:
             if fp_hidden is not None:
                 if ctx.fp_outputs is None:
                     raise RuntimeError("a method asked for the fp stream but did not run the layer's sequential pass")
-                self.recycle(fp_hidden)
+                if ctx.fp_outputs is not fp_hidden:
+                    self.recycle(fp_hidden)
                 fp_hidden = ctx.fp_outputs
-            if ctx.inputs.numel():
+            if ctx.inputs.numel() and ctx.inputs is not hidden:
                 self.recycle(ctx.inputs)
             del ctx
+            release_memory()
 
 
 def _mapped(shape: tuple[int, ...], dtype: torch.dtype, directory: Path | None) -> torch.Tensor:

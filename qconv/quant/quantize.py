@@ -22,7 +22,7 @@ from qconv.errors import InvalidOption, UnsupportedModel
 from qconv.progress import progress
 from qconv.quant.calibration import calibration_windows, load_calibration_rows
 from qconv.quant.distributed import data_parallel
-from qconv.quant.memory import Workload, plan
+from qconv.quant.memory import Workload, plan, release_memory
 from qconv.quant.methods import Method, Quantizer, SourceTransform, Transform, get_method
 from qconv.quant.pipeline import LayerPipeline
 from qconv.quant.recipe import Recipe
@@ -148,6 +148,19 @@ def quantize_model(
         if parallel is not None:
             lo, hi = bucket_span(parallel.rank, parallel.world)
             samples = sum(bucket_sizes(samples)[lo:hi])
+        # the calibration windows first (a dry run too, when it has data): the tokenizer and the
+        # text are what the process holds before its first layer, which the estimate measures
+        tokens = torch.zeros((0, 1), dtype=torch.long)
+        if recipe.needs_calibration:
+            if calib.data:
+                tok = source.tokenizer()
+                rows = load_calibration_rows(calib.data, calib.text_field, tok if calib.chat_template else None,
+                                             calib.samples * calib.seqlen)
+                tokens = calibration_windows(tok, rows, calib.samples, calib.seqlen, calib.seed)
+                del rows, tok
+            elif not dry_run:
+                raise InvalidOption(f"recipe {recipe.name!r} needs calibration data: pass --data FILE")
+        release_memory()
         work = Workload(samples, calib.seqlen, getattr(torch, calib.dtype), store_dtype, batch_size,
                         sequential=quantizer.sequential, fp_stream=quantizer.fp_stream,
                         extra=_method_memory(stages, source, samples, calib.seqlen))
@@ -159,13 +172,6 @@ def quantize_model(
         if memory.mode != calib.memory and memory.estimate["total"] > memory.limit:
             log.warning("no memory mode fits %.1f GiB (the %s mode needs ~%.1f GiB): running it anyway",
                         memory.limit / 2**30, memory.mode, memory.estimate["total"] / 2**30)
-        if recipe.needs_calibration:
-            if not calib.data:
-                raise InvalidOption(f"recipe {recipe.name!r} needs calibration data: pass --data FILE")
-            tokens = calibration_windows(source.tokenizer(), load_calibration_rows(calib.data, calib.text_field),
-                                         calib.samples, calib.seqlen, calib.seed)
-        else:
-            tokens = torch.zeros((0, 1), dtype=torch.long)
         act = ActivationScheme(bits=recipe.act_bits) if recipe.act_bits else None
         pipeline = LayerPipeline(source, tokens, torch_device, batch_size, getattr(torch, calib.dtype),
                                  quantizer.fp_stream, store_dtype, memory.mode, parallel)

@@ -56,6 +56,9 @@ class Calibration:
     #: keep / stream / spill the calibration buffers (see ``quantize --dry-run``); "auto" picks
     #: the first that fits the memory available (or ``--max-memory``)
     memory: str = "auto"
+    #: the rows are conversations (``text_field``: lists of {role, content}) rendered with the
+    #: model's chat template
+    chat_template: bool = False
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,8 @@ def validate(recipe: Recipe) -> Recipe:
     if c.act_dtype not in ACTIVATION_DTYPES:
         raise InvalidOption(f"recipe: calibration.act_dtype must be one of {', '.join(ACTIVATION_DTYPES)}, "
                             f"got {c.act_dtype!r}")
+    if not isinstance(c.chat_template, bool):
+        raise InvalidOption(f"recipe: calibration.chat_template must be true or false, got {c.chat_template!r}")
     if c.memory not in MEMORY_MODES:
         raise InvalidOption(f"recipe: calibration.memory must be one of {', '.join(MEMORY_MODES)}, got {c.memory!r}")
     return recipe
@@ -261,7 +266,8 @@ def apply_flags(recipe: Recipe, **flags: Any) -> Recipe:
         others = tuple(s for s in recipe.stages if s.method != "rotate")
         recipe = replace(recipe, stages=(*rotations, *others) if rotate else others)
     top = {k: flags.pop(k) for k in ("bits", "group_size", "symmetric") if flags.get(k) is not None}
-    calib = {k: flags.pop(k) for k in ("data", "samples", "seqlen", "seed", "text_field", "dtype", "act_dtype", "memory")
+    calib = {k: flags.pop(k) for k in ("data", "samples", "seqlen", "seed", "text_field", "dtype", "act_dtype", "memory",
+                                        "chat_template")
              if flags.get(k) is not None}
     method_opts = {k: v for k, v in flags.items() if v is not None}
     stages = []
