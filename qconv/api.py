@@ -214,15 +214,32 @@ def perplexity(
     dtype: str = "f32",
     quiet: bool = True,
     kv_cache: KVCacheSpec | None = None,
+    stream_layers: bool = False,
 ) -> Any:
     """GPTQ-protocol perplexity of a model on a text file; with ``kv_cache``, the perplexity
-    token-by-token decoding through that cache gives, and the bytes it held."""
+    token-by-token decoding through that cache gives, and the bytes it held. ``stream_layers``:
+    one decoder layer in memory at a time, the windows' hidden states in the checkpoint's 16-bit
+    dtype (:mod:`qconv.model.streamed`), for models larger than the machine's memory."""
     from qconv.model.perplexity import perplexity as ppl
 
     with open_model(model_path) as source:
         if kv_cache is not None:
             kv_cache.check(source.config)
         ids, n_windows = _eval_ids(source, text_path, text_field, ctx, max_windows)
+        if stream_layers:
+            if kv_cache is not None or dtype != "f32":
+                raise InvalidOption("--stream-layers computes in float32 without a KV cache "
+                                    "(drop --kv-cache / --dtype)")
+            import torch
+
+            from qconv.checkpoint.hf_writer import parse_dtype
+            from qconv.model.streamed import streamed_perplexity
+
+            stored = parse_dtype(source.config.torch_dtype)
+            store = stored if stored in (torch.bfloat16, torch.float16) else torch.float32
+            with progress("perplexity (layers)", source.config.num_layers + 1, quiet) as advance:
+                return streamed_perplexity(source, ids, ctx, max_windows, resolve_device(device), store,
+                                           lambda *_: advance())
         model = load_runner(source, device, dtype)
     with progress("perplexity", n_windows, quiet) as advance:
         return ppl(model, ids, ctx=ctx, max_windows=max_windows, on_window=lambda *_: advance(), kv_cache=kv_cache)

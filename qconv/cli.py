@@ -193,7 +193,7 @@ def quantize(
     calib_dtype: Optional[str] = typer.Option(None, "--calib-dtype",
                                               help="Arithmetic of calibration passes: float32, or bfloat16 (faster only on CPUs with AVX512-BF16/AMX, and GPUs)."),
     act_dtype: Optional[str] = typer.Option(None, "--act-dtype",
-                                            help="Storage of calibration activations: auto (the checkpoint's 16-bit dtype), float32, bfloat16, float16."),
+                                            help="Storage of calibration activations: auto (the checkpoint's 16-bit dtype; bfloat16 for float32 checkpoints), float32, bfloat16, float16."),
     memory_mode: Optional[str] = typer.Option(None, "--memory-mode",
                                               help="auto, keep (fastest), stream (group inputs recomputed per batch) or spill (buffers in a scratch file)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory",
@@ -265,6 +265,8 @@ def run(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
+    stream_layers: bool = typer.Option(False, "--stream-layers",
+                                       help="--ppl with one layer in memory at a time (models larger than RAM)."),
     kv_cache: Optional[str] = typer.Option(
         None, "--kv-cache",
         help="KV cache: fp, int8 (per-token absmax) or kivi (keys per channel, values per token, fp residual); "
@@ -316,7 +318,8 @@ def run(
             _print_kv(g.kv_cache)
         return
     if ppl is not None:
-        r = api.perplexity(model, ppl, ctx, max_windows, text_field, device, dtype, quiet_work, **kv)
+        r = api.perplexity(model, ppl, ctx, max_windows, text_field, device, dtype, quiet_work,
+                           stream_layers=stream_layers, **kv)
         if json_out:
             _print_json(r.to_dict())
         else:

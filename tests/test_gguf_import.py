@@ -133,3 +133,21 @@ def test_tiny_gguf_matches_transformers_loader(tmp_path: Path, arch: str, qtype:
             orig = model.state_dict()
             for name in src.tensor_names():
                 assert torch.equal(src.get_tensor(name), orig[name]), name
+
+
+def test_reading_a_gguf_does_not_keep_its_pages(tmp_path: Path, tiny_hf_model_builder) -> None:
+    """Tensors are read through gguf-py's file mapping; each tensor's pages are dropped after it
+    is decoded, so streaming a file does not grow the process by the file's size."""
+    from qconv.quant.memory import resident_bytes
+
+    out = tmp_path / "big.gguf"
+    model = tiny_hf_model_builder("llama", rope_scaling=None, vocab_size=32768, hidden_size=256, intermediate_size=512)
+    write_gguf(out, model, "llama", gguf.GGMLQuantizationType.F32)
+    size = out.stat().st_size
+    with open_model(out) as source:
+        before = resident_bytes()
+        for name in source.tensor_names():
+            source.get_array(name)
+        grown = resident_bytes() - before
+    assert size > 60 * 2**20
+    assert grown < size / 4, (grown, size)

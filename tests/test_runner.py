@@ -208,3 +208,18 @@ def test_linear_rope_scaling_and_attention_bias(tmp_path: Path, tiny_hf_model_bu
         model = load_model(source)
     tokens = random_ids(40)[None]
     assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
+
+
+def test_streamed_perplexity_equals_the_runner(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """One layer at a time over all windows gives the runner's perplexity (float32 storage);
+    bf16 storage of the hidden states moves it only by that rounding."""
+    from qconv.model.streamed import streamed_perplexity
+
+    with open_model(tiny_model_dir) as src:
+        ids = torch.randint(0, src.config.vocab_size, (4 * 48,), generator=torch.Generator().manual_seed(0)).tolist()
+        ref = perplexity(load_model(src), ids, ctx=48)
+        streamed = streamed_perplexity(src, ids, ctx=48)
+        bf16 = streamed_perplexity(src, ids, ctx=48, store_dtype=torch.bfloat16)
+    assert streamed.n_tokens == ref.n_tokens and streamed.n_windows == 4
+    assert abs(streamed.ppl - ref.ppl) < 1e-5 * ref.ppl
+    assert abs(bf16.ppl - ref.ppl) < 2e-2 * ref.ppl

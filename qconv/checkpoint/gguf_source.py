@@ -8,6 +8,7 @@ interleaved RoPE is undone, so the result is exactly what transformers' GGUF loa
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,11 +183,24 @@ class GGUFSource(ModelSource):
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         try:
             w = np.ascontiguousarray(dequantize(t.data, t.tensor_type).reshape(shape), dtype=np.float32)
-            return w if w.flags.writeable else w.copy()  # F32 tensors come back as a read-only memmap view
+            w = w if w.flags.writeable else w.copy()  # F32 tensors come back as a read-only memmap view
+            self._release(t.data_offset, t.n_bytes)
+            return w
         except NotImplementedError:
             raise UnsupportedModel(f"tensor {gguf_name}: type {t.tensor_type.name} cannot be dequantized", self.path) from None
         except (ValueError, IndexError) as e:
             raise CorruptFile(f"tensor {gguf_name} data is truncated or corrupt ({e})", self.path) from None
+
+    def _release(self, offset: int, nbytes: int) -> None:
+        """Drop a tensor's pages of the file mapping from this process: touched pages of a
+        mapping count in its RSS until unmapped, so streaming a 16 GB GGUF through gguf-py's
+        reader grew the RSS to 15.7 GiB (measured, 8B-shaped f16 input); the page cache keeps
+        them for whoever reads them next."""
+        mapping = getattr(self.reader.data, "_mmap", None)
+        if mapping is None or not hasattr(mapping, "madvise"):
+            return
+        start = offset - offset % mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
 
     def tensor_names(self) -> list[str]:
         return list(self._names)

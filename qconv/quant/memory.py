@@ -21,7 +21,8 @@ and then the larger of
   twice: glibc keeps the freed temporaries of earlier batches in its heap, measured at about
   one batch's worth (SmolLM2, 64 x 2048 tokens: 1055 MiB peak above the runtime, 875 without
   that slack; mapping every temporary afresh instead, with ``mallopt``, raised the system time
-  of two layers from 3.7 s to 13.7 s in page faults); plus,
+  of two layers from 3.7 s to 13.7 s in page faults); in the ``stream`` mode a recomputed
+  batch's float32 copy for the Hessian product lives beside it; plus,
   in ``keep`` mode, ``group_handoff``: the stored group input it is computed from), and
 * a method's own scratch while it works on a group (:meth:`qconv.quant.methods.base.Method.memory_bytes`:
   GPTQ's Hessians, AWQ's cached features).
@@ -160,7 +161,10 @@ def estimate(config: ModelConfig, work: Workload, mode: str, runtime: int | None
     }
     if work.fp_stream:
         parts["fp_stream"] = tokens * h * s + tokens * (q + f) * g + 4 * widest * widest
-    computing = {"batch_work": 2 * batch_tokens * (4 * h + 12 * f + g * f) if calibrating else 0,
+    batch = batch_tokens * (4 * h + 12 * f + g * f)
+    if mode != "keep" and work.sequential:
+        batch += batch_tokens * f * 4  # a recomputed batch's float32 copy for the Hessian product
+    computing = {"batch_work": 2 * batch if calibrating else 0,
                  "group_handoff": tokens * h * g if keep else 0}
     scratch = dict(work.extra)
     parts.update(computing if sum(computing.values()) >= sum(scratch.values()) else scratch)

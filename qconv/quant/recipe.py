@@ -50,8 +50,8 @@ class Calibration:
     #: CPUs with AVX512-BF16/AMX; weights and stored activations stay float32)
     dtype: str = "float32"
     #: what the calibration activations between ops and layers are stored in: "auto" is the
-    #: checkpoint's 16-bit dtype (what the deployed model stores them in; half the memory), or
-    #: float32 for a float32 checkpoint
+    #: checkpoint's 16-bit dtype (what the deployed model stores them in; half the memory), and
+    #: bfloat16 for a float32 checkpoint; float32 keeps every bit
     act_dtype: str = "auto"
     #: keep / stream / spill the calibration buffers (see ``quantize --dry-run``); "auto" picks
     #: the first that fits the memory available (or ``--max-memory``)
