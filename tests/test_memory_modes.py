@@ -164,4 +164,7 @@ def test_data_parallel_refusals(model: Path, calib: Path, tmp_path: Path) -> Non
                     "--seqlen", "32", "-o", str(tmp_path / "o"))
     assert res.returncode != 0 and "awq: data-parallel calibration is not implemented" in res.stderr
     assert not (tmp_path / "o").exists()
+    fp = _torchrun(2, "quantize", str(model), "--method", "gptq", "-g", "32", "--fp-targets", "--data", str(calib),
+                   "--samples", "10", "--seqlen", "32", "-o", str(tmp_path / "o"))
+    assert fp.returncode != 0 and "fp_targets is not implemented data-parallel" in fp.stderr
     assert DataParallel(0, 2).writes and not DataParallel(1, 2).writes

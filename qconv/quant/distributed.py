@@ -44,6 +44,13 @@ class DataParallel:
         dist.all_gather(values, like.contiguous())
         return [v if int(f.item()) else None for v, f in zip(values, flags)]
 
+    def broadcast(self, src: int, *tensors: torch.Tensor) -> None:
+        """Overwrite ``tensors`` on every rank with rank ``src``'s (same shapes everywhere)."""
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.broadcast(t, src)
+
     def maximum(self, t: torch.Tensor) -> torch.Tensor:
         """Elementwise maximum over ranks, in place (exact: no rounding involved)."""
         import torch.distributed as dist

@@ -76,6 +76,9 @@ class GPTQ(Quantizer):
             return [m for m in group.linears if schemes.scheme_for(ctx.module_name(m)) is not None]
 
         result: dict[str, QuantizedWeight] = {}
+        if ctx.pipeline.parallel is not None and self.fp_stream:
+            raise InvalidOption("gptq: fp_targets is not implemented data-parallel yet (its cross products are "
+                                "not reduced over ranks); run it in one process")
         if self.config["true_sequential"]:
             def visit(group: GroupSpec, inputs: GroupInputs, fp_inputs: GroupInputs | None) -> None:
                 linears = todo(group)
@@ -128,18 +131,32 @@ class GPTQ(Quantizer):
         its fp-target weight (:func:`retarget`) instead of its own."""
         out: dict[str, QuantizedWeight] = {}
         damp = float(self.config["damp"])
-        for inner in group:
+        parallel = ctx.pipeline.parallel
+        for j, inner in enumerate(group):
             scheme = schemes.scheme_for(ctx.module_name(inner))
             assert scheme is not None
             w = ctx.layer.get_submodule(inner).weight.data
-            r = gptq_quantize(w if C is None else retarget(w, H, C, damp), H, scheme,
-                              block_size=int(self.config["block_size"]), damp=damp,
-                              act_order=bool(self.config["act_order"]), static_groups=bool(self.config["static_groups"]),
-                              mse=bool(self.config["mse"]), refine=int(self.config["refine"]))
-            if r.fell_back_to_rtn:
-                log.warning("%s: Hessian not positive definite even with extra damping; used RTN",
-                            ctx.module_name(inner))
-            qw = QuantizedWeight(r.q, r.scale, r.zero, scheme)
+            # data-parallel: the group's Linears are shared out over the ranks (every rank has the
+            # same H and weights), and each result is broadcast from the rank that computed it
+            owner = j % parallel.world if parallel is not None else 0
+            if parallel is None or parallel.rank == owner:
+                r = gptq_quantize(w if C is None else retarget(w, H, C, damp), H, scheme,
+                                  block_size=int(self.config["block_size"]), damp=damp,
+                                  act_order=bool(self.config["act_order"]),
+                                  static_groups=bool(self.config["static_groups"]),
+                                  mse=bool(self.config["mse"]), refine=int(self.config["refine"]))
+                if r.fell_back_to_rtn:
+                    log.warning("%s: Hessian not positive definite even with extra damping; used RTN",
+                                ctx.module_name(inner))
+                q, scale, zero = r.q, r.scale, r.zero
+            else:
+                rows, groups = w.shape[0], scheme.groups(w.shape[1])
+                q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+                scale = torch.empty(rows, groups, dtype=torch.float32, device=w.device)
+                zero = torch.empty(rows, groups, dtype=torch.int32, device=w.device)
+            if parallel is not None:
+                parallel.broadcast(owner, q, scale, zero)
+            qw = QuantizedWeight(q, scale, zero, scheme)
             set_weight(ctx, inner, qw)
             out[inner] = qw
         return out
