@@ -222,8 +222,10 @@ class GroupInputs:
     def kept(cls, pipeline: "LayerPipeline", tensor: torch.Tensor) -> "GroupInputs":
         return cls(pipeline, tuple(tensor.shape), stored=tensor)
 
-    def numel(self) -> int:
-        return math.prod(self.shape)
+    def tokens(self) -> int:
+        """Input rows (samples x positions; an expert's routed tokens); a streamed group's width
+        is not known before it is computed, its rows are."""
+        return math.prod(self.shape[:-1])
 
     @property
     def dtype(self) -> torch.dtype:

@@ -84,7 +84,7 @@ class GPTQ(Quantizer):
                 linears = todo(group)
                 if not linears:
                     return
-                if not inputs.numel():  # an expert no calibration token was routed to
+                if not inputs.tokens():  # an expert no calibration token was routed to
                     log.warning("%s: no calibration tokens reached it; used RTN (more samples, or "
                                 "moe_all_tokens: true)", ctx.module_name(group.linears[0]))
                     for inner in linears:
