@@ -191,7 +191,7 @@ def quantize(
     chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template",
                                                  help="Calibration rows are conversations (--text-field messages): render them with the model's chat template."),
     calib_dtype: Optional[str] = typer.Option(None, "--calib-dtype",
-                                              help="Arithmetic of calibration passes: float32, or bfloat16 (faster only on CPUs with AVX512-BF16/AMX, and GPUs)."),
+                                              help="Arithmetic of calibration passes: auto (bfloat16 where native, except GPTQ), float32, or bfloat16 (faster only on CPUs with AVX512-BF16/AMX, and GPUs)."),
     act_dtype: Optional[str] = typer.Option(None, "--act-dtype",
                                             help="Storage of calibration activations: auto (the checkpoint's 16-bit dtype; bfloat16 for float32 checkpoints), float32, bfloat16, float16."),
     memory_mode: Optional[str] = typer.Option(None, "--memory-mode",

@@ -221,3 +221,18 @@ def test_run_json_outputs(tmp_path: Path) -> None:
     assert gen["new_tokens"] == 8 and gen["text"]
     assert_user_error(qconv("run", STORIES, "--ppl", text, "--ctx", "100000", "--device", "cpu"), "fewer than one window")
     assert_user_error(qconv("run", STORIES, "--ppl", text, "--text-field", "body", "--device", "cpu"), "no field 'body'")
+
+
+def test_progress_off_a_terminal_prints_plain_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    """CI logs see a line per layer (a long run is visibly alive); --quiet silences it."""
+    from qconv.progress import progress
+
+    with progress("quantizing", 3) as advance:
+        for _ in range(3):
+            advance()
+    with progress("quiet", 3, quiet=True) as advance:
+        advance()
+    err = capsys.readouterr()
+    assert err.out == ""
+    lines = err.err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["quantizing: 1/3", "quantizing: 2/3", "quantizing: 3/3"]

@@ -296,7 +296,7 @@ def test_bf16_calibration_warns_without_native_bf16(outlier_model: Path, monkeyp
     float32 on an AVX2 EPYC): asking for bf16 calibration there gets a warning, not silence."""
     import qconv.quant.pipeline as pipeline_module
 
-    monkeypatch.setattr(pipeline_module, "_native_cpu_bf16", lambda: native)
+    monkeypatch.setattr(pipeline_module, "native_bf16", lambda device: native)
     source = open_model(outlier_model)
     tokens = torch.zeros((1, 8), dtype=torch.long)
     with caplog.at_level("WARNING", logger="qconv.quant.pipeline"):
@@ -364,3 +364,27 @@ def test_fp_targets_need_true_sequential() -> None:
 
     with pytest.raises(InvalidOption, match="fp_targets needs true_sequential"):
         recipe_from_dict({"stages": [{"method": "gptq", "fp_targets": True, "true_sequential": False}]})
+
+
+def test_awq_error_through_second_moments_equals_the_error_over_tokens() -> None:
+    """AWQ measures a single Linear's error (scale search) and each group's (clip search) through
+    ``H = Σ x xᵀ`` instead of re-running the Linear over every token: the same numbers."""
+    from qconv.quant.methods.awq import clip_search, quadratic_error
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3, 64, dtype=torch.float64)
+    w = torch.randn(16, 64, generator=gen, dtype=torch.float64)
+    d = torch.randn(16, 64, generator=gen, dtype=torch.float64) * 0.01
+    h = x.T @ x
+    direct = (x @ d.T).pow(2).sum().item()
+    assert quadratic_error(d, h) == pytest.approx(direct, rel=1e-10)
+    scheme = WeightScheme(bits=3, group_size=16)
+    clipped = clip_search(w.float(), h.float(), scheme)
+    # per (row, group) the chosen range's error over the tokens is the least of the 10 ranges
+    xg, wg = x.float().reshape(-1, 4, 16), w.float().reshape(16, 4, 16)
+    m0 = wg.abs().amax(-1, keepdim=True)
+    errs = torch.stack([(torch.einsum("tng,cng->ctn", xg, fake_quantize(torch.clamp(wg, -m0 * (1 - i / 20), m0 * (1 - i / 20))
+                                                                       .reshape(16, 64), scheme).reshape(16, 4, 16) - wg))
+                        .pow(2).sum(1) for i in range(10)])
+    got = (torch.einsum("tng,cng->ctn", xg, fake_quantize(clipped, scheme).reshape(16, 4, 16) - wg)).pow(2).sum(1)
+    assert torch.allclose(got, errs.amin(0), rtol=1e-4)

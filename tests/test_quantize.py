@@ -37,7 +37,7 @@ def test_shipped_recipes_validate(path: Path) -> None:
     ({"stages": [{"method": "rtn"}, {"method": "awq"}]}, "exactly one quantizer"),
     ({"stages": [{"method": "magic"}]}, "unknown method 'magic'"),
     ({"scheme": {"bits": 4, "activations": {"bits": 8}}}, "W8A8"),
-    ({"calibration": {"dtype": "float16"}}, "calibration.dtype must be one of float32, bfloat16, got 'float16'"),
+    ({"calibration": {"dtype": "float16"}}, "calibration.dtype must be one of auto, float32, bfloat16, got 'float16'"),
     ({"stages": [{"method": "gptq", "damp": "high"}]}, "stages[0].damp must be int or float, got 'high'"),
     ({"stages": [{"method": "gptq", "act_order": 1}]}, "stages[0].act_order must be bool, got 1"),
 ])

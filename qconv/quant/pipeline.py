@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from qconv.errors import InvalidOption
 from qconv.checkpoint.source import ModelSource
 from qconv.quant.distributed import DataParallel
 from qconv.quant.memory import release_memory
-from qconv.quant.reduce import BUCKETS, bucket_sizes, bucket_span
+from qconv.quant.reduce import BUCKETS, TreeSum, bucket_sizes, bucket_span
 from qconv.model.decoder import (
     DecoderLayer,
     Op,
@@ -100,9 +100,10 @@ class LayerContext:
         x = self.spec.experts
         return None if x is None else f"{x.module}.{x.router}"
 
-    def ops(self) -> tuple[Op, ...]:
-        """The layer's forward ops over the calibration windows (no KV cache, position 0)."""
-        return self.layer.ops(*self.pipeline.rope(self.index), None, 0)
+    def ops(self, length: int | None = None) -> tuple[Op, ...]:
+        """The layer's forward ops over the calibration windows (no KV cache, position 0), or
+        over their first ``length`` positions."""
+        return self.layer.ops(*(t[:length] for t in self.pipeline.rope(self.index)), None, 0)
 
     @torch.inference_mode()
     def sequential(self, visit: GroupVisitor, all_expert_tokens: bool = False) -> torch.Tensor:
@@ -174,10 +175,11 @@ class LayerContext:
         AWQ's scale search measures its error at this output."""
         return self.branch_at(self.spec.groups.index(group))
 
-    def branch_at(self, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def branch_at(self, k: int, length: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """:meth:`branch` from the block's ``k``-th branch value (after the spec's groups, a
-        mixture of experts' input: the branch is then the whole MoE)."""
-        ops = self.ops()
+        mixture of experts' input: the branch is then the whole MoE), over the windows' first
+        ``length`` positions (all by default)."""
+        ops = self.ops(length)
         starts = [i + 1 for i, op in enumerate(ops) if not op.residual]
         start = starts[k]
         end = next(i for i in range(start, len(ops)) if ops[i].residual) + 1
@@ -383,10 +385,12 @@ class LayerPipeline:
         self.mode = mode
         self.parallel = parallel
         self._scratch = scratch_dir
-        if self.device.type == "cpu" and compute_dtype == torch.bfloat16 and not _native_cpu_bf16():
+        if self.device.type == "cpu" and compute_dtype == torch.bfloat16 and not native_bf16(self.device):
             # measured on a 2-core AVX2 EPYC: bf16 GEMMs 0.25 GFLOP/s against 53-79 in float32
             log.warning("bfloat16 calibration on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and "
                         "hundreds of times slower than float32: use --calib-dtype float32 here")
+        #: calibration samples over every rank
+        self.samples = tokens.shape[0]
         sizes = bucket_sizes(tokens.shape[0])
         self.span = (0, BUCKETS) if parallel is None else bucket_span(parallel.rank, parallel.world)
         lo, hi = self.span
@@ -414,6 +418,33 @@ class LayerPipeline:
             at += size
         return out
 
+    def subset(self, n: int) -> list[tuple[int, slice]]:
+        """This process's share of a subset of ``n`` samples, spread over the buckets as the
+        samples are (the first ``bucket_sizes(n)[b]`` samples of each bucket ``b``), as
+        ``(bucket, slice of this process's samples)``: any rank split takes the same subset."""
+        want = bucket_sizes(min(n, self.samples))
+        out, at = [], 0
+        for bucket, size in self.buckets:
+            if want[bucket]:
+                out.append((bucket, slice(at, at + want[bucket])))
+            at += size
+        return out
+
+    def reduce(self, parts: Iterable[tuple[int, torch.Tensor]], width: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The sum of per-bucket values ``[width]`` (``(bucket, value)`` in bucket order, several
+        per bucket allowed) over every rank, combined in :mod:`qconv.quant.reduce`'s fixed tree:
+        the same bits however the samples are split."""
+        tree = TreeSum(lambda: torch.zeros(width, dtype=dtype, device=self.device), self.span)
+        for bucket, value in parts:
+            tree.partial(bucket).add_(value.to(self.device, dtype))
+        total = tree.total(self.parallel.gather if self.parallel else None)
+        return total if total is not None else torch.zeros(width, dtype=dtype, device=self.device)
+
+    def count(self, n: int) -> int:
+        """An integer summed over every rank (token counts)."""
+        return self.parallel.total(n, self.device) if self.parallel else n
+
     def embeddings(self) -> torch.Tensor:
         """Layer-0 inputs: token embeddings of every sample, on the host in the storage dtype."""
         weight = self.source.get_tensor(f"{EMBED}.weight")
@@ -435,20 +466,24 @@ class LayerPipeline:
         weights and residual arithmetic), on the pipeline's device."""
         return t.to(self.device, torch.float32) if t.is_floating_point() else t.to(self.device)
 
-    def autocast(self) -> torch.autocast:
-        """The compute dtype's autocast on the pipeline's device (disabled for float32)."""
-        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+    def autocast(self, dtype: torch.dtype | None = None) -> torch.autocast:
+        """The compute dtype's (or ``dtype``'s) autocast on the pipeline's device (disabled for
+        float32)."""
+        dtype = dtype or self.compute_dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def map(self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor,
-            dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+            dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
+            compute: torch.dtype | None = None) -> torch.Tensor:
         """``fn`` over aligned batches (:meth:`batches`) of samples of ``tensors`` ``[n, ...]``
         (host tensors in, a host ``dtype`` tensor out, computed on the pipeline's device in its
         compute dtype). Results go straight into one preallocated output (``out``, which may be
         one of ``tensors`` when ``fn`` maps each sample's rows to its own rows only; else a
         recycled buffer when one of the right shape is free): concatenating a list of batches
-        would briefly hold the (up to 1.6 GB) result twice."""
+        would briefly hold the (up to 1.6 GB) result twice. ``compute``: another compute dtype
+        than the pipeline's (a method's search)."""
         for _, part in self.batches(tensors[0].shape[0]):
-            with self.autocast():
+            with self.autocast(compute):
                 y = fn(*(self.on_device(t[part]) for t in tensors))
             if out is None:
                 out = self._buffer((tensors[0].shape[0], *y.shape[1:]), dtype)
@@ -505,8 +540,14 @@ def _mapped(shape: tuple[int, ...], dtype: torch.dtype, directory: Path | None) 
         return torch.from_file(f.name, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
 
 
-def _native_cpu_bf16() -> bool:
-    """Whether oneDNN has bf16 GEMM kernels on this CPU (AVX512-BF16 or AMX)."""
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 GEMMs natively: a CUDA GPU that supports bf16, a
+    CPU where oneDNN has bf16 kernels (AVX512-BF16 or AMX; elsewhere bf16 is emulated, measured
+    hundreds of times slower than float32 on an AVX2 EPYC)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN

@@ -24,7 +24,7 @@ from qconv.quant.calibration import calibration_windows, load_calibration_rows
 from qconv.quant.distributed import data_parallel
 from qconv.quant.memory import Workload, plan, release_memory
 from qconv.quant.methods import Method, Quantizer, SourceTransform, Transform, get_method
-from qconv.quant.pipeline import LayerPipeline
+from qconv.quant.pipeline import LayerPipeline, native_bf16
 from qconv.quant.recipe import Recipe
 from qconv.quant.reduce import BUCKETS, bucket_sizes, bucket_span
 
@@ -76,6 +76,19 @@ def activation_dtype(name: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
     return checkpoint_dtype if checkpoint_dtype == torch.float16 else torch.bfloat16
 
 
+def compute_dtype(name: str, device: torch.device, stages: list[Method]) -> torch.dtype:
+    """The calibration passes' arithmetic: ``auto`` is bfloat16 where the device has native
+    bf16 GEMMs (AMX/AVX512-BF16 CPUs measured ~4x float32; CUDA) and float32 elsewhere (an AVX2
+    CPU emulates bf16, hundreds of times slower); and float32 when a stage asks for it (GPTQ:
+    its Hessians would sum bf16-rounded inputs). AWQ's and SmoothQuant's statistics
+    are means and maxima, which bf16 changes in the third digit, as the fp16 runs of their
+    reference implementations do."""
+    if name != "auto":
+        return getattr(torch, name)
+    exact = any(m.float32_calibration for m in stages)
+    return torch.bfloat16 if native_bf16(device) and not exact else torch.float32
+
+
 class _Discard:
     """The writer of a data-parallel rank other than 0: it computes, rank 0 writes."""
 
@@ -118,6 +131,8 @@ def quantize_model(
     quantizer = stages[-1]
     assert isinstance(quantizer, Quantizer)
     calib = recipe.calibration
+    # the windows the stages read: AWQ then RTN reads only AWQ's search samples
+    wanted = max(m.calibration_samples(calib.samples) for m in stages)
     torch_device = torch.device(device)
     parallel = data_parallel(torch_device) if recipe.needs_calibration else None
     if parallel is not None:
@@ -125,8 +140,8 @@ def quantize_model(
         if refused:
             raise InvalidOption(f"{', '.join(refused)}: data-parallel calibration is not implemented for this "
                                 f"method yet; run it in one process")
-        if calib.samples < BUCKETS:
-            raise InvalidOption(f"data-parallel calibration needs at least {BUCKETS} samples (got {calib.samples})")
+        if wanted < BUCKETS:
+            raise InvalidOption(f"data-parallel calibration needs at least {BUCKETS} samples (got {wanted})")
         if torch_device.type == "cuda":
             torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", parallel.rank)))
         quiet = quiet or not parallel.writes
@@ -147,7 +162,7 @@ def quantize_model(
         widths = _linear_widths(source)
         schemes.check_shapes(widths)
         store_dtype = activation_dtype(calib.act_dtype, model_dtype)
-        samples = calib.samples if recipe.needs_calibration else 0
+        samples = wanted
         if parallel is not None:
             lo, hi = bucket_span(parallel.rank, parallel.world)
             samples = sum(bucket_sizes(samples)[lo:hi])
@@ -158,13 +173,14 @@ def quantize_model(
             if calib.data:
                 tok = source.tokenizer()
                 rows = load_calibration_rows(calib.data, calib.text_field, tok if calib.chat_template else None,
-                                             calib.samples * calib.seqlen)
-                tokens = calibration_windows(tok, rows, calib.samples, calib.seqlen, calib.seed)
+                                             wanted * calib.seqlen)
+                tokens = calibration_windows(tok, rows, wanted, calib.seqlen, calib.seed)
                 del rows, tok
             elif not dry_run:
                 raise InvalidOption(f"recipe {recipe.name!r} needs calibration data: pass --data FILE")
         release_memory()
-        work = Workload(samples, calib.seqlen, getattr(torch, calib.dtype), store_dtype, batch_size,
+        arithmetic = compute_dtype(calib.dtype, torch_device, stages)
+        work = Workload(samples, calib.seqlen, arithmetic, store_dtype, batch_size,
                         sequential=quantizer.sequential, fp_stream=quantizer.fp_stream,
                         extra=_method_memory(stages, source, samples, calib.seqlen))
         memory = plan(source.config, work, calib.memory, max_memory)
@@ -176,7 +192,7 @@ def quantize_model(
             log.warning("no memory mode fits %.1f GiB (the %s mode needs ~%.1f GiB): running it anyway",
                         memory.limit / 2**30, memory.mode, memory.estimate["total"] / 2**30)
         act = ActivationScheme(bits=recipe.act_bits) if recipe.act_bits else None
-        pipeline = LayerPipeline(source, tokens, torch_device, batch_size, getattr(torch, calib.dtype),
+        pipeline = LayerPipeline(source, tokens, torch_device, batch_size, arithmetic,
                                  quantizer.fp_stream, store_dtype, memory.mode, parallel)
         writes = parallel is None or parallel.writes
         writer = CompressedTensorsWriter(

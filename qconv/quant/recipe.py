@@ -32,7 +32,8 @@ from qconv.quant.methods import get_method
 from qconv.quant.schemes import DEFAULT_IGNORE, Override, SchemeMap
 
 OUTPUT_FORMATS = ("compressed-tensors",)
-CALIBRATION_DTYPES = ("float32", "bfloat16")
+#: the calibration passes' arithmetic; "auto": see :func:`qconv.quant.quantize.compute_dtype`
+CALIBRATION_DTYPES = ("auto", "float32", "bfloat16")
 #: what calibration activations may be stored in; "auto": the checkpoint's 16-bit dtype, or float32
 ACTIVATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: memory modes (:class:`qconv.quant.pipeline.LayerPipeline`); "auto" chooses from the memory available
@@ -47,8 +48,9 @@ class Calibration:
     seed: int = 0
     text_field: str = "text"
     #: arithmetic of the calibration forward passes: float32, or bfloat16 (~4x faster GEMMs on
-    #: CPUs with AVX512-BF16/AMX; weights and stored activations stay float32)
-    dtype: str = "float32"
+    #: CPUs with AVX512-BF16/AMX; weights stay float32); "auto": bfloat16 where it is native,
+    #: except under GPTQ's Hessians (float32)
+    dtype: str = "auto"
     #: what the calibration activations between ops and layers are stored in: "auto" is the
     #: checkpoint's 16-bit dtype (what the deployed model stores them in; half the memory), and
     #: bfloat16 for a float32 checkpoint; float32 keeps every bit

@@ -4,36 +4,62 @@ Per decoder layer, for each Linear group of the family's spec and the op that fe
 Llama family ``input_layernorm -> q/k/v``, ``v_proj -> o_proj`` when their shapes allow it (never
 under GQA), ``post_attention_layernorm -> gate/up``, ``up_proj -> down_proj``):
 
-1. ``x_mean`` = mean |x| per input channel over calibration tokens; ``w_mean`` = mean over rows
+1. ``x_mean`` = mean |x| per input channel over the search tokens; ``w_mean`` = mean over rows
    of |W| normalized by its quantization group's max (AutoAWQ's "duo scaling").
 2. Grid over ratio r = i/grid: ``s = clamp(x_mean^r / (w_mean^(1-r) + 1e-4), 1e-4)``,
-   ``s /= sqrt(max s * min s)``; loss = MSE between the group's branch output (what it adds to
-   the residual stream: the whole attention for q/k/v, the whole MLP for gate/up) with
-   ``Q(W·s)/s`` and with the fp weights; keep the best s (r = 0, no scaling, is in the grid).
+   ``s /= sqrt(max s * min s)``; loss = squared error between the group's branch output (what
+   it adds to the residual stream: the whole attention for q/k/v, the whole MLP for gate/up)
+   with ``Q(W·s)/s`` and with the fp weights; keep the best s (r = 0, no scaling, is in the grid).
+   Where the branch is the group's single Linear (o_proj, down_proj: AutoAWQ inspects the
+   Linear itself there) the loss is ``Σ_rows d H dᵀ`` with ``d = Q(W·s)/s - W`` and
+   ``H = Σ_tokens x xᵀ``: the same number without re-running the Linear over every token per
+   grid point (one GEMM of ``in²`` per token once, then ``out·in²`` per point).
 3. Fold (:func:`qconv.quant.methods.scaling.fold_scales`): ``prev /= s`` (norm weight, or the
-   rows of the previous Linear), ``W *= s``; the cached inputs are divided by s so later steps
+   rows of the previous Linear), ``W *= s``; the search inputs are divided by s so later steps
    see what the scaled model computes.
 4. Clip search for every Linear except those whose outputs RoPE rotates (q/k: their error is
-   amplified by the q·k product):
-   per (row, group), shrink the |w| range by 1 - i/20 (i < 10) and keep the least output MSE.
+   amplified by the q·k product): per (row, group), shrink the |w| range by 1 - i/20 (i < 10)
+   and keep the least output error ``d_g H_g d_gᵀ`` (``H_g``: the group's diagonal block of
+   ``H``, over all search tokens).
 
-All search math is float32 (AWQ's fp16 overflow issues do not arise). The quantizer stage after
-this transform (RTN or GPTQ) produces the codes.
+Search tokens: ``search_samples`` windows, taken as the first samples of each calibration
+bucket (:mod:`qconv.quant.reduce`), so a data-parallel rank holds its share of them. Every
+sum over tokens (``x_mean``, ``H``, the branch losses) is taken per bucket and the buckets'
+sums are combined in the fixed tree, losses as correctly rounded sums (``math.fsum``) of
+per-token errors: a data-parallel run chooses the single process's scales bit for bit.
+
+The branch outputs are computed in ``search_dtype`` (``auto``: bfloat16 where the device has
+native bf16 GEMMs, float32 elsewhere); scales, H and losses are float32/float64 sums. The
+quantizer stage after this transform (RTN or GPTQ) produces the codes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from qconv.arch.config import ModelConfig
 from qconv.core.grid import WeightScheme, fake_quantize
+from qconv.errors import InvalidOption
+from qconv.quant.gptq import HessianAccumulator
+from qconv.quant.memory import linear_shapes
 from qconv.quant.methods.base import Transform
 from qconv.quant.methods.scaling import fold_scales
-from qconv.arch.config import ModelConfig
-from qconv.quant.memory import linear_shapes
-from qconv.quant.pipeline import LayerContext
+from qconv.quant.pipeline import LayerContext, LayerPipeline, native_bf16
 from qconv.quant.schemes import SchemeMap
+
+#: search-input features per bucket: bucket -> feature name -> ``[samples, T, in]`` (an
+#: expert's routed tokens: ``[1, tokens, in]``)
+Features = dict[int, dict[str, torch.Tensor]]
+
+
+def column_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the rows of a 2-D tensor, as a GEMM: under ``MKL_CBWR`` its bits do not depend
+    on the thread count (a reduction kernel's split does), which data-parallel ranks need."""
+    return (torch.ones(1, x.shape[0], dtype=x.dtype, device=x.device) @ x)[0]
 
 
 def w_mean(weights: list[torch.Tensor], scheme: WeightScheme) -> torch.Tensor:
@@ -43,7 +69,7 @@ def w_mean(weights: list[torch.Tensor], scheme: WeightScheme) -> torch.Tensor:
     out, n = w.shape
     g = w.abs().reshape(out, scheme.groups(n), scheme.group_width(n))
     g = g / (g.amax(-1, keepdim=True) + 1e-6)
-    return g.reshape(out, n).mean(0)
+    return column_sum(g.reshape(out, n)) / out
 
 
 def candidate_scales(x_mean: torch.Tensor, wm: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -52,114 +78,227 @@ def candidate_scales(x_mean: torch.Tensor, wm: torch.Tensor, ratio: float) -> to
     return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
-def clip_search(w: torch.Tensor, x: torch.Tensor, scheme: WeightScheme, steps: int = 10, grid: int = 20,
-                chunk: int = 64) -> torch.Tensor:
-    """Per (row, group) max |w| that minimizes the group-wise output error on tokens ``x`` [N, in];
-    returns the clipped weight."""
+def quadratic_error(d: torch.Tensor, h: torch.Tensor) -> float:
+    """``Σ_rows d H dᵀ`` (= Σ over the tokens behind ``H`` of ``|x dᵀ|²``), correctly rounded."""
+    return math.fsum(((d @ h) * d).sum(-1).double().tolist())
+
+
+def clip_search(w: torch.Tensor, h: torch.Tensor, scheme: WeightScheme, steps: int = 10, grid: int = 20) -> torch.Tensor:
+    """Per (row, group) max |w| that minimizes the group's output error ``d H_g dᵀ`` (``H_g`` =
+    the group's diagonal block of the input second moments ``h [in, in]``); returns the clipped
+    weight."""
     out, n = w.shape
     ng, gw = scheme.groups(n), scheme.group_width(n)
-    xg = x.float().reshape(-1, ng, gw)
-    clipped = torch.empty_like(w, dtype=torch.float32)
-    for r0 in range(0, out, chunk):
-        wc = w[r0:r0 + chunk].float()
-        wg = wc.reshape(-1, ng, gw)
-        ref = torch.einsum("tng,cng->ctn", xg, wg)
-        org_max = wg.abs().amax(-1, keepdim=True)
-        best_err = torch.full(org_max.shape[:2], float("inf"), device=w.device)
-        best_max = org_max.clone()
-        for i in range(steps):
-            m = org_max * (1 - i / grid)
-            q = fake_quantize(torch.clamp(wg, -m, m).reshape(wc.shape), scheme).reshape(wg.shape)
-            err = (torch.einsum("tng,cng->ctn", xg, q) - ref).pow(2).mean(1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_max = torch.where(better[..., None], m, best_max)
-        clipped[r0:r0 + chunk] = torch.clamp(wg, -best_max, best_max).reshape(wc.shape)
-    return clipped.to(w.dtype)
+    blocks = torch.stack([h[i * gw:(i + 1) * gw, i * gw:(i + 1) * gw] for i in range(ng)])  # [ng, gw, gw]
+    wg = w.float().reshape(out, ng, gw)
+    org_max = wg.abs().amax(-1, keepdim=True)
+    best_err = torch.full(org_max.shape[:2], float("inf"), device=w.device)
+    best_max = org_max.clone()
+    for i in range(steps):
+        m = org_max * (1 - i / grid)
+        d = fake_quantize(torch.clamp(wg, -m, m).reshape(out, n), scheme).reshape(out, ng, gw) - wg
+        err = (torch.bmm(d.transpose(0, 1), blocks).transpose(0, 1) * d).sum(-1)  # [out, ng]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better[..., None], m, best_max)
+    return torch.clamp(wg, -best_max, best_max).reshape(out, n).to(w.dtype)
+
+
+@dataclass
+class _Pair:
+    """One scale to search: the op it folds into, the Linears it balances, fp Linears scaled
+    with them (a MoE router), the feature they read, and how the error is measured: through
+    ``branch`` (run per grid point) or, when None, at the single Linear's output via H."""
+
+    source: str
+    balance: tuple[str, ...]
+    also: tuple[str, ...]
+    feature: str
+    branch: Callable[[torch.Tensor], torch.Tensor] | None
 
 
 class AWQ(Transform):
     name = "awq"
     supports_experts = True
+    supports_parallel = True
     #: ``search_samples`` 32 x 2048 tokens = the 64k tokens AutoAWQ searches with (128 x 512)
-    options = {"grid": 20, "clip": True, "clip_tokens": 512, "search_samples": 32}
+    options = {"grid": 20, "clip": True, "search_samples": 32, "search_tokens": 16384, "search_dtype": "auto"}
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        if self.config["search_dtype"] not in ("auto", "float32", "bfloat16"):
+            raise InvalidOption(f"awq: search_dtype must be auto, float32 or bfloat16, got {self.config['search_dtype']!r}")
+        if min(int(self.config[k]) for k in ("search_samples", "search_tokens", "grid")) < 1:
+            raise InvalidOption("awq: search_samples, search_tokens and grid must be >= 1")
+
+    def calibration_samples(self, samples: int) -> int:
+        """Only the search samples: after AWQ and RTN no pass reads more."""
+        return min(int(self.config["search_samples"]), samples)
 
     def memory_bytes(self, config: ModelConfig, samples: int, seqlen: int) -> dict[str, int]:
-        """Every Linear's inputs over the search samples in float32, and the two branch outputs
+        """The search features (one per Linear group) in float32, and the two branch outputs
         the loss compares."""
         tokens = min(int(self.config["search_samples"]), samples) * seqlen
         return {"awq_features": tokens * (sum(i for _, i in linear_shapes(config)) + 2 * config.hidden_size) * 4}
 
+    def _dtype(self, device: torch.device) -> torch.dtype:
+        name = self.config["search_dtype"]
+        if name == "auto":
+            return torch.bfloat16 if native_bf16(device) else torch.float32
+        return getattr(torch, name)
+
     def apply(self, ctx: LayerContext, schemes: SchemeMap) -> None:
+        feats, feature_of = self._features(ctx)
         layer = ctx.layer
-        n = min(int(self.config["search_samples"]), ctx.inputs.shape[0])
-        inputs = ctx.inputs[:n]
-        feats: dict[str, list[torch.Tensor]] = {}
-        ctx.forward(lambda inner, x: feats.setdefault(inner, []).append(x.float().cpu()), inputs=inputs)
-        # an expert's inputs are its routed tokens, one sequence of them
-        x = {k: torch.cat(v).reshape(1, -1, v[0].shape[-1]) if v[0].dim() == 2 else torch.cat(v)
-             for k, v in feats.items()}
-        p = ctx.pipeline
+        hessians: dict[str, torch.Tensor] = {}
         with torch.inference_mode():
-            for source_name, balance, also, feat, branch in self._pairs(ctx):
-                scheme = schemes.scheme_for(ctx.module_name(balance[0]))
-                source = layer.get_submodule(source_name)
-                if scheme is None or feat not in x or source.weight.shape[0] != x[feat].shape[-1]:
+            for pair in self._pairs(ctx):
+                scheme = schemes.scheme_for(ctx.module_name(pair.balance[0]))
+                source = layer.get_submodule(pair.source)
+                if scheme is None or not self._reached(feats, pair.feature) \
+                        or source.weight.shape[0] != self._width(feats, pair.feature):
                     continue  # not quantized, not reached, or no exact source (a value Linear under GQA)
-                s = self._search(layer, balance, lambda t: p.map(branch, t), x[feat], scheme)
-                fold_scales(source, [layer.get_submodule(b) for b in (*also, *balance)], s)
-                for name in (*also, *balance):  # their inputs are now x / s
-                    if name in x:
-                        x[name] = x[name] / s.to(x[name].device)
+                s = self._search(ctx, pair, feats, hessians, scheme)
+                fold_scales(source, [layer.get_submodule(b) for b in (*pair.also, *pair.balance)], s)
+                for name in {feature_of[n] for n in (*pair.also, *pair.balance)}:  # their inputs are now x / s
+                    for per in feats.values():
+                        if name in per:
+                            per[name] = (per[name].float() / s.to(per[name].device)).to(per[name].dtype)
+                    if name in hessians:
+                        hessians[name] = hessians[name] / (s[:, None] * s[None, :]).to(hessians[name].device)
             if self.config["clip"]:
-                self._clip(ctx, schemes, {k: v for k, v in x.items() if k != ctx.router})
+                self._clip(ctx, schemes, feats, feature_of, hessians)
+
+    def _features(self, ctx: LayerContext) -> tuple[Features, dict[str, str]]:
+        """The search samples' inputs of every Linear group (one tensor per group: its Linears
+        read the same input), per bucket, and the map Linear -> its group's feature name."""
+        p = ctx.pipeline
+        feature_of = {lin: g.linears[0] for g in ctx.spec.groups for lin in g.linears}
+        if ctx.spec.experts is not None:
+            assert ctx.router is not None
+            feature_of[ctx.router] = ctx.router
+            for e in range(p.config.num_experts):
+                for g in ctx.spec.experts.groups(e):
+                    feature_of.update({lin: g.linears[0] for lin in g.linears})
+        wanted = set(feature_of.values())
+        feats: Features = {}
+        for bucket, part in p.subset(int(self.config["search_samples"])):
+            got: dict[str, list[torch.Tensor]] = {}
+            ctx.forward(lambda inner, x: got.setdefault(inner, []).append(x.to(p.group_dtype, copy=True).cpu())
+                        if inner in wanted else None, inputs=ctx.inputs[part])
+            # an expert's inputs are its routed tokens, one sequence of them
+            feats[bucket] = {k: torch.cat(v).reshape(1, -1, v[0].shape[-1]) if v[0].dim() == 2 else torch.cat(v)
+                             for k, v in got.items()}
+        return feats, feature_of
 
     @staticmethod
-    def _pairs(ctx: LayerContext) -> list[tuple[str, tuple[str, ...], tuple[str, ...], str,
-                                                Callable[[torch.Tensor], torch.Tensor]]]:
-        """(source, balanced Linears, fp Linears scaled with them, the input feature to search
-        on, the branch the error is measured at) for every scale pair of the layer: the spec's
-        groups (none through a fused source), then in a mixture of experts its norm -> the
-        router and every expert's gate/up (one scale: one norm feeds them; on all tokens,
-        measured at the whole MoE's output) and each expert's up -> down (its routed tokens)."""
-        pairs = [(g.source, g.linears, (), g.linears[0], ctx.branch(g)) for g in ctx.spec.groups
-                 if g.source_kind != "fused"]
+    def _reached(feats: Features, name: str) -> bool:
+        """Whether any search token reached the feature (an expert may get none)."""
+        return any(name in per for per in feats.values())
+
+    @staticmethod
+    def _width(feats: Features, name: str) -> int:
+        return next(per[name].shape[-1] for per in feats.values() if name in per)
+
+    def _loss_length(self, p: LayerPipeline) -> int:
+        """Positions of each search sample the branch losses run over: the first ones, about
+        ``search_tokens`` in all. A causal block computes them exactly as in the full windows,
+        and the attention over them costs quadratically less."""
+        samples = min(int(self.config["search_samples"]), p.samples)
+        return max(1, -(-int(self.config["search_tokens"]) // samples))
+
+    def _pairs(self, ctx: LayerContext) -> list[_Pair]:
+        """Every scale pair of the layer: the spec's groups (none through a fused source), then
+        in a mixture of experts its norm -> the router and every expert's gate/up (one scale:
+        one norm feeds them; on all tokens, measured at the whole MoE's output) and each
+        expert's up -> down (its routed tokens)."""
+        length = self._loss_length(ctx.pipeline)
+
+        def branch(k: int, linears: tuple[str, ...], residual: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+            return None if len(linears) == 1 and residual == "writes" else ctx.branch_at(k, length)
+
+        pairs = [_Pair(g.source, g.linears, (), g.linears[0], branch(k, g.linears, g.residual))
+                 for k, g in enumerate(ctx.spec.groups) if g.source_kind != "fused"]
         x = ctx.spec.experts
         if x is not None:
             experts = [x.groups(e) for e in range(ctx.pipeline.config.num_experts)]
             assert ctx.router is not None
             gate_up = tuple(n for g, _ in experts for n in g.linears)
-            pairs.append((x.input_norm, gate_up, (ctx.router,), ctx.router, ctx.branch_at(len(ctx.spec.groups))))
-            pairs += [(down.source, down.linears, (), down.linears[0], ctx.layer.get_submodule(down.linears[0]))
-                      for _, down in experts]
+            pairs.append(_Pair(x.input_norm, gate_up, (ctx.router,), ctx.router,
+                               ctx.branch_at(len(ctx.spec.groups), length)))
+            pairs += [_Pair(down.source, down.linears, (), down.linears[0], None) for _, down in experts]
         return pairs
 
-    def _search(self, layer: torch.nn.Module, balance: tuple[str, ...], inspect: Callable[[torch.Tensor], torch.Tensor],
-                x: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
-        mods = [layer.get_submodule(b) for b in balance]
+    def _hessian(self, ctx: LayerContext, feats: Features, name: str, width: int) -> torch.Tensor:
+        """``Σ x xᵀ`` of a feature over every rank's search tokens (float32, bucket tree)."""
+        p = ctx.pipeline
+        acc = HessianAccumulator(width, p.device, span=p.span, parallel=p.parallel)
+        for bucket in sorted(feats):
+            if name in feats[bucket]:
+                acc.add(feats[bucket][name], bucket)
+        return acc.hessian
+
+    def _search(self, ctx: LayerContext, pair: _Pair, feats: Features, hessians: dict[str, torch.Tensor],
+                scheme: WeightScheme) -> torch.Tensor:
+        p = ctx.pipeline
+        mods = [ctx.layer.get_submodule(b) for b in pair.balance]
         originals = [m.weight.data.clone() for m in mods]
-        x_mean = x.abs().reshape(-1, x.shape[-1]).mean(0).to(originals[0].device)
+        width = originals[0].shape[1]
+        rows = {b: per[pair.feature].reshape(-1, width) for b, per in sorted(feats.items()) if pair.feature in per}
+        x_sum = p.reduce(((b, column_sum(x.float().abs())) for b, x in rows.items()), width)
+        tokens = p.count(sum(x.shape[0] for x in rows.values()))
+        x_mean = (x_sum / max(tokens, 1)).to(originals[0].device)
         wm = w_mean(originals, scheme)
-        ref = inspect(x)
-        best, best_s = float("inf"), torch.ones_like(x_mean)
         grid = int(self.config["grid"])
-        for i in range(grid):
-            s = candidate_scales(x_mean, wm, i / grid)
+        scales = [candidate_scales(x_mean, wm, i / grid) for i in range(grid)]
+
+        def trial(i: int) -> None:
             for m, w in zip(mods, originals):
-                m.weight.data = fake_quantize(w * s[None, :], scheme) / s[None, :]
-            loss = (inspect(x) - ref).float().pow(2).mean().item()
-            if loss < best:
-                best, best_s = loss, s
+                m.weight.data = fake_quantize(w * scales[i][None, :], scheme) / scales[i][None, :]
+
+        if pair.branch is None:  # a single Linear: its error through H, no pass over the tokens
+            if pair.feature not in hessians:
+                hessians[pair.feature] = self._hessian(ctx, feats, pair.feature, width)
+            h = hessians[pair.feature].to(originals[0].device)
+            losses = []
+            for i in range(grid):
+                trial(i)
+                losses.append(quadratic_error(mods[0].weight.data - originals[0], h))
+        else:
+            losses = self._branch_losses(ctx, pair, feats, trial, grid)
         for m, w in zip(mods, originals):
             m.weight.data = w
-        return best_s
+        best = min(range(grid), key=lambda i: (losses[i], i))
+        return scales[best]
 
-    def _clip(self, ctx: LayerContext, schemes: SchemeMap, x: dict[str, torch.Tensor]) -> None:
-        for inner, feats in x.items():
+    def _branch_losses(self, ctx: LayerContext, pair: _Pair, feats: Features, trial: Callable[[int], None],
+                       grid: int) -> list[float]:
+        """Squared error of the branch output per grid point, summed over every rank's search
+        tokens: per bucket a correctly rounded sum of per-token errors, buckets by the tree."""
+        p, dtype, branch = ctx.pipeline, self._dtype(ctx.pipeline.device), pair.branch
+        assert branch is not None
+        buckets = [b for b in sorted(feats) if pair.feature in feats[b]]
+        length = self._loss_length(p)
+        inputs = {b: feats[b][pair.feature][:, :length] for b in buckets}
+        refs = {b: p.map(branch, inputs[b], compute=dtype) for b in buckets}
+        table = torch.zeros(len(buckets), grid, dtype=torch.float64)
+        for i in range(grid):
+            trial(i)
+            for j, b in enumerate(buckets):
+                rows = p.map(lambda x, r: (branch(x).float() - r).pow(2).sum(-1), inputs[b], refs[b],
+                             compute=dtype)
+                table[j, i] = math.fsum(rows.double().flatten().tolist())
+        return p.reduce(zip(buckets, table), grid, torch.float64).tolist()
+
+    def _clip(self, ctx: LayerContext, schemes: SchemeMap, feats: Features, feature_of: dict[str, str],
+              hessians: dict[str, torch.Tensor]) -> None:
+        for inner in ctx.linears:
             scheme = schemes.scheme_for(ctx.module_name(inner))
-            if scheme is None or (inner in ctx.spec.linear_names and ctx.spec.linear(inner).rope_heads):
+            name = feature_of.get(inner)
+            if scheme is None or name is None or not self._reached(feats, name) or \
+                    (inner in ctx.spec.linear_names and ctx.spec.linear(inner).rope_heads):
                 continue
-            flat = feats.reshape(-1, feats.shape[-1])
-            step = max(1, flat.shape[0] // int(self.config["clip_tokens"]))
             linear = ctx.layer.get_submodule(inner)
-            linear.weight.data = clip_search(linear.weight.data, flat[::step].to(linear.weight.device), scheme)
+            if name not in hessians:
+                hessians[name] = self._hessian(ctx, feats, name, linear.weight.shape[1])
+            linear.weight.data = clip_search(linear.weight.data, hessians[name].to(linear.weight.device), scheme)

@@ -47,6 +47,16 @@ class Method(ABC):
     def __init__(self, **options: Any) -> None:
         self.config = {**self.options, **options}
 
+    #: whether ``calibration.dtype: auto`` keeps float32 arithmetic for it (GPTQ: its Hessians
+    #: would otherwise sum bf16-rounded inputs); others run bf16 where the device has it natively
+    float32_calibration: ClassVar[bool] = False
+
+    def calibration_samples(self, samples: int) -> int:
+        """How many of the recipe's ``samples`` calibration windows the method reads (the
+        pipeline carries the most any stage reads: AWQ followed by RTN needs only its search
+        samples)."""
+        return samples if self.needs_calibration else 0
+
     def memory_bytes(self, config: ModelConfig, samples: int, seqlen: int) -> dict[str, int]:
         """Host memory of the method's own scratch at a layer's peak, by name (for
         ``quantize --dry-run`` and the choice of memory mode; see :mod:`qconv.quant.memory`)."""

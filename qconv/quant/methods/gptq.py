@@ -58,6 +58,8 @@ class GPTQ(Quantizer):
     def fp_stream(self) -> bool:
         return bool(self.config["fp_targets"])
 
+    float32_calibration = True
+
     @property
     def sequential(self) -> bool:
         return bool(self.config["true_sequential"])
