@@ -5,8 +5,10 @@
                             [--device cpu|cuda]
 
 Protocol (the issue's, comparable with ``../shared/reference/peer-results.md``): SmolLM2-135M
-fp32, WikiText-2 test, ctx 2048, the first 20 windows (GPTQ protocol, ``qconv run --ppl``);
-calibration ``--samples`` x 2048 tokens of the shared C4 sample (seed 0). Each row is a recipe
+fp32, WikiText-2 test, ctx 2048, the first 20 windows (GPTQ protocol, ``qconv run --ppl``), and
+the same on a held-out text: C4 documents that calibration never reads (``bench/heldout.py``:
+the shared C4 sample's last 296 documents; calibration ``--samples`` x 2048 tokens of the first
+1,184, seed 0). Each row is a recipe
 (YAML written to a temp file) run by ``qconv quantize`` in a child process, which reports that
 child's wall time and peak RSS; the result is then evaluated by ``qconv run --ppl`` in another
 child. Rows finished earlier are read back from ``--results`` (JSON lines) instead of rerun, so
@@ -28,16 +30,14 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from example_model import QCONV, example_model, measure  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from heldout import calibration_file, heldout_text, shared_data  # noqa: E402
 
 
 W4 = {"bits": 4, "group_size": 64, "symmetric": False}
 W3 = {"bits": 3, "group_size": 64, "symmetric": False}
 GPTQ = {"method": "gptq", "damp": 0.01, "act_order": True}
-#: AWQ's scale search re-runs the inspected block 20 times per mapping; on 2 CPU cores the
-#: bench searches on 8 windows (16k tokens; the method's default is 32 = AutoAWQ's 64k tokens)
-AWQ = {"method": "awq", "search_samples": 8}
+#: AWQ with its defaults (32 search windows = AutoAWQ's 64k tokens)
+AWQ = {"method": "awq"}
 
 #: QuaRot-style residual-stream rotation folded into the weights (exact in fp)
 ROT = {"method": "rotate"}
@@ -91,11 +91,16 @@ def ppl(model: Path, eval_text: Path, windows: int, device: str) -> float:
     return float(json.loads(out.stdout)["ppl"])
 
 
+def ppls(model: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Perplexity on WikiText-2 and on the held-out C4 documents."""
+    return {"ppl": ppl(model, args.eval_text, args.windows, args.device),
+            "ppl_heldout": ppl(model, args.heldout, args.windows, args.device)}
+
+
 def run_row(name: str, model: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     spec = ROWS[name]
     if spec is None:
-        return {"row": name, "label": "fp32", "ppl": ppl(model, args.eval_text, args.windows, args.device),
-                "device": args.device}
+        return {"row": name, "label": "fp32", **ppls(model, args), "device": args.device}
     label, scheme, stages = spec
     recipe = {"name": name, "scheme": scheme, "ignore": ["lm_head"], "stages": stages,
               "calibration": {"data": str(args.calib), "samples": args.samples, "seqlen": 2048, "seed": 0,
@@ -105,21 +110,22 @@ def run_row(name: str, model: Path, work: Path, args: argparse.Namespace) -> dic
     out = work / name
     m = measure([*QCONV, "quantize", str(model), "--recipe", str(recipe_path), "-o", str(out), "--force",
                   "--device", args.device, "--quiet"])
-    return {"row": name, "label": label, "ppl": ppl(out, args.eval_text, args.windows, args.device),
-            "seconds": m["wall"], "rss_mb": m["rss_mb"], "samples": args.samples, "calib_dtype": args.calib_dtype,
-            "device": args.device}
+    return {"row": name, "label": label, **ppls(out, args), "seconds": m["wall"], "rss_mb": m["rss_mb"],
+            "samples": args.samples, "calib_dtype": args.calib_dtype, "calib": args.calib.name, "device": args.device}
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    fp = next((r["ppl"] for r in results if r["row"] == "fp"), None)
-    print("| config | PPL | Δ vs fp | quantize wall | peak RSS | calibration |")
-    print("|---|---|---|---|---|---|")
+    fp = next((r for r in results if r["row"] == "fp"), None)
+    print("| config | WikiText-2 PPL | Δ vs fp | held-out C4 PPL | Δ vs fp | quantize wall | peak RSS | calibration |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        delta = f"{100 * (r['ppl'] / fp - 1):+.1f}%" if fp and r["row"] != "fp" else "—"
+        deltas = [f"{100 * (r[k] / fp[k] - 1):+.1f}%" if fp and r["row"] != "fp" else "—"
+                  for k in ("ppl", "ppl_heldout")]
         wall = f"{r['seconds']:.0f} s" if "seconds" in r else ""
         rss = f"{r['rss_mb'] / 1024:.2f} GB" if "rss_mb" in r else ""
         calib = f"{r['samples']}×2048 {r['calib_dtype']}" if "samples" in r else ""
-        print(f"| {r['label']} | {r['ppl']:.2f} | {delta} | {wall} | {rss} | {calib} |")
+        print(f"| {r['label']} | {r['ppl']:.2f} | {deltas[0]} | {r['ppl_heldout']:.2f} | {deltas[1]} | {wall} | {rss} "
+              f"| {calib} |")
 
 
 def main() -> None:
@@ -127,10 +133,13 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--calib-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--calib-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--windows", type=int, default=20)
-    parser.add_argument("--eval-text", type=Path, default=SHARED / "wikitext-2-raw-test.txt")
-    parser.add_argument("--calib", type=Path, default=SHARED / "c4-sample.jsonl")
+    parser.add_argument("--eval-text", type=Path, default=shared_data() / "wikitext-2-raw-test.txt")
+    parser.add_argument("--heldout", type=Path, default=None,
+                        help="held-out text (default: the C4 documents bench/heldout.py keeps out of calibration)")
+    parser.add_argument("--calib", type=Path, default=None,
+                        help="calibration file (default: the other C4 documents, bench/heldout.py)")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results" / "quality.jsonl",
                         help="JSON lines, one per finished row (rows found here are not rerun)")
     parser.add_argument("--fresh", action="store_true", help="rerun rows already in --results")
@@ -140,14 +149,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where quantize and the evaluation run (rows record it; rows of another device are not reused)")
     args = parser.parse_args()
+    args.calib = args.calib or calibration_file(args.cache / "heldout")
+    args.heldout = args.heldout or heldout_text(args.cache / "heldout")
 
     done: dict[str, dict[str, Any]] = {}
     if args.results.exists() and not args.fresh:
         for line in args.results.read_text(encoding="utf-8").splitlines():
             r = json.loads(line)
-            if r["row"] in args.rerun or r.get("device", "cpu") != args.device:
-                continue
-            if r["row"] == "fp" or (r.get("samples"), r.get("calib_dtype")) == (args.samples, args.calib_dtype):
+            if r["row"] in args.rerun or r.get("device", "cpu") != args.device or "ppl_heldout" not in r:
+                continue  # rows from before the held-out text are rerun
+            if r["row"] == "fp" or (r.get("samples"), r.get("calib_dtype"), r.get("calib")) == \
+                    (args.samples, args.calib_dtype, args.calib.name):
                 done[r["row"]] = r
     model = example_model(args.cache)
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,7 +33,7 @@ JsonOpt = typer.Option(False, "--json", help="Print one machine-readable JSON ob
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or informational output.")
 ForceOpt = typer.Option(False, "--force", "-f", help="Overwrite the output if it exists.")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
-DtypeOpt = typer.Option("f32", "--dtype", help="Compute dtype of the runner: f32, f16 or bf16.")
+DtypeOpt = typer.Option("auto", "--dtype", help="Runner arithmetic: auto (bf16 GEMMs where native: AMX/AVX512-BF16 CPUs, CUDA; else f32), f32, f16 or bf16.")
 
 
 def _print_json(data: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from qconv.model.kv_quant import (
     unpack_codes,
 )
 from qconv.model.kv_spec import KVCacheSpec
-from qconv.model.perplexity import nll_sum, perplexity, windows
+from qconv.model.perplexity import logits_nll_sum, perplexity, windows
 
 QCONV = str(Path(sys.executable).parent / "qconv")
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "stories260K.gguf"
@@ -229,7 +229,7 @@ def token_by_token_ppl(model: Transformer, ids: list[int], ctx: int, spec: KVCac
     for window in windows(ids, ctx):
         cache = spec.make(model.config, 1, ctx, "cpu", model.dtype)
         logits = torch.cat([model(window[None, i: i + 1], cache, i) for i in range(ctx - 1)], 1)[0]
-        total += nll_sum(logits.log_softmax(-1), window[1:])
+        total += logits_nll_sum(logits, window[1:])
         n += ctx - 1
     return math.exp(total / n)
 

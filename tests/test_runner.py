@@ -223,3 +223,24 @@ def test_streamed_perplexity_equals_the_runner(tiny_model_dir: Path, tmp_path: P
     assert streamed.n_tokens == ref.n_tokens and streamed.n_windows == 4
     assert abs(streamed.ppl - ref.ppl) < 1e-5 * ref.ppl
     assert abs(bf16.ppl - ref.ppl) < 2e-2 * ref.ppl
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_uses_bf16_gemms_only_where_native(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      native: bool) -> None:
+    """``--dtype auto`` keeps float32 weights and runs the layers' GEMMs in bf16 through autocast
+    where bf16 is native, within 1% of the float32 perplexity; elsewhere it is plain float32."""
+    import qconv.core.device as device_module
+    from qconv.api import load_runner
+
+    monkeypatch.setattr(device_module.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    with open_model(tiny_model_dir) as source:
+        auto, f32 = load_runner(source, "cpu", "auto"), load_runner(source, "cpu", "f32")
+    assert auto.dtype == torch.float32
+    assert auto.autocast_dtype == (torch.bfloat16 if native else None) and f32.autocast_dtype is None
+    ids = torch.randint(0, auto.config.vocab_size, (3 * 32,), generator=torch.Generator().manual_seed(0)).tolist()
+    a, b = perplexity(auto, ids, ctx=32).ppl, perplexity(f32, ids, ctx=32).ppl
+    if native:
+        assert a != b and a == pytest.approx(b, rel=1e-2)
+    else:
+        assert a == b

@@ -17,7 +17,7 @@ import torch
 
 from qconv.model.decoder import Transformer
 from qconv.model.kv_spec import KVCacheSpec
-from qconv.model.perplexity import WindowCallback, nll_sum, score_window, windows
+from qconv.model.perplexity import WindowCallback, logits_nll_sum, score_window, windows
 
 
 @dataclass
@@ -62,8 +62,8 @@ def compare(
         if cache is not None:
             report = kv_cache.report(cache)
         lp_base, lp_other = logits_base.log_softmax(-1), logits_other.log_softmax(-1)
-        nll_base += nll_sum(lp_base, targets)
-        nll_other += nll_sum(lp_other, targets)
+        nll_base += logits_nll_sum(logits_base, targets)  # as qconv run --ppl computes it
+        nll_other += logits_nll_sum(logits_other, targets)
         kl_per_token = (lp_base.exp() * (lp_base - lp_other)).sum(-1)
         kl_sum += kl_per_token.double().sum().item()
         agree += int((logits_base.argmax(-1) == logits_other.argmax(-1)).sum())

@@ -73,9 +73,15 @@ def score_window(
     return logits[0, :-1], window[0, 1:]  # the last position predicts past the window
 
 
-def nll_sum(logprobs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Summed negative log-likelihood of ``targets`` under ``logprobs`` ``[N, V]``, accumulated in float64."""
-    return -logprobs.gather(-1, targets[:, None]).double().sum().item()
+def logits_nll_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> float:
+    """Summed negative log-likelihood of ``targets`` under ``logits`` ``[N, V]`` (float64 sum):
+    ``logsumexp - logit[target]`` in float32 per chunk of rows, so no ``[N, V]`` log-probability tensor is written (at a 49k vocabulary
+    and 2048 positions that is 400 MB of memory traffic per window, measured ~0.2 s)."""
+    total = 0.0
+    for rows, tgt in zip(logits.split(chunk), targets.split(chunk)):
+        rows = rows.float()
+        total += (torch.logsumexp(rows, -1) - rows.gather(-1, tgt[:, None])[:, 0]).double().sum().item()
+    return total
 
 
 @torch.inference_mode()
@@ -98,7 +104,7 @@ def perplexity(
     for i, window in enumerate(chunks):
         cache = None if kv_cache is None else kv_cache.make(model.config, 1, ctx, model.device, model.dtype)
         logits, targets = score_window(model, window, cache)
-        total += nll_sum(logits.log_softmax(-1), targets)
+        total += logits_nll_sum(logits, targets)
         if cache is not None:
             report = kv_cache.report(cache)
         if on_window is not None:

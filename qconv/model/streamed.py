@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from qconv.arch.spec import EMBED, FINAL_NORM, LM_HEAD
 from qconv.checkpoint.source import ModelSource
 from qconv.model.decoder import embed, local_rope, make_block, norm, rope_tables
-from qconv.model.perplexity import PerplexityResult, nll_sum, windows
+from qconv.model.perplexity import PerplexityResult, logits_nll_sum, windows
 
 
 @torch.inference_mode()
@@ -68,7 +68,7 @@ def streamed_perplexity(
         logits = F.linear(final(hidden[w].to(device, torch.float32)), head)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
-        total += nll_sum(logits[:-1].float().log_softmax(-1), window[1:].to(device))
+        total += logits_nll_sum(logits[:-1], window[1:].to(device))
     if on_layer:
         on_layer(steps, steps)
     n_tokens = len(chunks) * (ctx - 1)

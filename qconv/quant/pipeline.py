@@ -42,6 +42,7 @@ from torch import nn
 from qconv.arch.spec import EMBED, LAYER_PREFIX, ArchSpec, GroupSpec
 from qconv.errors import InvalidOption
 from qconv.checkpoint.source import ModelSource
+from qconv.core.device import native_bf16
 from qconv.quant.distributed import DataParallel
 from qconv.quant.memory import release_memory
 from qconv.quant.reduce import BUCKETS, TreeSum, bucket_sizes, bucket_span
@@ -538,17 +539,3 @@ def _mapped(shape: tuple[int, ...], dtype: torch.dtype, directory: Path | None) 
     with tempfile.NamedTemporaryFile(prefix="qconv-spill-", dir=directory) as f:
         f.truncate(math.prod(shape) * dtype.itemsize)
         return torch.from_file(f.name, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 GEMMs natively: a CUDA GPU that supports bf16, a
-    CPU where oneDNN has bf16 kernels (AVX512-BF16 or AMX; elsewhere bf16 is emulated, measured
-    hundreds of times slower than float32 on an AVX2 EPYC)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN
-        return False

@@ -24,7 +24,8 @@ from qconv.quant.calibration import calibration_windows, load_calibration_rows
 from qconv.quant.distributed import data_parallel
 from qconv.quant.memory import Workload, plan, release_memory
 from qconv.quant.methods import Method, Quantizer, SourceTransform, Transform, get_method
-from qconv.quant.pipeline import LayerPipeline, native_bf16
+from qconv.core.device import native_bf16
+from qconv.quant.pipeline import LayerPipeline
 from qconv.quant.recipe import Recipe
 from qconv.quant.reduce import BUCKETS, bucket_sizes, bucket_span
 

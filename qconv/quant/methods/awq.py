@@ -48,7 +48,8 @@ from qconv.quant.gptq import HessianAccumulator
 from qconv.quant.memory import linear_shapes
 from qconv.quant.methods.base import Transform
 from qconv.quant.methods.scaling import fold_scales
-from qconv.quant.pipeline import LayerContext, LayerPipeline, native_bf16
+from qconv.core.device import native_bf16
+from qconv.quant.pipeline import LayerContext, LayerPipeline
 from qconv.quant.schemes import SchemeMap
 
 #: search-input features per bucket: bucket -> feature name -> ``[samples, T, in]`` (an
