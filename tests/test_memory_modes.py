@@ -172,3 +172,17 @@ def test_data_parallel_refusals(model: Path, calib: Path, tmp_path: Path) -> Non
                    "--samples", "10", "--seqlen", "32", "-o", str(tmp_path / "o"))
     assert fp.returncode != 0 and "fp_targets is not implemented data-parallel" in fp.stderr
     assert DataParallel(0, 2).writes and not DataParallel(1, 2).writes
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "imatrix"])
+def test_data_parallel_calibrate_matches_one_process(model: Path, calib: Path, tmp_path: Path, fmt: str) -> None:
+    """``qconv calibrate`` under torchrun: the statistics (and so an imatrix) have the single
+    process's bytes."""
+    suffix = ".gguf" if fmt == "imatrix" else ".safetensors"
+    args = ["calibrate", str(model), "--data", str(calib), "--samples", "10", "--seqlen", "32", "--format", fmt,
+            "--quiet"]
+    single = subprocess.run([QCONV, *args, "-o", str(tmp_path / f"one{suffix}")], capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    res = _torchrun(2, *args, "-o", str(tmp_path / f"two{suffix}"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / f"one{suffix}").read_bytes() == (tmp_path / f"two{suffix}").read_bytes()

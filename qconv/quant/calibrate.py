@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,10 +13,12 @@ import torch
 from qconv.atomic import atomic_output, check_output
 from qconv.checkpoint import open_model
 from qconv.checkpoint.safetensors_file import SafetensorsFileWriter
-from qconv.errors import InvalidOption
+from qconv.errors import InvalidOption, UnsupportedModel
 from qconv.progress import progress
 from qconv.quant.calibration import ActivationStats, calibration_windows, load_calibration_rows
+from qconv.quant.distributed import data_parallel
 from qconv.quant.pipeline import LayerPipeline
+from qconv.quant.reduce import BUCKETS
 
 FORMATS = ("safetensors", "imatrix")
 
@@ -48,12 +51,19 @@ def save_sorted(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
 
 
 def collect_stats(pipeline: LayerPipeline, on_layer: Any = None) -> ActivationStats:
-    """One fp pass through every layer, recording the input statistics of every Linear."""
-    stats = ActivationStats()
-    for ctx in pipeline.layers():
-        ctx.outputs = ctx.forward(lambda name, x, ctx=ctx: stats.get(ctx.module_name(name)).add(x))
+    """One fp pass through every layer, recording the input statistics of every Linear, bucket
+    by bucket of the samples (so a data-parallel run sums them in the fixed tree). Each bucket's
+    outputs replace its inputs in place: they are the next layer's inputs."""
+    p, stats = pipeline, ActivationStats()
+    for ctx in p.layers():
+        for bucket, part in p.subset(p.samples):
+            ctx.inputs[part] = ctx.forward(lambda name, x, b=bucket, ctx=ctx: stats.add(ctx.module_name(name), b, x),
+                                           inputs=ctx.inputs[part])
+        ctx.outputs = ctx.inputs
         if on_layer:
             on_layer()
+    maximum = p.parallel.maximum if p.parallel else (lambda t: t)
+    stats.finish(p.reduce, p.count, maximum)
     return stats
 
 
@@ -77,15 +87,32 @@ def calibrate(
     t0 = time.perf_counter()
     out = Path(out)
     check_output(out, force)
+    torch_device = torch.device(device)
+    parallel = data_parallel(torch_device)
+    if parallel is not None:
+        if samples < BUCKETS:
+            raise InvalidOption(f"data-parallel calibration needs at least {BUCKETS} samples (got {samples})")
+        if torch_device.type == "cuda":
+            torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", parallel.rank)))
+        quiet = quiet or not parallel.writes
     with open_model(model_path) as source:
+        if source.config.spec.experts and parallel is not None:
+            raise UnsupportedModel("data-parallel calibration of mixture-of-experts models is not implemented yet",
+                                   source.path)
         tok = source.tokenizer()
         rows = load_calibration_rows(data, text_field, tok if chat_template else None, samples * seqlen)
         tokens = calibration_windows(tok, rows, samples, seqlen, seed)
         del rows
         config = source.config
-        pipeline = LayerPipeline(source, tokens, device)
+        pipeline = LayerPipeline(source, tokens, torch_device, parallel=parallel)
         with progress("calibrating", source.config.num_layers, quiet) as advance:
             stats = collect_stats(pipeline, advance)
+    if parallel is not None and not parallel.writes:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 writes; the output exists when any rank returns
+        return CalibrateResult(str(out), fmt, len(stats.modules), samples, seqlen, int(tokens.numel()),
+                               time.perf_counter() - t0)
     if fmt == "imatrix":
         from qconv.quant.imatrix import write_imatrix
 
@@ -94,5 +121,9 @@ def calibrate(
         meta = {"data": str(data), "samples": str(samples), "seqlen": str(seqlen), "seed": str(seed)}
         with atomic_output(out, force=force) as tmp:
             save_sorted(stats.to_tensors(), tmp, meta)
+    if parallel is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
     return CalibrateResult(str(out), fmt, len(stats.modules), samples, seqlen, int(tokens.numel()),
                            time.perf_counter() - t0)

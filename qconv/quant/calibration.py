@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -113,24 +114,12 @@ def calibration_windows(tokenizer: Tokenizer, rows: list[str], samples: int, seq
 
 @dataclass
 class ChannelStats:
-    """Running per-input-channel statistics of one Linear's input."""
+    """Per-input-channel statistics of one Linear's input over every calibration token."""
 
     count: int = 0
     sum_sq: torch.Tensor | None = None  # float64 [in]
     sum_abs: torch.Tensor | None = None  # float64 [in]
     max_abs: torch.Tensor | None = None  # float32 [in]
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        a = x.abs()
-        sq, ab, mx = (x * x).sum(0).double(), a.sum(0).double(), a.amax(0)
-        if self.sum_sq is None:
-            self.sum_sq, self.sum_abs, self.max_abs = sq, ab, mx
-        else:
-            self.sum_sq += sq
-            self.sum_abs += ab
-            self.max_abs = torch.maximum(self.max_abs, mx)
-        self.count += x.shape[0]
 
     @property
     def mean_sq(self) -> torch.Tensor:
@@ -145,14 +134,54 @@ class ChannelStats:
 
 
 @dataclass
+class _Partial:
+    """One Linear's running sums, per calibration bucket (:mod:`qconv.quant.reduce`)."""
+
+    sums: dict[int, torch.Tensor] = field(default_factory=dict)  # bucket -> float64 [2, in]: Σx², Σ|x|
+    count: int = 0
+    max_abs: torch.Tensor | None = None
+
+
+@dataclass
 class ActivationStats:
     """Statistics for every Linear input of a model, keyed by HF module name
-    (``model.layers.0.self_attn.q_proj``)."""
+    (``model.layers.0.self_attn.q_proj``).
+
+    Inputs are added per bucket of calibration samples (:meth:`add`); :meth:`finish` combines
+    the buckets in the fixed tree over every data-parallel rank, so the sums have the same bits
+    however the samples were split. Per batch, the column sums are GEMMs (bit-stable across
+    thread counts under ``MKL_CBWR``) in float32, accumulated in float64."""
 
     modules: dict[str, ChannelStats] = field(default_factory=dict)
+    _partials: dict[str, _Partial] = field(default_factory=dict)
 
-    def get(self, name: str) -> ChannelStats:
-        return self.modules.setdefault(name, ChannelStats())
+    def add(self, name: str, bucket: int, x: torch.Tensor) -> None:
+        """Inputs ``x [..., in]`` of Linear ``name`` from calibration bucket ``bucket``."""
+        rows = x.reshape(-1, x.shape[-1]).float()
+        a = rows.abs()
+        ones = torch.ones(1, rows.shape[0], dtype=rows.dtype, device=rows.device)
+        sums = torch.cat([ones @ (rows * rows), ones @ a]).double().cpu()
+        part = self._partials.setdefault(name, _Partial())
+        if bucket in part.sums:
+            part.sums[bucket] += sums
+        else:
+            part.sums[bucket] = sums
+        part.count += rows.shape[0]
+        m = a.amax(0).cpu() if rows.shape[0] else torch.zeros(rows.shape[1])
+        part.max_abs = m if part.max_abs is None else torch.maximum(part.max_abs, m)
+
+    def finish(self, reduce: Callable[[list[tuple[int, torch.Tensor]], int], torch.Tensor],
+               count: Callable[[int], int], maximum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Combine the partial sums (every module, in name order: each rank makes the same
+        calls) into :attr:`modules`. ``reduce(parts, width)``, ``count(n)``, ``maximum(t)``:
+        the pipeline's tree sum, integer sum and elementwise maximum over the ranks."""
+        for name in sorted(self._partials):
+            part = self._partials.pop(name)
+            width = next(iter(part.sums.values())).shape[1]
+            total = reduce([(b, v.reshape(-1)) for b, v in sorted(part.sums.items())], 2 * width).reshape(2, width)
+            assert part.max_abs is not None
+            self.modules[name] = ChannelStats(count(part.count), total[0].cpu(), total[1].cpu(),
+                                              maximum(part.max_abs.float()))
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat safetensors layout: ``<module>.count``, ``.sum_sq``, ``.mean_abs``, ``.max_abs``."""
