@@ -44,7 +44,12 @@ class GPTQ(Quantizer):
     name = "gptq"
     supports_experts = True
     supports_parallel = True
-    options = {"damp": 0.01, "act_order": True, "block_size": 128, "static_groups": True, "true_sequential": True,
+    #: ``damp`` 0.1, not the reference's 0.01: measured on SmolLM2 W4 g64 (128 x 2048 C4
+    #: calibration), 0.01 fit the calibration text so closely that GPTQ lost to plain RTN on
+    #: held-out C4 documents (+30.8% PPL vs +26.8%) and tied it on WikiText-2 (+31.2% vs
+    #: +31.4%); 0.1 beat RTN on both (+23.0%, +24.9%) — the damping pulls GPTQ's updates
+    #: toward the plain rounding where the calibration Hessian is least certain
+    options = {"damp": 0.1, "act_order": True, "block_size": 128, "static_groups": True, "true_sequential": True,
                "bf16_hessian": None, "mse": False, "fp_targets": False, "refine": 0, "moe_all_tokens": False}
 
     def __init__(self, **options: object) -> None:
