@@ -64,6 +64,8 @@ ROWS: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]] | None] = {
            ("awq-gptq-fp32h", f"AWQ + GPTQ W{b} g64 asym, fp32 Hessians", [AWQ, {**GPTQ, "bf16_hessian": False}]),
            ("gptq-mse", f"GPTQ W{b} g64 asym + MSE grid", [{**GPTQ, "mse": True}]),
            ("gptq-damp10", f"GPTQ W{b} g64 asym, damp 0.1", [{**GPTQ, "damp": 0.1}]),
+           ("awq-gptq-mse-damp10", f"AWQ + GPTQ W{b} g64 asym + MSE grid, damp 0.1",
+            [AWQ, {**GPTQ, "mse": True, "damp": 0.1}]),
            ("awq-gptq-mse", f"AWQ + GPTQ W{b} g64 asym + MSE grid", [AWQ, {**GPTQ, "mse": True}]),
            ("rot-gptq-mse", f"Hadamard rotation + GPTQ W{b} g64 asym + MSE grid", [ROT, {**GPTQ, "mse": True}]),
            ("rot-awq-gptq-mse", f"Hadamard rotation + AWQ + GPTQ W{b} g64 asym + MSE grid",
