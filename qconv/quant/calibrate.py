@@ -108,9 +108,7 @@ def calibrate(
         with progress("calibrating", source.config.num_layers, quiet) as advance:
             stats = collect_stats(pipeline, advance)
     if parallel is not None and not parallel.writes:
-        import torch.distributed as dist
-
-        dist.barrier()  # rank 0 writes; the output exists when any rank returns
+        parallel.finish()  # rank 0 writes
         return CalibrateResult(str(out), fmt, len(stats.modules), samples, seqlen, int(tokens.numel()),
                                time.perf_counter() - t0)
     if fmt == "imatrix":
@@ -122,8 +120,6 @@ def calibrate(
         with atomic_output(out, force=force) as tmp:
             save_sorted(stats.to_tensors(), tmp, meta)
     if parallel is not None:
-        import torch.distributed as dist
-
-        dist.barrier()
+        parallel.finish()
     return CalibrateResult(str(out), fmt, len(stats.modules), samples, seqlen, int(tokens.numel()),
                            time.perf_counter() - t0)

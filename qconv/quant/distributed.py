@@ -58,6 +58,15 @@ class DataParallel:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
 
+    def finish(self) -> None:
+        """Wait for every rank (rank 0 has written the output when any rank returns), then
+        close the process group: a process exiting with gloo's threads still running aborts
+        ("terminate called without an active exception", seen on rank 1 in a test run)."""
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
     def total(self, count: int, device: torch.device) -> int:
         """An integer summed over ranks (``device``: where the backend exchanges tensors)."""
         import torch.distributed as dist

@@ -218,9 +218,7 @@ def quantize_model(
             if not source.config.tie_word_embeddings:
                 writer.add(f"{LM_HEAD}.weight", source.get_tensor(f"{LM_HEAD}.weight"))
     if parallel is not None:
-        import torch.distributed as dist
-
-        dist.barrier()  # the output exists when any rank returns
+        parallel.finish()
     return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, False,
                           memory.estimate, memory.to_dict())
 
