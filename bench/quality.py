@@ -48,9 +48,12 @@ SQ_DOWN = {**SQ, "down_proj": True, "down_proj_alpha": 0.65}
 #: after a rotation the norm outputs are flat: smooth only down_proj's input, α searched per layer
 SQ_SEARCH_DOWN = {"method": "smoothquant", "norms": False, "down_proj": True, "search": True}
 W8_GPTQ = {"method": "gptq", "damp": 0.01, "act_order": False}
+RTN = {"method": "rtn"}
+#: GPTQ on float grids: static groups, activation order, the default damp 0.1
+FP_GPTQ = {"method": "gptq", "damp": 0.1, "act_order": True}
 
 #: row name -> (label, scheme, stages); None = the unquantized model
-ROWS: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]] | None] = {
+ROWS: dict[str, tuple[str, dict[str, Any] | str, list[dict[str, Any]]] | None] = {
     "fp": None,
     **{f"{m}-w{b}": (label, scheme, stages)
        for b, scheme in ((4, W4), (3, W3))
@@ -84,6 +87,17 @@ ROWS: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]] | None] = {
                                 W8A8, [ROT, SQ_SEARCH_DOWN, W8_GPTQ]),
     "rot-rtn-w8a8": ("Hadamard rotation + RTN W8A8 (no calibration)", W8A8, [ROT, {"method": "rtn"}]),
     "rtn-w8": ("RTN W8 g64", {"bits": 8, "group_size": 64, "symmetric": True}, [{"method": "rtn"}]),
+    # the float formats vLLM serves (named schemes; SmolLM2's hidden size 576 is not a multiple
+    # of 128, so FP8_BLOCK's 128-wide blocks and activation groups do not apply to it)
+    "fp8-rtn": ("FP8 dynamic: E4M3 per channel, per-token E4M3 activations, RTN", "fp8", [RTN]),
+    "fp8-static-rtn": ("FP8 static: E4M3 per tensor, static per-tensor E4M3 activations, RTN", "fp8-static", [RTN]),
+    **{f"{s}-{m}": (f"{label}, {how}", s, stages)
+       for s, label in (("nvfp4a16", "NVFP4A16 (E2M1, FP8 scale / 16, global scale)"),
+                        ("nvfp4", "NVFP4 W4A4 (+ NVFP4 activations, calibrated global scale)"),
+                        ("mxfp4a16", "MXFP4A16 (E2M1, E8M0 scale / 32)"),
+                        ("mxfp4", "MXFP4 W4A4 (+ dynamic MXFP4 activations)"))
+       for m, how, stages in (("rtn", "RTN", [RTN]), ("gptq", "GPTQ damp 0.1", [FP_GPTQ]),
+                              ("awq", "AWQ + RTN", [AWQ, RTN]), ("awq-gptq", "AWQ + GPTQ damp 0.1", [AWQ, FP_GPTQ]))},
 }
 
 
@@ -113,22 +127,25 @@ def run_row(name: str, model: Path, work: Path, args: argparse.Namespace) -> dic
     out = work / name
     m = measure([*QCONV, "quantize", str(model), "--recipe", str(recipe_path), "-o", str(out), "--force",
                   "--device", args.device, "--quiet"])
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return {"row": name, "label": label, **ppls(out, args), "seconds": m["wall"], "rss_mb": m["rss_mb"],
+            "size_mb": size / 2**20,
             "samples": args.samples, "calib_dtype": args.calib_dtype, "calib": args.calib.name, "device": args.device}
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
     fp = next((r for r in results if r["row"] == "fp"), None)
-    print("| config | WikiText-2 PPL | Δ vs fp | held-out C4 PPL | Δ vs fp | quantize wall | peak RSS | calibration |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | WikiText-2 PPL | Δ vs fp | held-out C4 PPL | Δ vs fp | quantize wall | peak RSS | size | calibration |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         deltas = [f"{100 * (r[k] / fp[k] - 1):+.1f}%" if fp and r["row"] != "fp" else "—"
                   for k in ("ppl", "ppl_heldout")]
         wall = f"{r['seconds']:.0f} s" if "seconds" in r else ""
         rss = f"{r['rss_mb'] / 1024:.2f} GB" if "rss_mb" in r else ""
         calib = f"{r['samples']}×2048 {r['calib_dtype']}" if "samples" in r else ""
+        size = f"{r['size_mb']:.0f} MB" if "size_mb" in r else ""
         print(f"| {r['label']} | {r['ppl']:.2f} | {deltas[0]} | {r['ppl_heldout']:.2f} | {deltas[1]} | {wall} | {rss} "
-              f"| {calib} |")
+              f"| {size} | {calib} |")
 
 
 def main() -> None:

@@ -97,8 +97,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_runner(source: ModelSource, device: str = "auto", dtype: str = "auto") -> torch.nn.Module:
-    """The reference decoder for ``source`` on ``device``. W8A8 checkpoints get their per-token
-    int8 activation quantization emulated, so measured quality is what an int8 kernel gives.
+    """The reference decoder for ``source`` on ``device``. Checkpoints that quantize activations
+    (W8A8 int8, FP8, NVFP4, MXFP4) get it emulated, so measured quality is what their kernels give.
 
     ``dtype`` ``auto``: float32 weights, the decoder layers' GEMMs and attention in bfloat16
     (autocast) where the device has native bf16 (AMX/AVX512-BF16 CPUs, CUDA), plain float32
@@ -117,7 +117,7 @@ def load_runner(source: ModelSource, device: str = "auto", dtype: str = "auto") 
     if act_schemes is not None and act_schemes():
         from qconv.model.act_quant import apply_activation_quant
 
-        apply_activation_quant(model, act_schemes())
+        apply_activation_quant(model, act_schemes(), scales=source.input_scales())  # type: ignore[attr-defined]
     return model
 
 
@@ -331,7 +331,8 @@ def quantize(
     max_memory: str | None = None,
     **flags: Any,
 ) -> Any:
-    """Quantize with a YAML recipe or a method name; ``flags`` (bits, group_size, symmetric, data,
+    """Quantize with a YAML recipe or a method name; ``flags`` (scheme (a named scheme: fp8,
+    fp8-static, fp8-block, nvfp4, nvfp4a16, mxfp4, mxfp4a16; int: bits/group_size), bits, group_size, symmetric, data,
     samples, seqlen, seed, text_field, dtype (calibration arithmetic), act_dtype (activation
     storage), memory (mode), damp, act_order, alpha, mse, fp_targets, refine, rotate; None = not
     given) override it. ``max_memory`` (``"20GB"``): the host memory the run may use."""

@@ -180,6 +180,8 @@ def quantize(
     output: Path = typer.Option(..., "--output", "-o", help="Output checkpoint directory (compressed-tensors)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML recipe (see recipes/)."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help="rtn, gptq, awq or smoothquant (instead of a recipe)."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", "-s",
+                                         help="Named scheme: fp8 (W8A8 FP8 dynamic), fp8-static, fp8-block (128x128), nvfp4, nvfp4a16, mxfp4, mxfp4a16; int = --bits/--group-size."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits, 2..8."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Columns per scale; -1 = per channel."),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric grid."),
@@ -223,11 +225,13 @@ def quantize(
       qconv quantize model-dir --method awq --bits 4 --group-size 64 --data c4-sample.jsonl -o model-awq
 
       qconv quantize model-dir --method rtn --bits 8 --group-size -1 --sym -o model-w8 --dry-run
+
+      qconv quantize model-dir --method gptq --scheme nvfp4a16 --data c4-sample.jsonl -o model-nvfp4
     """
     from qconv import api
 
     r = api.quantize(model, output, recipe=recipe, method=method, force=force, device=device,
-                     quiet=quiet or json_out, dry_run=dry_run, bits=bits, group_size=group_size, symmetric=symmetric,
+                     quiet=quiet or json_out, dry_run=dry_run, scheme=scheme, bits=bits, group_size=group_size, symmetric=symmetric,
                      data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field, dtype=calib_dtype,
                      act_dtype=act_dtype, memory=memory_mode, chat_template=chat_template, max_memory=max_memory, act_order=act_order, damp=damp, alpha=alpha, mse=mse, fp_targets=fp_targets, refine=refine,
                      rotate=rotate)

@@ -22,11 +22,12 @@ from qconv.checkpoint.hf import HFSource
 from qconv.checkpoint.hf_writer import write_hf_checkpoint
 from qconv.errors import CheckpointMismatch, InvalidOption, UnsupportedModel
 from qconv.core.quantized import ActivationScheme, QuantizedWeight
-from qconv.core.compressed_layout import compress, pack_int32, unpack_int32
+from qconv.core.compressed_layout import compress, pack_int32, unpack_int32, weight_args
 from qconv.formats.compressed_tensors import CompressedTensorsWriter
 from qconv.model import load_model
-from qconv.model.act_quant import apply_activation_quant, fake_quant_per_token
-from qconv.core.grid import WeightScheme, dequantize, rtn
+from qconv.model.act_quant import apply_activation_quant, fake_quant_input, fake_quant_per_token
+from qconv.api import load_runner
+from qconv.core.grid import E8M0, FP8, WeightScheme, dequantize, rtn, tensor_global_scale
 from conftest import TINY_ARCHS
 
 W4_ASYM = WeightScheme(4, 32, symmetric=False)
@@ -36,6 +37,17 @@ W3_ASYM = WeightScheme(3, 32, symmetric=False)
 W2_ASYM = WeightScheme(2, 32, symmetric=False)
 W4_SYM_BF16 = WeightScheme(4, 32, symmetric=True, scale_dtype=torch.bfloat16)
 A8 = ActivationScheme()
+# the float formats (compressed-tensors presets FP8_DYNAMIC, FP8, FP8_BLOCK, NVFP4A16, NVFP4, MXFP4A16, MXFP4)
+FP8_CH = WeightScheme(8, -1, True, torch.float32, "float")
+FP8_TENSOR = WeightScheme(8, -1, True, torch.bfloat16, "float", block_rows=0)
+FP8_BLOCK = WeightScheme(8, 32, True, torch.bfloat16, "float", block_rows=32)  # 128x128 on real models
+NVFP4_W = WeightScheme(4, 16, True, FP8, "float", global_scale=True)
+MXFP4_W = WeightScheme(4, 32, True, E8M0, "float")
+A_FP8_TOKEN = ActivationScheme(8, type="float")
+A_FP8_STATIC = ActivationScheme(8, strategy="tensor", dynamic=False, type="float")
+A_FP8_GROUP = ActivationScheme(8, strategy="group", type="float", group_size=128)
+A_NVFP4 = ActivationScheme(4, strategy="tensor_group", dynamic="local", type="float", group_size=16)
+A_MXFP4 = ActivationScheme(4, strategy="group", type="float", group_size=32)
 
 #: A per-module plan: HF module name -> (weight scheme, activation scheme) or None (keep float).
 Plan = Callable[[str], "tuple[WeightScheme, ActivationScheme | None] | None"]
@@ -69,7 +81,18 @@ PLANS: dict[str, Plan] = {
     "w8a8": uniform(W8_CH, A8),
     "mixed-pack": mixed_pack,
     "mixed-formats": mixed_formats,
+    "fp8-dynamic": uniform(FP8_CH, A_FP8_TOKEN),
+    "fp8-static": uniform(FP8_TENSOR, A_FP8_STATIC),
+    "fp8-block": uniform(FP8_BLOCK, A_FP8_GROUP),
+    "fp8-weight-only": uniform(FP8_CH),
+    "nvfp4a16": uniform(NVFP4_W),
+    "nvfp4": uniform(NVFP4_W, A_NVFP4),
+    "mxfp4a16": uniform(MXFP4_W),
+    "mxfp4": uniform(MXFP4_W, A_MXFP4),
 }
+#: the base model the float plans are written from
+WIDE = "llama-wide"
+FLOAT_PLANS = [p for p in PLANS if p.startswith(("fp8", "nvfp4", "mxfp4"))]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +102,9 @@ def base_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) -
     for arch in TINY_ARCHS:
         dirs[arch] = tmp_path_factory.mktemp(f"ct-base-{arch}")
         tiny_hf_model_builder(arch).save_pretrained(dirs[arch])
+    # hidden 128: FP8_BLOCK's activations come in groups of 128 features
+    dirs[WIDE] = tmp_path_factory.mktemp("ct-base-wide")
+    tiny_hf_model_builder("llama", hidden_size=128, intermediate_size=256).save_pretrained(dirs[WIDE])
     return dirs
 
 
@@ -96,8 +122,10 @@ def quantize_checkpoint(src_dir: Path, out: Path, plan: Plan, **writer_kw: objec
                 w.add(name, t)
                 continue
             scheme, act = choice
-            qw = QuantizedWeight(*rtn(t, scheme), scheme)
-            w.add(name, qw, act)
+            gs = tensor_global_scale(t, scheme)
+            qw = QuantizedWeight(*rtn(t, scheme, gs), scheme, gs)
+            # a static input scale as calibration would give it (|x| <= 3 seen)
+            w.add(name, qw, act, act.static_scale(torch.tensor(3.0)) if act and act.needs_scale else None)
             written[name] = qw
     return written
 
@@ -107,7 +135,8 @@ def written(base_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     """Every plan written once for llama (lazily, cached): plan -> (dir, quantized weights)."""
     cache: dict[tuple[str, str], tuple[Path, dict[str, QuantizedWeight]]] = {}
 
-    def get(plan: str, arch: str = "llama") -> tuple[Path, dict[str, QuantizedWeight]]:
+    def get(plan: str, arch: str | None = None) -> tuple[Path, dict[str, QuantizedWeight]]:
+        arch = arch or (WIDE if plan in FLOAT_PLANS else "llama")
         if (plan, arch) not in cache:
             out = tmp_path_factory.mktemp(f"ct-{arch}-{plan}") / "model"
             cache[plan, arch] = (out, quantize_checkpoint(base_dirs[arch], out, PLANS[plan]))
@@ -132,8 +161,10 @@ def test_pack_matches_library(bits: int) -> None:
             assert torch.equal(ct.unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=dim), q)
 
 
-@pytest.mark.parametrize("scheme,act", [(W4_ASYM, None), (W4_SYM, None), (W8_CH, None), (W3_ASYM, None),
-                                        (W2_ASYM, None), (W4_SYM_BF16, None), (W8_CH, A8)])
+@pytest.mark.parametrize("scheme,act", [
+    (W4_ASYM, None), (W4_SYM, None), (W8_CH, None), (W3_ASYM, None), (W2_ASYM, None), (W4_SYM_BF16, None),
+    (W8_CH, A8), (FP8_CH, A_FP8_TOKEN), (FP8_TENSOR, A_FP8_STATIC), (FP8_BLOCK, A_FP8_GROUP), (FP8_CH, None),
+    (NVFP4_W, None), (NVFP4_W, A_NVFP4), (MXFP4_W, None), (MXFP4_W, A_MXFP4)])
 def test_compress_matches_library(scheme: WeightScheme, act: ActivationScheme | None) -> None:
     """The library's own compressor, fed qconv's grid, stores exactly the tensors qconv stores."""
     pytest.importorskip("compressed_tensors")
@@ -143,14 +174,23 @@ def test_compress_matches_library(scheme: WeightScheme, act: ActivationScheme | 
     from qconv.core.compressed_layout import module_format, weight_args
 
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
-    qw = QuantizedWeight(*rtn(w, scheme), scheme)
+    gs = tensor_global_scale(w, scheme)
+    qw = QuantizedWeight(*rtn(w, scheme, gs), scheme, gs)
     ct_scheme = QuantizationScheme(targets=["Linear"], weights=weight_args(scheme),
                                    input_activations=act.to_args() if act else None)
-    compressor = BaseCompressor.get_value_from_registry(module_format(act))
-    state = {"weight": qw.dequantize().to(scheme.scale_dtype), "weight_scale": qw.scale.to(scheme.scale_dtype),
-             "weight_zero_point": qw.zero.to(torch.int8)}
+    compressor = BaseCompressor.get_value_from_registry(module_format(scheme, act))
+    input_scale = act.static_scale(torch.tensor(3.0)) if act and act.needs_scale else None
+    ours = compress(qw, act, input_scale)
+    # the library takes scales as floats (E8M0 as the power of two) and the float weights
+    scale = ours["weight_scale"]
+    scale = torch.exp2(scale.float() - 127) if scheme.scale_dtype == E8M0 else \
+        scale.float() if scheme.scale_dtype == FP8 else scale
+    state = {"weight": qw.dequantize() if scheme.is_float else qw.dequantize().to(scheme.scale_dtype),
+             "weight_scale": scale}
+    if not scheme.is_float:
+        state["weight_zero_point"] = qw.zero.to(torch.int8)
+    state.update({k: v for k, v in ours.items() if k.endswith("global_scale") or k == "input_scale"})
     theirs = compressor.compress(state, ct_scheme)
-    ours = compress(qw, act)
     assert set(ours) == set(theirs)
     for k in ours:
         assert ours[k].dtype == theirs[k].dtype or k == "weight_shape", k
@@ -185,7 +225,9 @@ def test_library_decompresses_checkpoint(plan: str, written) -> None:
         local = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         dense = BaseCompressor.get_value_from_registry(fmt).decompress(local, scheme)["weight"]
         qw = weights[name + ".weight"]
-        expected = dequantize(qw.q, qw.scale, qw.zero, qw.scheme).to(qw.scheme.scale_dtype)
+        # the library computes in the scale dtype, FP4 in bfloat16
+        fp4 = qw.scheme.is_float and qw.scheme.bits == 4
+        expected = dequantize(qw.q, qw.scale, qw.zero, qw.scheme).to(torch.bfloat16 if fp4 else qw.scheme.scale_dtype)
         assert dense.dtype == expected.dtype and torch.equal(dense, expected), name
         compared += 1
     assert compared == len(weights) > 0
@@ -194,7 +236,8 @@ def test_library_decompresses_checkpoint(plan: str, written) -> None:
 # --------------------------------------------------------------------------- qconv's reader
 
 
-@pytest.mark.parametrize("plan", ["w4a16-asym", "w3a16-asym", "w4a16-bf16-scales", "w8a8", "mixed-formats"])
+@pytest.mark.parametrize("plan", ["w4a16-asym", "w3a16-asym", "w4a16-bf16-scales", "w8a8", "mixed-formats",
+                                  *FLOAT_PLANS])
 def test_reader_round_trip(plan: str, written, tmp_path: Path) -> None:
     out, weights = written(plan)
     with open_model(out) as src:
@@ -204,6 +247,8 @@ def test_reader_round_trip(plan: str, written, tmp_path: Path) -> None:
             back = src.quantized_weight(name)
             assert torch.equal(back.q, qw.q) and torch.equal(back.zero, qw.zero)
             assert torch.equal(back.scale, qw.scale.float()) and back.scheme == qw.scheme
+            assert (back.global_scale is None and qw.global_scale is None) or \
+                torch.equal(back.global_scale, qw.global_scale)
             assert torch.equal(src.get_tensor(name), qw.dequantize())
         acts = src.activation_schemes()
         assert set(acts) == {n[: -len(".weight")] for n in weights if PLANS[plan](n[: -len(".weight")])[1]}
@@ -299,6 +344,94 @@ def test_transformers_w8a8_emulation_matches_runner(plan: str, written) -> None:
 def test_transformers_default_path_asymmetric(written) -> None:
     out, _ = written("w4a16-asym")
     assert torch.allclose(_transformers_logits(out, TOKENS, False), _runner_logits(out, TOKENS), atol=1e-4)
+
+
+@pytest.mark.parametrize("plan", ["fp8-dynamic", "fp8-static", "fp8-block", "fp8-weight-only"])
+def test_transformers_fp8_matches_runner(plan: str, written) -> None:
+    """FP8 checkpoints: transformers' default load (compressed-tensors' FP8 emulation of the
+    weights and of the input activations, dynamic per token / per 1x128 group or static per
+    tensor) gives the runner's logits, activation emulation included."""
+    out, _ = written(plan)
+    with open_model(out) as src:
+        model = load_runner(src, "cpu", "f32")
+    with torch.no_grad():
+        ours = model(TOKENS)
+    theirs = _transformers_logits(out, TOKENS, dequantize=False)
+    assert torch.allclose(theirs, ours, atol=1e-4, rtol=0), (theirs - ours).abs().max()
+
+
+@pytest.mark.parametrize("plan", ["nvfp4a16", "mxfp4a16"])
+def test_transformers_fp4_matches_runner(plan: str, written) -> None:
+    """FP4 weights: transformers' CPU path decompresses them in bfloat16 (its compressed path
+    fails on CPU for a float32 model: a bf16/f32 matmul); the runner with the same weights
+    rounded to bfloat16 gives its logits. W4A4 activations (NVFP4, MXFP4) are checked against
+    compressed-tensors' own quantizer in :func:`test_activation_grids_match_library`, not here."""
+    out, _ = written(plan)
+    with open_model(out) as src:
+        model = load_runner(src, "cpu", "f32")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.weight.shape[0] != 300:  # not the head
+                m.weight.copy_(m.weight.to(torch.bfloat16).float())
+        ours = model(TOKENS)
+    theirs = _transformers_logits(out, TOKENS, dequantize=True)
+    assert torch.allclose(theirs, ours, atol=1e-4, rtol=0), (theirs - ours).abs().max()
+
+
+@pytest.mark.parametrize("scheme", [FP8_CH, FP8_TENSOR, FP8_BLOCK, NVFP4_W, MXFP4_W], ids=str)
+def test_weight_grids_match_library(scheme: WeightScheme) -> None:
+    """qconv's float grids against compressed-tensors' own qparams and quantizer (the code
+    llm-compressor's RTN runs): same scales, same fake-quantized weights."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 128) * torch.logspace(-2, 1, 96)[:, None]
+    w[3, :32] = 0  # an all-zero group
+    args = QuantizationArgs.model_validate({k: v for k, v in weight_args(scheme).items() if v is not None})
+    gs = generate_gparam(w.amin(), w.amax()) if scheme.global_scale else None
+    if scheme.block_rows == 0:
+        lo, hi = w.amin().reshape(1), w.amax().reshape(1)
+    elif scheme.block_rows > 1:
+        b = w.reshape(96 // scheme.block_rows, scheme.block_rows, 128 // scheme.group_size, scheme.group_size)
+        lo, hi = b.amin((1, 3)), b.amax((1, 3))
+    else:
+        g = w.reshape(96, scheme.groups(128), scheme.group_width(128))
+        lo, hi = g.amin(-1), g.amax(-1)
+    scale, zp = calculate_qparams(lo, hi, args, global_scale=gs)
+    if scheme.scale_dtype in (torch.bfloat16, torch.float16):  # llm-compressor's scales have the model dtype
+        scale = scale.to(scheme.scale_dtype)
+    theirs = fake_quantize(w, scale.float(), zp, args, global_scale=gs)
+    ours_gs = tensor_global_scale(w, scheme)
+    assert (gs is None) == (ours_gs is None) and (gs is None or torch.equal(gs, ours_gs))
+    q, s, z = rtn(w, scheme, ours_gs)
+    assert torch.equal(dequantize(q, s, z, scheme), theirs)
+
+
+@pytest.mark.parametrize("act", [A_FP8_TOKEN, A_FP8_STATIC, A_FP8_GROUP, A_NVFP4, A_MXFP4],
+                         ids=lambda a: f"{a.type}{a.bits}-{a.strategy}")
+def test_activation_grids_match_library(act: ActivationScheme) -> None:
+    """The runner's input fake-quantization equals compressed-tensors' ``forward_quantize`` for
+    every float activation kind (dynamic scales from each token / group, static ones stored)."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+    from compressed_tensors.quantization.quant_config import QuantizationStatus
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 256) * torch.logspace(-1, 1, 256)
+    args = QuantizationArgs.model_validate({k: v for k, v in act.to_args().items() if v is not None})
+    module = torch.nn.Linear(256, 4)
+    module.quantization_status = QuantizationStatus.FROZEN
+    scale = act.static_scale(x.abs().amax()) if act.needs_scale else None
+    if scale is not None:
+        setattr(module, act.scale_name, torch.nn.Parameter(scale, requires_grad=False))
+        if act.scale_name == "input_scale":
+            module.input_zero_point = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+    theirs = forward_quantize(module, x, "input", args)
+    assert torch.equal(fake_quant_input(x, act, scale), theirs)
 
 
 # --------------------------------------------------------------------------- activation fake-quant

@@ -281,3 +281,63 @@ def test_moe_smoothquant_and_rotation(tiny_hf_model_builder, calib: Path, tmp_pa
     api.quantize(tmp_path / "hf", tmp_path / "q", method="smoothquant", data=str(calib), samples=4, seqlen=32,
                  rotate=True)
     assert torch.isfinite(_logits(tmp_path / "q")).all()
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) -> Path:
+    """A tiny Llama with hidden size 128: FP8_BLOCK's 128-wide blocks and activation groups fit."""
+    from conftest import write_tokenizer
+
+    path = tmp_path_factory.mktemp("wide")
+    tiny_hf_model_builder("llama", rope_scaling=None, vocab_size=384, hidden_size=128,
+                          intermediate_size=256).save_pretrained(path)
+    write_tokenizer(path, 384)
+    return path
+
+
+@pytest.mark.parametrize("method,scheme", [
+    ("rtn", "fp8"), ("rtn", "fp8-static"), ("gptq", "fp8-block"), ("smoothquant", "fp8"),
+    ("gptq", "nvfp4a16"), ("awq", "nvfp4"), ("rtn", "mxfp4a16"), ("gptq", "mxfp4"),
+])
+def test_float_schemes_end_to_end(wide_model: Path, calib: Path, tmp_path: Path, method: str, scheme: str) -> None:
+    """Every named float scheme through a method: deterministic bytes, a config compressed-tensors
+    validates, static input scales where the scheme has them, and a runner (activation
+    emulation included) that stays close to the float model."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    flags = dict(scheme=scheme, samples=4, seqlen=32)
+    data = str(calib) if method != "rtn" or scheme == "fp8-static" else None
+    for out in ("a", "b"):
+        api.quantize(wide_model, tmp_path / out, method=method, data=data, **flags)
+    for f in sorted(p.name for p in (tmp_path / "a").iterdir()):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    qc = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    QuantizationConfig.model_validate(qc)
+    with open_model(tmp_path / "a") as src:
+        acts, scales = src.activation_schemes(), src.input_scales()
+        model = api.load_runner(src, "cpu", "f32")
+    static = scheme in ("fp8-static", "nvfp4")
+    assert bool(scales) == static and (not static or set(scales) == set(acts))
+    assert bool(acts) == (not scheme.endswith("a16"))
+    with torch.no_grad():
+        out = model(torch.arange(32)[None])[0]
+    ref = _logits(wide_model)
+    kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert torch.isfinite(out).all() and kl < 0.5, kl
+
+
+def test_float_scheme_errors(wide_model: Path, model: Path, tmp_path: Path) -> None:
+    """Named schemes refuse what their formats cannot hold, in one line."""
+    with pytest.raises(InvalidOption, match="calibration data"):
+        api.quantize(wide_model, tmp_path / "x", method="rtn", scheme="fp8-static")
+    with pytest.raises(InvalidOption, match="unknown --scheme"):
+        api.quantize(wide_model, tmp_path / "x", method="rtn", scheme="fp7")
+    with pytest.raises(InvalidOption, match="drop --bits"):
+        api.quantize(wide_model, tmp_path / "x", method="rtn", scheme="fp8", bits=4)
+    with pytest.raises(InvalidOption, match="group size 128 does not divide the input width 64"):
+        api.quantize(model, tmp_path / "x", method="rtn", scheme="fp8-block")
+    with pytest.raises(InvalidOption, match="no refine"):
+        api.quantize(wide_model, tmp_path / "x", method="gptq", scheme="nvfp4a16", refine=1, data="x.jsonl")
+    with pytest.raises(InvalidOption, match="cannot be combined"):
+        recipe_from_dict({"scheme": {"preset": "fp8", "bits": 4}})
+    assert recipe_from_dict({"scheme": "nvfp4"}).preset == "nvfp4"

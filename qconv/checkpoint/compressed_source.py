@@ -7,8 +7,10 @@ serves everything else as the plain HF reader does. The quantization itself stay
 for lossless re-export, and :meth:`~CompressedTensorsSource.activation_schemes` tells the runner
 which Linears quantize their inputs at run time (W8A8), so measured quality is what vLLM runs.
 
-Anything this reader cannot reproduce exactly (FP8/FP4 formats, static activation scales,
-act-order ``g_idx``, KV-cache or transform configs, sparsity) is refused with a one-line
+The float formats (FP8 per channel / tensor / 128x128 block, NVFP4, MXFP4) are read too, with
+their activation schemes and calibrated static input scales (:meth:`~CompressedTensorsSource.input_scales`).
+Anything this reader cannot reproduce exactly (act-order ``g_idx``, KV-cache or transform
+configs, sparsity, activation kinds vLLM does not run) is refused with a one-line
 :class:`~qconv.errors.UnsupportedModel` rather than half-read.
 """
 
@@ -29,18 +31,23 @@ from qconv.checkpoint.source import ModelSource
 from qconv.errors import CheckpointMismatch, CorruptFile, InvalidOption, UnsupportedModel
 from qconv.core.quantized import ActivationScheme, QuantizedWeight
 from qconv.core.compressed_layout import (
+    FLOAT_QUANTIZED,
+    FP4_PACKED,
     INT_QUANTIZED,
     MIXED,
+    MXFP4_PACKED,
     NAIVE_QUANTIZED,
+    NVFP4_PACKED,
     PACKED,
     QUANT_METHOD,
     decompress,
+    module_format,
     stored_shapes,
 )
-from qconv.core.grid import WeightScheme
+from qconv.core.grid import E8M0, FP8, WeightScheme
 
 #: Formats whose layout this reader decodes.
-READABLE_FORMATS = (PACKED, INT_QUANTIZED, NAIVE_QUANTIZED)
+READABLE_FORMATS = (PACKED, INT_QUANTIZED, NAIVE_QUANTIZED, FLOAT_QUANTIZED, NVFP4_PACKED, MXFP4_PACKED)
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
 
 
@@ -60,12 +67,9 @@ def _unsupported(what: str, path: Path) -> UnsupportedModel:
 
 
 def _weight_scheme(args: dict[str, Any], path: Path) -> tuple[WeightScheme, bool]:
-    """A ``QuantizationArgs`` dict for weights -> (WeightScheme, tensor_strategy)."""
-    if args.get("type", "int") != "int":
-        raise _unsupported(f"{args.get('type')} (FP8/FP4) weights", path)
+    """A ``QuantizationArgs`` dict for weights -> (WeightScheme, tensor_strategy of an int grid)."""
+    kind = args.get("type", "int")
     bits = int(args.get("num_bits", 8))
-    if not 2 <= bits <= 8:
-        raise _unsupported(f"{bits}-bit weights", path)
     if args.get("dynamic"):
         raise _unsupported("dynamic weight quantization", path)
     if args.get("actorder") == "group" or args.get("actorder") is True:
@@ -73,6 +77,25 @@ def _weight_scheme(args: dict[str, Any], path: Path) -> tuple[WeightScheme, bool
     group_size = args.get("group_size")
     strategy = args.get("strategy") or ("tensor" if group_size is None else "channel" if group_size == -1 else "group")
     symmetric = bool(args.get("symmetric", True))
+    if kind == "float":
+        block = args.get("block_structure")
+        try:
+            if bits == 4 and strategy in ("tensor_group", "group") and group_size in (16, 32):
+                nv = strategy == "tensor_group"
+                return WeightScheme(4, group_size, symmetric, FP8 if nv else E8M0, "float", global_scale=nv), False
+            if bits == 8 and strategy in ("channel", "tensor"):
+                return WeightScheme(8, -1, symmetric, torch.float32, "float", block_rows=int(strategy == "channel")), False
+            if bits == 8 and strategy == "block" and isinstance(block, list) and len(block) == 2:
+                return WeightScheme(8, int(block[1]), symmetric, torch.float32, "float", block_rows=int(block[0])), False
+            if bits == 8 and strategy == "group" and isinstance(group_size, int) and group_size > 0:
+                return WeightScheme(8, group_size, symmetric, torch.float32, "float"), False
+        except InvalidOption as e:
+            raise _unsupported(f"float weights ({e})", path) from None
+        raise _unsupported(f"{bits}-bit float weights with strategy {strategy!r}", path)
+    if kind != "int":
+        raise _unsupported(f"{kind} weights", path)
+    if not 2 <= bits <= 8:
+        raise _unsupported(f"{bits}-bit weights", path)
     if strategy == "group" and isinstance(group_size, int) and group_size > 0:
         return WeightScheme(bits, group_size, symmetric), False
     if strategy in ("channel", "tensor"):
@@ -83,14 +106,13 @@ def _weight_scheme(args: dict[str, Any], path: Path) -> tuple[WeightScheme, bool
 def _activation_scheme(args: dict[str, Any] | None, path: Path) -> ActivationScheme | None:
     if args is None:
         return None
-    kind = (args.get("num_bits", 8), args.get("type", "int"), args.get("symmetric", True),
-            args.get("strategy"), args.get("dynamic", False))
-    if kind != (8, "int", True, "token", True):
-        raise _unsupported(
-            "input activations other than dynamic symmetric per-token int8 "
-            f"(num_bits={kind[0]} type={kind[1]} symmetric={kind[2]} strategy={kind[3]} dynamic={kind[4]})", path
-        )
-    return ActivationScheme()
+    dynamic = args.get("dynamic", False)
+    try:
+        return ActivationScheme(bits=int(args.get("num_bits", 8)), symmetric=bool(args.get("symmetric", True)),
+                                strategy=args.get("strategy") or "tensor", dynamic=dynamic,
+                                type=args.get("type", "int"), group_size=args.get("group_size"))
+    except InvalidOption as e:
+        raise _unsupported(f"input activations of this kind ({e})", path) from None
 
 
 def _rank(name: str, target: str) -> int | None:
@@ -130,12 +152,17 @@ def resolve_modules(qcfg: Any, config: ModelConfig, path: Path) -> dict[str, Mod
             raise _unsupported(f"config group {gname!r} without weight quantization", path)
         weights, tensor_strategy = _weight_scheme(group["weights"], path)
         act = _activation_scheme(group.get("input_activations"), path)
+        if act is not None and not act.fits(weights):
+            raise _unsupported(f"{act.type}{act.bits} activations with {weights.type}{weights.bits} weights", path)
         gfmt = group.get("format") or (fmt if fmt != MIXED else INT_QUANTIZED if act else PACKED)
         if gfmt not in READABLE_FORMATS:
             raise UnsupportedModel(
                 f"compressed-tensors format {gfmt!r} (group {gname}) is not supported "
                 f"(qconv reads {', '.join(READABLE_FORMATS)})", path
             )
+        if (weights.is_float or gfmt in (FLOAT_QUANTIZED, *FP4_PACKED)) and gfmt != module_format(weights, act):
+            raise UnsupportedModel(f"compressed-tensors format {gfmt!r} is not supported for "
+                                   f"{weights.bits}-bit {weights.type} weights (group {gname})", path)
         groups.append((gname, list(group.get("targets") or []), ModuleQuant(gfmt, weights, act, tensor_strategy)))
     ignore = list(qcfg.get("ignore") or [])
 
@@ -167,6 +194,26 @@ def resolve_modules(qcfg: Any, config: ModelConfig, path: Path) -> dict[str, Mod
     if not modules:
         raise _unsupported("no quantized Linear modules (targets match nothing)", path)
     return modules
+
+
+def _dtype_ok(mq: ModuleQuant, local: str, dt: str) -> bool:
+    """Whether stored tensor ``local`` of a module stored as ``mq`` may have safetensors dtype ``dt``."""
+    w = mq.weights
+    if local in ("weight_global_scale", "input_global_scale"):
+        return dt == "F32"
+    if local == "input_scale":
+        return dt in _FLOAT_DTYPES
+    if local == "weight_scale":
+        return {FP8: dt == "F8_E4M3", E8M0: dt == "U8"}.get(w.scale_dtype, dt in _FLOAT_DTYPES)
+    if mq.format in FP4_PACKED:
+        return dt == "U8"
+    if w.is_float:
+        return dt == "F8_E4M3"
+    if local in ("weight_packed", "weight_zero_point") and mq.format == PACKED:
+        return dt == "I32"
+    if local == "weight_shape":
+        return dt in ("I32", "I64")
+    return dt in ("I8", "I32") if local == "weight_zero_point" else dt == "I8"
 
 
 class CompressedTensorsSource(HFSource):
@@ -203,6 +250,8 @@ class CompressedTensorsSource(HFSource):
             local = stored_shapes(mq.format, mq.weights, (shape[0], shape[1]), mq.tensor_strategy)
         except InvalidOption as e:  # group size does not divide the input width
             raise CheckpointMismatch(f"{module}: {e}", self.path) from None
+        if mq.activations is not None and mq.activations.needs_scale:
+            local[mq.activations.scale_name] = (1,)
         return {f"{module}.{k}": v for k, v in local.items()}
 
     def _stored_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -219,11 +268,7 @@ class CompressedTensorsSource(HFSource):
         for module, mq in self._modules.items():
             for name in self._module_shapes(module, mq, self._shape(module)):
                 dt, local = self.dtype_of(name), name[len(module) + 1:]
-                ok = (dt in _FLOAT_DTYPES if local == "weight_scale" else
-                      dt == "I32" if local in ("weight_packed", "weight_zero_point") and mq.format == PACKED else
-                      dt in ("I32", "I64") if local == "weight_shape" else
-                      dt in ("I8", "I32") if local == "weight_zero_point" else dt == "I8")
-                if not ok:
+                if not _dtype_ok(mq, local, dt):
                     raise CheckpointMismatch(f"tensor {name} has dtype {dt}, unexpected for {mq.format}",
                                              self._shard_of[name])
 
@@ -266,7 +311,8 @@ class CompressedTensorsSource(HFSource):
                 f"{module}.weight_shape is {tensors['weight_shape'].tolist()}, config implies {list(shape)}",
                 self._shard_of[f"{module}.weight_shape"],
             )
-        scheme = replace(mq.weights, scale_dtype=tensors["weight_scale"].dtype)
+        scheme = mq.weights if mq.weights.scale_dtype in (FP8, E8M0) else \
+            replace(mq.weights, scale_dtype=tensors["weight_scale"].dtype)
         try:
             return decompress(mq.format, scheme, shape, tensors, mq.tensor_strategy)
         except ValueError as e:
@@ -275,6 +321,12 @@ class CompressedTensorsSource(HFSource):
     def module_schemes(self) -> dict[str, ModuleQuant]:
         """HF module name -> how it is stored, for every quantized Linear (others are float)."""
         return dict(self._modules)
+
+    def input_scales(self) -> dict[str, torch.Tensor]:
+        """HF module name -> calibrated static input scale (float32 ``[1]``: static FP8's
+        ``input_scale``, NVFP4's ``input_global_scale``) of the Linears that store one."""
+        return {m: HFSource.get_tensor(self, f"{m}.{mq.activations.scale_name}").float().reshape(1)
+                for m, mq in self._modules.items() if mq.activations is not None and mq.activations.needs_scale}
 
     def activation_schemes(self) -> dict[str, ActivationScheme]:
         """HF module name -> input quantization, for the Linears that quantize activations (W8A8);

@@ -14,6 +14,19 @@ are replaced by their integer codes plus per-(row, group) parameters, described 
   activations): ``X.weight`` int8 ``[out, in]`` and ``X.weight_scale`` ``[out, 1]``; nothing is
   stored for the activations (their scales are computed per token at run time).
 
+and the float formats (codes stored as their 8- or 4-bit patterns):
+
+* ``float-quantized`` (FP8 W8A8) and ``naive-quantized`` (FP8 weight-only): ``X.weight``
+  float8_e4m3fn ``[out, in]``, ``X.weight_scale`` ``[out, 1]`` per channel, ``[1]`` per tensor or
+  ``[ceil(out/128), in/128]`` per 128x128 block, in ``scheme.scale_dtype``; a static FP8 input
+  scale is ``X.input_scale`` ``[1]``.
+* ``nvfp4-pack-quantized``: ``X.weight_packed`` uint8 ``[out, in/2]`` (two E2M1 codes per byte,
+  the even column in the low nibble, sign in each nibble's bit 3), ``X.weight_scale``
+  float8_e4m3fn ``[out, in/16]``, ``X.weight_global_scale`` float32 ``[1]`` (effective scale
+  ``weight_scale / weight_global_scale``); W4A4 adds ``X.input_global_scale`` float32 ``[1]``.
+* ``mxfp4-pack-quantized``: ``X.weight_packed`` as NVFP4's, ``X.weight_scale`` uint8
+  ``[out, in/32]`` (E8M0: the scale is ``2^(byte - 127)``).
+
 Codes and parameters follow :mod:`qconv.core.grid`, which uses compressed-tensors' own
 convention (``x = (q - zero) * scale``, signed codes), so writing is pure re-layout: the
 stored codes dequantize to exactly what the quantizer produced.
@@ -33,7 +46,7 @@ from typing import Any
 
 import torch
 
-from qconv.core.grid import WeightScheme
+from qconv.core.grid import E8M0, FP8, WeightScheme, e2m1_codes, e2m1_values, load_scale, store_scale
 from qconv.core.quantized import ActivationScheme, QuantizedWeight
 
 QUANT_METHOD = "compressed-tensors"
@@ -41,6 +54,13 @@ PACKED = "pack-quantized"
 INT_QUANTIZED = "int-quantized"
 NAIVE_QUANTIZED = "naive-quantized"
 MIXED = "mixed-precision"
+FLOAT_QUANTIZED = "float-quantized"
+NVFP4_PACKED = "nvfp4-pack-quantized"
+MXFP4_PACKED = "mxfp4-pack-quantized"
+#: formats whose weight is stored unpacked as ``X.weight``
+UNPACKED = (INT_QUANTIZED, NAIVE_QUANTIZED, FLOAT_QUANTIZED)
+#: formats whose weight is E2M1 codes packed two per byte
+FP4_PACKED = (NVFP4_PACKED, MXFP4_PACKED)
 #: The compressed-tensors release whose layout qconv writes (recorded as ``version``).
 CT_VERSION = "0.20.0"
 
@@ -136,33 +156,84 @@ def packed_width(n: int, bits: int) -> int:
 def weight_args(scheme: WeightScheme) -> dict[str, Any]:
     """compressed-tensors ``QuantizationArgs`` (as JSON) for a weight scheme."""
     channel = scheme.group_size == -1
-    return {
-        "num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric,
-        "strategy": "channel" if channel else "group", "group_size": None if channel else scheme.group_size,
-        "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {},
+    strategy = ("tensor" if scheme.block_rows == 0 else "block" if scheme.block_rows > 1 else
+                "tensor_group" if scheme.global_scale else "channel" if channel else "group")
+    args: dict[str, Any] = {
+        "num_bits": scheme.bits, "type": scheme.type, "symmetric": scheme.symmetric, "strategy": strategy,
+        "group_size": None if channel or strategy == "block" else scheme.group_size,
+        "dynamic": False, "actorder": None,
+        "block_structure": [scheme.block_rows, scheme.group_size] if strategy == "block" else None,
+        "observer": "minmax", "observer_kwargs": {},
     }
+    if scheme.scale_dtype in (FP8, E8M0):
+        args["scale_dtype"] = "torch.float8_e4m3fn" if scheme.scale_dtype == FP8 else "torch.uint8"
+    return args
 
 
-def module_format(act: ActivationScheme | None) -> str:
+def module_format(scheme: WeightScheme, act: ActivationScheme | None) -> str:
     """The compressed-tensors format a module is stored in (what ``infer_module_format`` picks)."""
-    return PACKED if act is None else INT_QUANTIZED
+    if not scheme.is_float:
+        return PACKED if act is None else INT_QUANTIZED
+    if scheme.bits == 4:
+        return NVFP4_PACKED if scheme.global_scale else MXFP4_PACKED
+    return NAIVE_QUANTIZED if act is None else FLOAT_QUANTIZED
 
 
-def compress(w: QuantizedWeight, act: ActivationScheme | None) -> dict[str, torch.Tensor]:
+def pack_fp4(values: torch.Tensor) -> torch.Tensor:
+    """E2M1 values ``[rows, n]`` (float32, n even) -> uint8 ``[rows, n/2]``, column 2k in the low
+    nibble of byte k (compressed-tensors' ``pack_fp4_to_uint8``)."""
+    codes = e2m1_codes(values)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_fp4`: float32 E2M1 values ``[rows, 2 * width]``."""
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+    return e2m1_values(codes)
+
+
+def _stored_scale(w: QuantizedWeight) -> torch.Tensor:
+    """The scale tensor as stored: one row per block of rows (or one for the tensor), in its
+    storage dtype (E8M0 as its exponent byte, which is what compressed-tensors stores)."""
+    s = w.scheme
+    scale = w.scale.cpu()
+    if s.block_rows != 1:
+        scale = scale[:: (w.shape[0] if s.block_rows == 0 else s.block_rows)]
+        if s.block_rows == 0:
+            scale = scale.reshape(1)
+    gs = None if w.global_scale is None else w.global_scale.cpu()
+    stored = store_scale(scale, s, gs).contiguous()
+    return stored.view(torch.uint8) if s.scale_dtype == E8M0 else stored
+
+
+def compress(w: QuantizedWeight, act: ActivationScheme | None,
+             input_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The stored tensors of one quantized Linear, keyed by local name (``weight_packed``, ...).
-    Packed on the CPU whatever device quantized them: the bytes must not depend on it."""
+    Packed on the CPU whatever device quantized them: the bytes must not depend on it.
+    ``input_scale``: the calibrated static input scale an ``act`` that needs one stores."""
     s = w.scheme
     q = w.q.cpu()
-    scale = w.scale.to("cpu", s.scale_dtype).contiguous()
-    if act is not None:
-        return {"weight": q.contiguous(), "weight_scale": scale}
-    out: dict[str, torch.Tensor] = {
-        "weight_packed": pack_int32(q, s.bits, dim=1),
-        "weight_scale": scale,
-        "weight_shape": torch.tensor(w.shape, dtype=torch.int32),
-    }
-    if not s.symmetric:
-        out["weight_zero_point"] = pack_int32(w.zero.to("cpu", torch.int8), s.bits, dim=0)
+    out: dict[str, torch.Tensor]
+    if s.is_float:
+        out = {"weight_packed": pack_fp4(q)} if s.bits == 4 else {"weight": q.to(FP8).contiguous()}
+        out["weight_scale"] = _stored_scale(w)
+        if w.global_scale is not None:
+            out["weight_global_scale"] = w.global_scale.to("cpu", torch.float32).reshape(1).contiguous()
+    elif act is not None:
+        out = {"weight": q.contiguous(), "weight_scale": _stored_scale(w)}
+    else:
+        out = {
+            "weight_packed": pack_int32(q, s.bits, dim=1),
+            "weight_scale": _stored_scale(w),
+            "weight_shape": torch.tensor(w.shape, dtype=torch.int32),
+        }
+        if not s.symmetric:
+            out["weight_zero_point"] = pack_int32(w.zero.to("cpu", torch.int8), s.bits, dim=0)
+    if act is not None and act.needs_scale:
+        if input_scale is None:
+            raise ValueError(f"{act.scale_name} missing for a static activation scheme")
+        dtype = torch.float32 if act.strategy == "tensor_group" else s.scale_dtype
+        out[act.scale_name] = input_scale.to("cpu", dtype).reshape(1).contiguous()
     return out
 
 
@@ -170,14 +241,20 @@ def stored_shapes(fmt: str, scheme: WeightScheme, shape: tuple[int, int],
                   tensor_strategy: bool = False) -> dict[str, tuple[int, ...]]:
     """Local names and shapes a module of format ``fmt`` must store (for header validation).
 
-    ``tensor_strategy``: one scale for the whole matrix (``strategy: tensor``, read only).
-    A zero point is required for asymmetric grids only (some writers also store zeros for
+    ``tensor_strategy``: one scale for the whole integer matrix (``strategy: tensor``, read
+    only). A zero point is required for asymmetric grids only (some writers also store zeros for
     symmetric ones; those are ignored).
     """
     out, n = shape
     groups = scheme.groups(n)
-    scale_shape: tuple[int, ...] = (1,) if tensor_strategy else (out, groups)
+    rows = scheme.stored_rows(out)
+    scale_shape: tuple[int, ...] = (1,) if tensor_strategy or scheme.block_rows == 0 else (rows, groups)
     shapes: dict[str, tuple[int, ...]]
+    if fmt in FP4_PACKED:
+        shapes = {"weight_packed": (out, n // 2), "weight_scale": scale_shape}
+        if scheme.global_scale:
+            shapes["weight_global_scale"] = (1,)
+        return shapes
     if fmt == PACKED:
         shapes = {"weight_packed": (out, packed_width(n, scheme.bits)), "weight_scale": scale_shape,
                   "weight_shape": (2,)}
@@ -196,6 +273,18 @@ def decompress(fmt: str, scheme: WeightScheme, shape: tuple[int, int], tensors: 
     already validated against :func:`stored_shapes`)."""
     out, n = shape
     groups = scheme.groups(n)
+    if scheme.is_float:
+        q = unpack_fp4(tensors["weight_packed"]) if fmt in FP4_PACKED else tensors["weight"].float()
+        stored = tensors["weight_scale"]
+        if scheme.scale_dtype == E8M0:
+            stored = stored.view(E8M0)
+        gs = tensors.get("weight_global_scale")
+        gs = None if gs is None else gs.float().reshape(1)
+        scale = load_scale(stored.reshape(-1, groups), scheme, gs)
+        scale = scale.expand(out, groups) if scheme.block_rows == 0 else \
+            scale.repeat_interleave(scheme.block_rows, 0)[:out]
+        return QuantizedWeight(q.contiguous(), scale.contiguous(), torch.zeros(out, groups, dtype=torch.int32),
+                               scheme, gs)
     if fmt == PACKED:
         q = unpack_int32(tensors["weight_packed"], scheme.bits, n, dim=1)
     else:

@@ -79,8 +79,11 @@ class CompressedTensorsWriter:
         self._stack, self._shards = stack, ShardWriter(tmp, self.max_shard_size)
         return self
 
-    def add(self, hf_name: str, value: torch.Tensor | QuantizedWeight, act: ActivationScheme | None = None) -> None:
-        """Store one model tensor. ``act`` (only with a QuantizedWeight) makes the Linear W8A8."""
+    def add(self, hf_name: str, value: torch.Tensor | QuantizedWeight, act: ActivationScheme | None = None,
+            input_scale: torch.Tensor | None = None) -> None:
+        """Store one model tensor. ``act`` (only with a QuantizedWeight) quantizes the Linear's
+        inputs too (W8A8 int8, FP8, NVFP4, MXFP4); ``input_scale`` is its calibrated static
+        scale where ``act.needs_scale``."""
         if self._shards is None:
             raise RuntimeError("CompressedTensorsWriter.add outside its with-block")
         expected = self._expected.get(hf_name)
@@ -106,14 +109,17 @@ class CompressedTensorsWriter:
             raise InvalidOption(f"{hf_name} is not a Linear weight; only Linear weights can be quantized")
         value.check(hf_name)
         s = value.scheme
-        if act is not None and (s.bits, s.group_size, s.symmetric) != (8, -1, True):
+        if act is not None and not act.fits(s):
             raise InvalidOption(
-                f"{hf_name}: int8 activations (int-quantized, W8A8) need 8-bit symmetric per-channel weights, "
-                f"got {s.bits}-bit group_size={s.group_size} symmetric={s.symmetric}"
+                f"{hf_name}: {act.type}{act.bits} activations ({act.strategy}) do not go with "
+                f"{s.bits}-bit {s.type} weights (int8 activations need 8-bit symmetric per-channel int weights; "
+                f"FP8 activations FP8 weights; NVFP4/MXFP4 activations NVFP4/MXFP4 weights)"
             )
+        if (input_scale is not None) != (act is not None and act.needs_scale):
+            raise ValueError(f"{hf_name}: a static input scale goes with (and only with) static activations")
         self._added.add(hf_name)
         self._modules[module] = (s, act)
-        for local, t in compress(value, act).items():
+        for local, t in compress(value, act, input_scale).items():
             self._shards.add(f"{module}.{local}", t)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -143,7 +149,8 @@ class CompressedTensorsWriter:
             hf["quantization_config"] = self.quantization_config
         if self.metadata:
             hf["qconv"] = self.metadata
-        dtype = self._float_dtype or next((s.scale_dtype for s, _ in self._modules.values()), None)
+        dtype = self._float_dtype or next((s.scale_dtype for s, _ in self._modules.values()
+                                           if s.scale_dtype.is_floating_point and s.scale_dtype.itemsize > 1), None)
         write_config_and_tokenizer(self._shards.directory, hf, dtype, self.tokenizer_files)
 
 
@@ -165,7 +172,7 @@ def build_quantization_config(
     for m in quantized:
         if modules[m] not in distinct:
             distinct.append(modules[m])
-    formats = {module_format(act) for _, act in distinct}
+    formats = {module_format(ws, act) for ws, act in distinct}
     fmt = next(iter(formats)) if len(formats) == 1 else MIXED
     groups: dict[str, Any] = {}
     for i, (ws, act) in enumerate(distinct):
@@ -175,7 +182,7 @@ def build_quantization_config(
             "input_activations": act.to_args() if act else None, "output_activations": None,
         }
         if fmt == MIXED:
-            group["format"] = module_format(act)
+            group["format"] = module_format(ws, act)
         groups[f"group_{i}"] = group
     # routers too: vLLM builds them as Linears and would look for their quantized weights
     ignore = [m for m in order if m not in modules] + config.spec.routers(config)

@@ -1,10 +1,14 @@
-"""Activation fake-quantization for the runner: what W8A8 checkpoints do to Linear inputs.
+"""Activation fake-quantization for the runner: what W8A8 / FP8 / NVFP4 / MXFP4 checkpoints do
+to Linear inputs.
 
-A W8A8 (``int-quantized``) checkpoint stores only weights; at inference vLLM quantizes every
-input row (token) of those Linears to int8 on the fly with its own absmax scale. Measuring
-such a checkpoint with float activations would overstate its quality, so the runner installs
-forward pre-hooks that round each token's inputs to the same int8 grid before the matmul.
-The result equals an int8 x int8 matmul rescaled by ``s_x * s_w`` up to float accumulation order.
+Such a checkpoint stores weights (and at most one calibrated scale per Linear); at inference
+vLLM quantizes every input of those Linears on the fly: int8 or FP8 per token with its own
+absmax scale, FP8 per 1x128 group, FP8 per tensor with the stored static scale, NVFP4 with FP8
+scales per 16 values under the stored global scale, MXFP4 with power-of-two scales per 32.
+Measuring such a checkpoint with float activations would overstate its quality, so the runner
+installs forward pre-hooks that round the inputs to the same grid before the matmul (the grid
+math is :mod:`qconv.core.grid`'s, tokens being rows). The result equals the low-precision
+matmul rescaled by the scales, up to float accumulation order.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from qconv.errors import InvalidOption
+from qconv.core.grid import dequantize, group_minmax, qparams, quantize
 from qconv.core.quantized import ActivationScheme
+from qconv.errors import InvalidOption
 
 
 def fake_quant_per_token(x: torch.Tensor, bits: int = 8, range_divisor: float | None = None) -> torch.Tensor:
@@ -37,15 +42,38 @@ def fake_quant_per_token(x: torch.Tensor, bits: int = 8, range_divisor: float | 
     return (q * scale).to(x.dtype)
 
 
-def apply_activation_quant(
-    model: nn.Module, schemes: dict[str, ActivationScheme], range_divisor: float | None = None
-) -> list[RemovableHandle]:
-    """Make the named Linears of a runner model fake-quantize their inputs per token.
+def fake_quant_input(x: torch.Tensor, scheme: ActivationScheme, scale: torch.Tensor | None = None,
+                     range_divisor: float | None = None) -> torch.Tensor:
+    """``x`` rounded as ``scheme`` quantizes a Linear's input (last dim = features), in ``x``'s
+    dtype. ``scale``: the stored static scale (static FP8's ``input_scale``, NVFP4's global
+    scale). Integer schemes: :func:`fake_quant_per_token` (``range_divisor`` applies)."""
+    if scheme.type == "int":
+        return fake_quant_per_token(x, scheme.bits, range_divisor)
+    if scheme.needs_scale and scale is None:
+        raise InvalidOption(f"{scheme.scale_name} missing for static {scheme.type}{scheme.bits} activations")
+    g = scheme.grid()
+    h = x.float().reshape(-1, x.shape[-1])
+    if scheme.strategy == "tensor":
+        s = scale.float().to(h.device).reshape(1, 1).expand(h.shape[0], 1)  # type: ignore[union-attr]
+        z = torch.zeros_like(s, dtype=torch.int32)
+    else:
+        gs = scale.float().to(h.device) if g.global_scale else None  # type: ignore[union-attr]
+        s, z = qparams(*group_minmax(h, g), g, gs)
+    return dequantize(quantize(h, s, z, g), s, z, g).reshape(x.shape).to(x.dtype)
 
-    ``schemes`` maps module names to schemes; HF names (``model.layers.0.self_attn.q_proj``, as
+
+def apply_activation_quant(
+    model: nn.Module, schemes: dict[str, ActivationScheme], range_divisor: float | None = None,
+    scales: dict[str, torch.Tensor] | None = None,
+) -> list[RemovableHandle]:
+    """Make the named Linears of a runner model fake-quantize their inputs.
+
+    ``schemes`` maps module names to schemes, ``scales`` to the stored static scales of the
+    schemes that need one; HF names (``model.layers.0.self_attn.q_proj``, as
     :meth:`CompressedTensorsSource.activation_schemes` returns) and runner names (without the
     ``model.`` prefix) are both accepted. Returns the hook handles (``handle.remove()`` undoes).
     """
+    scales = scales or {}
     handles: list[RemovableHandle] = []
     for name, scheme in schemes.items():
         runner_name = name.removeprefix("model.")
@@ -55,12 +83,16 @@ def apply_activation_quant(
             module = None
         if not isinstance(module, nn.Linear):
             raise InvalidOption(f"activation quantization targets {name}, which is not a Linear of this model")
-        handles.append(module.register_forward_pre_hook(_hook(scheme, range_divisor)))
+        scale = scales.get(name)
+        if scheme.needs_scale and scale is None:
+            raise InvalidOption(f"{name}: static {scheme.type}{scheme.bits} activations without a stored scale")
+        handles.append(module.register_forward_pre_hook(_hook(scheme, range_divisor, scale)))
     return handles
 
 
-def _hook(scheme: ActivationScheme, range_divisor: float | None) -> Callable[..., tuple[torch.Tensor, ...]]:
+def _hook(scheme: ActivationScheme, range_divisor: float | None,
+          scale: torch.Tensor | None) -> Callable[..., tuple[torch.Tensor, ...]]:
     def pre_hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return (fake_quant_per_token(args[0], scheme.bits, range_divisor), *args[1:])
+        return (fake_quant_input(args[0], scheme, scale, range_divisor), *args[1:])
 
     return pre_hook

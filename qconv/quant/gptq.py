@@ -24,7 +24,16 @@ import torch
 from qconv.errors import InvalidOption
 from qconv.quant.distributed import DataParallel
 from qconv.quant.reduce import BUCKETS, TreeSum
-from qconv.core.grid import WeightScheme, dequantize, group_minmax, mse_clip_params, qparams, quantize
+from qconv.core.grid import (
+    WeightScheme,
+    dequantize,
+    group_minmax,
+    mse_clip_params,
+    qparams,
+    quantize,
+    round_float,
+    tensor_global_scale,
+)
 
 # Multipliers of ``damp`` tried in turn when the damped Hessian cannot be factored. With a
 # positive semi-definite H, ``damp = 0.01`` already bounds the condition number by 100·in, so a
@@ -169,12 +178,13 @@ class GPTQResult:
     computed with (NaN after a fallback).
     """
 
-    q: torch.Tensor  # int8 [out, in]
+    q: torch.Tensor  # int8 [out, in] (float32 element values on a float grid)
     scale: torch.Tensor  # float32 [out, groups], values representable in scheme.scale_dtype
     zero: torch.Tensor  # int32 [out, groups]
     loss: float
     damp_used: float
     fell_back_to_rtn: bool
+    global_scale: torch.Tensor | None = None  # NVFP4's per-tensor scale
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float] | None:
@@ -241,6 +251,7 @@ def gptq_quantize(
     static_groups: bool = True,
     mse: bool = False,
     refine: int = 0,
+    global_scale: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize ``w [out, in]`` with GPTQ against the input Hessian ``H [in, in]``.
 
@@ -261,6 +272,10 @@ def gptq_quantize(
       result, against the same damped ``H`` (GPTQ is one greedy pass; these only ever lower its
       objective). ``loss`` stays GPTQ's own.
 
+    * float grids (FP8, NVFP4, MXFP4): each column rounds to the nearest element value of its
+      group's scale; NVFP4's ``global_scale`` is :func:`tensor_global_scale` of ``w`` unless given.
+      Static groups only, no ``refine`` (its scale refit and code descent are integer-grid steps).
+
     If ``H + λI`` cannot be factored for any retried damp, the module falls back to RTN on the
     same grid and ``fell_back_to_rtn`` says so.
     """
@@ -276,8 +291,11 @@ def gptq_quantize(
         raise InvalidOption("act_order needs static groups: dynamic groups in permuted order would need a g_idx")
     if mse and grouped and not static_groups:
         raise InvalidOption("GPTQ mse needs static groups (the clip search runs on the un-updated weight)")
+    if scheme.is_float and (refine or not static_groups):
+        raise InvalidOption("GPTQ on a float grid (FP8/FP4) needs static groups and no refine")
     width = scheme.group_width(n)
     groups = scheme.groups(n)
+    gs = global_scale if global_scale is not None else tensor_global_scale(w, scheme)
 
     W = w.detach().to(torch.float32, copy=True)
     H = H.detach().to(torch.float32, copy=True)
@@ -287,7 +305,8 @@ def gptq_quantize(
 
     static = static_groups or not grouped
     if static:
-        scale, zero = mse_clip_params(W, scheme) if mse else qparams(*group_minmax(W, scheme), scheme)
+        scale, zero = mse_clip_params(W, scheme, global_scale=gs) if mse else \
+            qparams(*group_minmax(W, scheme), scheme, gs)
 
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
     if perm is not None:
@@ -296,7 +315,7 @@ def gptq_quantize(
     if factor is None:
         if not static:
             scale, zero = qparams(*group_minmax(W, scheme), scheme)
-        return GPTQResult(quantize(W, scale, zero, scheme), scale, zero, math.nan, math.nan, True)
+        return GPTQResult(quantize(W, scale, zero, scheme), scale, zero, math.nan, math.nan, True, gs)
     Hinv, damp_used = factor
 
     # Work on Wᵀ in processing order: a column is then a contiguous row, and so is every
@@ -317,7 +336,6 @@ def gptq_quantize(
     codes = torch.empty_like(Wt)
     err = torch.empty(min(block_size, n), out, dtype=torch.float32, device=W.device)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
-    qmin, qmax = float(scheme.qmin), float(scheme.qmax)
     with _one_thread():
         for i1 in range(0, n, block_size):
             i2 = min(i1 + block_size, n)
@@ -332,7 +350,7 @@ def gptq_quantize(
                     col_zero[g0 : g0 + width] = gz.to(torch.float32)
             block_err = err[: i2 - i1]
             _quantize_block(Wt[i1:i2], codes[i1:i2], block_err, col_scale[i1:i2], col_zero[i1:i2],
-                            Hinv[i1:i2, i1:i2], qmin, qmax)
+                            Hinv[i1:i2, i1:i2], scheme)
             loss += block_err.square().sum(dtype=torch.float64)
             if i2 < n:
                 Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, block_err, alpha=-1.0)
@@ -341,7 +359,7 @@ def gptq_quantize(
     unperm = torch.argsort(perm) if perm is not None else None
     if unperm is not None:
         q = q[:, unperm]
-    q = q.to(torch.int8).contiguous()
+    q = q.contiguous() if scheme.is_float else q.to(torch.int8).contiguous()
     if refine:
         # the damped H GPTQ factored, back in the original column order (indexing copies it)
         Hd = H[unperm][:, unperm] if unperm is not None else H.clone()
@@ -349,7 +367,7 @@ def gptq_quantize(
         for _ in range(refine):
             scale = refit_scales(W, Hd, q, scale, zero, scheme)
             q = descend_codes(W, Hd, q, scale, zero, scheme)
-    return GPTQResult(q, scale, zero, loss.item() / 2, damp_used, False)
+    return GPTQResult(q, scale, zero, loss.item() / 2, damp_used, False, gs)
 
 
 def row_errors(target: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -469,8 +487,7 @@ def _quantize_block(
     S1: torch.Tensor,
     Z1: torch.Tensor,
     Hinv1: torch.Tensor,
-    qmin: float,
-    qmax: float,
+    scheme: WeightScheme,
 ) -> None:
     """Quantize the rows of ``W1 [count, out]`` (columns of W) in place, one after another.
 
@@ -480,11 +497,16 @@ def _quantize_block(
     """
     count = W1.shape[0]
     inv_diag = Hinv1.diagonal().reciprocal().tolist()
+    qmin, qmax, bits = float(scheme.qmin), float(scheme.qmax), scheme.bits if scheme.is_float else 0
     rows = zip(W1.unbind(0), Q1.unbind(0), E1.unbind(0), S1.unbind(0), Z1.unbind(0), Hinv1.unbind(0))
     for i, (w, q, e, s, z, h) in enumerate(rows):
-        # grid.quantize's ops, in its order: round(w / scale) + zero, clamped
+        # grid.quantize's ops, in its order: round(w / scale) + zero, clamped (a float grid:
+        # the nearest element value, zero being 0)
         torch.div(w, s, out=q)
-        q.round_().add_(z).clamp_(qmin, qmax)
+        if bits:
+            q.copy_(round_float(q, bits))
+        else:
+            q.round_().add_(z).clamp_(qmin, qmax)
         # grid.dequantize's ops: (q - zero) * scale, then the scaled error
         torch.sub(q, z, out=e)
         e.mul_(s)

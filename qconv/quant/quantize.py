@@ -25,7 +25,7 @@ from qconv.quant.distributed import data_parallel
 from qconv.quant.memory import Workload, plan, release_memory
 from qconv.quant.methods import Method, Quantizer, SourceTransform, Transform, get_method
 from qconv.core.device import native_bf16
-from qconv.quant.pipeline import LayerPipeline
+from qconv.quant.pipeline import LayerContext, LayerPipeline
 from qconv.quant.recipe import Recipe
 from qconv.quant.reduce import BUCKETS, bucket_sizes, bucket_span
 
@@ -120,7 +120,6 @@ def quantize_model(
     memory mode is chosen to fit it (:func:`qconv.quant.memory.plan`). Started by ``torchrun``
     with several processes, each rank calibrates on its share of the samples and rank 0 writes
     (:mod:`qconv.quant.distributed`)."""
-    from qconv.core.quantized import ActivationScheme
     from qconv.formats.compressed_tensors import CompressedTensorsWriter
 
     t0 = time.perf_counter()
@@ -134,6 +133,8 @@ def quantize_model(
     calib = recipe.calibration
     # the windows the stages read: AWQ then RTN reads only AWQ's search samples
     wanted = max(m.calibration_samples(calib.samples) for m in stages)
+    if recipe.needs_calibration and not wanted:  # static activation scales after a data-free method
+        wanted = calib.samples
     torch_device = torch.device(device)
     parallel = data_parallel(torch_device) if recipe.needs_calibration else None
     if parallel is not None:
@@ -192,7 +193,7 @@ def quantize_model(
         if memory.mode != calib.memory and memory.estimate["total"] > memory.limit:
             log.warning("no memory mode fits %.1f GiB (the %s mode needs ~%.1f GiB): running it anyway",
                         memory.limit / 2**30, memory.mode, memory.estimate["total"] / 2**30)
-        act = ActivationScheme(bits=recipe.act_bits) if recipe.act_bits else None
+        act = schemes.activations
         pipeline = LayerPipeline(source, tokens, torch_device, batch_size, arithmetic,
                                  quantizer.fp_stream, store_dtype, memory.mode, parallel)
         writes = parallel is None or parallel.writes
@@ -205,12 +206,15 @@ def quantize_model(
             for ctx in pipeline.layers():
                 for t in transforms:
                     t.apply(ctx, schemes)
+                # static activation scales: the inputs the layer sees after its transforms
+                absmax = input_absmax(ctx) if act is not None and act.needs_scale else {}
                 qweights = quantizer.quantize(ctx, schemes)
                 prefix = LAYER_PREFIX.format(ctx.index)
                 for name, tensor in ctx.layer.state_dict().items():
                     inner = name.rsplit(".", 1)[0]
                     if inner in qweights and name.endswith(".weight"):
-                        writer.add(prefix + name, qweights[inner], act)
+                        scale = act.static_scale(absmax[inner]) if act is not None and act.needs_scale else None
+                        writer.add(prefix + name, qweights[inner], act, scale)
                     else:
                         writer.add(prefix + name, tensor)
                 advance()
@@ -221,6 +225,25 @@ def quantize_model(
         parallel.finish()
     return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, False,
                           memory.estimate, memory.to_dict())
+
+
+def input_absmax(ctx: LayerContext) -> dict[str, torch.Tensor]:
+    """The largest |input| of every Linear of the layer over all calibration tokens (all ranks),
+    float32 scalars: what a static activation scale is calibrated from (compressed-tensors'
+    ``static_minmax`` observer). One extra forward pass of the layer."""
+    seen: dict[str, torch.Tensor] = {name: torch.zeros((), device=ctx.pipeline.device) for name in ctx.linears}
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        if name in seen and x.numel():
+            seen[name] = torch.maximum(seen[name], x.detach().abs().amax().float())
+
+    ctx.forward(hook)
+    parallel = ctx.pipeline.parallel
+    names = list(seen)
+    both = torch.stack([seen[n] for n in names])
+    if parallel is not None:
+        both = parallel.maximum(both)
+    return {n: both[i].cpu() for i, n in enumerate(names)}
 
 
 def _method_memory(stages: list[Method], source: ModelSource, samples: int, seqlen: int) -> dict[str, int]:

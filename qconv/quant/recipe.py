@@ -1,7 +1,7 @@
 """YAML recipes: what to quantize, how, with which calibration data, into which format.
 
     name: w4a16-gptq
-    scheme: {bits: 4, group_size: 128, symmetric: false}
+    scheme: {bits: 4, group_size: 128, symmetric: false}     # or a named scheme: `scheme: nvfp4`
     ignore: [lm_head]
     overrides: [{pattern: 'mlp\\.down_proj', bits: 8}]
     calibration: {data: c4.jsonl, samples: 128, seqlen: 2048, seed: 0, text_field: text}
@@ -29,7 +29,8 @@ import yaml
 from qconv.errors import CorruptFile, InputNotFound, InvalidOption
 from qconv.core.grid import WeightScheme
 from qconv.quant.methods import get_method
-from qconv.quant.schemes import DEFAULT_IGNORE, Override, SchemeMap
+from qconv.core.quantized import ActivationScheme
+from qconv.quant.schemes import DEFAULT_IGNORE, PRESETS, Override, SchemeMap, preset_scheme
 
 OUTPUT_FORMATS = ("compressed-tensors",)
 #: the calibration passes' arithmetic; "auto": see :func:`qconv.quant.quantize.compute_dtype`
@@ -76,6 +77,8 @@ class Recipe:
     group_size: int = 128
     symmetric: bool = False
     act_bits: int | None = None
+    #: a named scheme (:data:`qconv.quant.schemes.PRESETS`: fp8, nvfp4, ...) instead of bits / group_size / symmetric
+    preset: str | None = None
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     overrides: tuple[Override, ...] = ()
     calibration: Calibration = Calibration()
@@ -86,17 +89,25 @@ class Recipe:
     def schemes(self, scale_dtype: Any = None) -> SchemeMap:
         import torch
 
-        default = WeightScheme(self.bits, self.group_size, self.symmetric, scale_dtype or torch.float32)
-        return SchemeMap(default, self.overrides, self.ignore, self.act_bits)
+        scale_dtype = scale_dtype or torch.float32
+        if self.preset is not None:
+            default, act = preset_scheme(self.preset, scale_dtype)
+        else:
+            default = WeightScheme(self.bits, self.group_size, self.symmetric, scale_dtype)
+            act = ActivationScheme(bits=self.act_bits) if self.act_bits else None
+        return SchemeMap(default, self.overrides, self.ignore, act)
 
     @property
     def needs_calibration(self) -> bool:
-        return any(get_method(s.method).needs_calibration for s in self.stages)
+        act = self.schemes().activations
+        return any(get_method(s.method).needs_calibration for s in self.stages) or bool(act and act.needs_scale)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe, in the YAML layout (what gets embedded in outputs)."""
         scheme: dict[str, Any] = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
-        if self.act_bits:
+        if self.preset is not None:
+            scheme = {"preset": self.preset}
+        elif self.act_bits:
             scheme["activations"] = {"bits": self.act_bits}
         return {
             "name": self.name,
@@ -113,7 +124,7 @@ class Recipe:
 
 
 _TOP = {"name", "description", "scheme", "ignore", "overrides", "calibration", "stages", "output"}
-_SCHEME = {"bits", "group_size", "symmetric", "activations"}
+_SCHEME = {"bits", "group_size", "symmetric", "activations", "preset"}
 _CALIB = {f for f in Calibration.__dataclass_fields__}
 _OUTPUT = {"format", "max_shard_size"}
 _OVERRIDE = {"pattern", "bits", "group_size", "symmetric"}
@@ -157,8 +168,18 @@ def recipe_from_dict(raw: Any, origin: str = "recipe") -> Recipe:
     """Validate a parsed recipe; errors name the key and the problem."""
     _typed(raw, dict, "the recipe")
     _check_keys(raw, _TOP, "the recipe")
+    if isinstance(raw.get("scheme"), str):  # `scheme: fp8` names a preset
+        raw = {**raw, "scheme": {"preset": raw["scheme"]}}
     scheme, calib, output = _section(raw, "scheme"), _section(raw, "calibration"), _section(raw, "output")
     _check_keys(scheme, _SCHEME, "scheme")
+    preset = scheme.get("preset")
+    if preset is not None:
+        _typed(preset, str, "scheme.preset")
+        if preset not in PRESETS:
+            raise InvalidOption(f"recipe: unknown scheme {preset!r} (valid: {', '.join(PRESETS)})")
+        clash = sorted(set(scheme) - {"preset"})
+        if clash:
+            raise InvalidOption(f"recipe: scheme.{clash[0]} cannot be combined with the named scheme {preset!r}")
     _check_keys(calib, _CALIB, "calibration")
     _check_keys(output, _OUTPUT, "output")
     act = scheme.get("activations")
@@ -192,6 +213,7 @@ def recipe_from_dict(raw: Any, origin: str = "recipe") -> Recipe:
         group_size=_typed(scheme.get("group_size", 128), int, "scheme.group_size"),
         symmetric=_typed(scheme.get("symmetric", False), bool, "scheme.symmetric"),
         act_bits=act_bits,
+        preset=preset,
         ignore=tuple(_typed(p, str, "ignore[]") for p in _typed(raw.get("ignore", list(DEFAULT_IGNORE)), list, "ignore")),
         overrides=tuple(overrides),
         calibration=Calibration(**calib),
@@ -204,11 +226,14 @@ def recipe_from_dict(raw: Any, origin: str = "recipe") -> Recipe:
 
 def validate(recipe: Recipe) -> Recipe:
     """Checks that need the whole recipe (after flags were applied too)."""
-    recipe.schemes()  # bits / group size / patterns
+    recipe.schemes()  # bits / group size / patterns / preset
     for o in recipe.overrides:
         replace(recipe.schemes().default, **o.changes)
+    default = recipe.schemes().default
     for s in recipe.stages:
-        get_method(s.method)(**s.options)  # a method checks its own option combinations
+        method = get_method(s.method)(**s.options)  # a method checks its own option combinations
+        for scheme in (default, *(replace(default, **o.changes) for o in recipe.overrides)):
+            method.check_scheme(scheme)
     roles = [get_method(s.method).role for s in recipe.stages]
     if roles.count("quantizer") != 1 or roles[-1] != "quantizer":
         raise InvalidOption("recipe: stages must be transforms followed by exactly one quantizer (rtn or gptq) last")
@@ -216,6 +241,8 @@ def validate(recipe: Recipe) -> Recipe:
         raise InvalidOption("recipe: a model-wide stage (rotate) must come before the per-layer stages")
     if recipe.output_format not in OUTPUT_FORMATS:
         raise InvalidOption(f"recipe: unknown output.format {recipe.output_format!r} (valid: {', '.join(OUTPUT_FORMATS)})")
+    if recipe.preset is not None and recipe.act_bits:
+        raise InvalidOption(f"recipe: the named scheme {recipe.preset!r} sets its own activations")
     if recipe.act_bits and (recipe.bits != 8 or recipe.group_size != -1 or not recipe.symmetric):
         raise InvalidOption("recipe: int8 activations (W8A8) need 8-bit symmetric per-channel weights (group_size: -1)")
     c = recipe.calibration
@@ -268,6 +295,15 @@ def apply_flags(recipe: Recipe, **flags: Any) -> Recipe:
         others = tuple(s for s in recipe.stages if s.method != "rotate")
         recipe = replace(recipe, stages=(*rotations, *others) if rotate else others)
     top = {k: flags.pop(k) for k in ("bits", "group_size", "symmetric") if flags.get(k) is not None}
+    preset = flags.pop("scheme", None)
+    if preset is not None:
+        if top:
+            raise InvalidOption(f"--scheme {preset} sets the grid: drop --{next(iter(top)).replace('_', '-')}")
+        if preset not in PRESETS and preset != "int":
+            raise InvalidOption(f"unknown --scheme {preset!r} (valid: int, {', '.join(PRESETS)})")
+        top = {"preset": None if preset == "int" else preset, "act_bits": None}
+    elif recipe.preset is not None and top:
+        top["preset"] = None  # explicit bits replace the recipe's named scheme
     calib = {k: flags.pop(k) for k in ("data", "samples", "seqlen", "seed", "text_field", "dtype", "act_dtype", "memory",
                                         "chat_template")
              if flags.get(k) is not None}

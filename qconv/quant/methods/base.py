@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from qconv.arch.config import ModelConfig
 from qconv.checkpoint.source import ModelSource
 from qconv.core.quantized import QuantizedWeight
-from qconv.core.grid import dequantize
+from qconv.core.grid import WeightScheme, dequantize
 from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
 
@@ -56,6 +56,10 @@ class Method(ABC):
         pipeline carries the most any stage reads: AWQ followed by RTN needs only its search
         samples)."""
         return samples if self.needs_calibration else 0
+
+    def check_scheme(self, scheme: WeightScheme) -> None:
+        """Raise InvalidOption if the method's options cannot serve ``scheme`` (checked when the
+        recipe is read, before any model is)."""
 
     def memory_bytes(self, config: ModelConfig, samples: int, seqlen: int) -> dict[str, int]:
         """Host memory of the method's own scratch at a layer's peak, by name (for

@@ -26,6 +26,7 @@ import logging
 
 import torch
 
+from qconv.core.grid import WeightScheme
 from qconv.core.quantized import QuantizedWeight
 from qconv.errors import InvalidOption
 from qconv.quant.gptq import HessianAccumulator, cross_products, gptq_quantize, retarget
@@ -58,6 +59,12 @@ class GPTQ(Quantizer):
             raise InvalidOption("gptq: fp_targets needs true_sequential (the fp inputs come from the sequential pass)")
         if int(self.config["refine"]) < 0:
             raise InvalidOption(f"gptq: refine must be a non-negative number of rounds, got {self.config['refine']}")
+
+    def check_scheme(self, scheme: WeightScheme) -> None:
+        if scheme.is_float and (int(self.config["refine"]) or not self.config["static_groups"]):
+            raise InvalidOption("gptq on a float grid (FP8/FP4) needs static groups and no refine")
+        if self.config["mse"] and scheme.block_rows != 1:
+            raise InvalidOption("gptq mse chooses a range per row: not for block or per-tensor scales")
 
     @property
     def fp_stream(self) -> bool:
@@ -155,15 +162,16 @@ class GPTQ(Quantizer):
                 if r.fell_back_to_rtn:
                     log.warning("%s: Hessian not positive definite even with extra damping; used RTN",
                                 ctx.module_name(inner))
-                q, scale, zero = r.q, r.scale, r.zero
+                q, scale, zero, gs = r.q, r.scale, r.zero, r.global_scale
             else:
                 rows, groups = w.shape[0], scheme.groups(w.shape[1])
-                q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+                q = torch.empty(w.shape, dtype=torch.float32 if scheme.is_float else torch.int8, device=w.device)
                 scale = torch.empty(rows, groups, dtype=torch.float32, device=w.device)
                 zero = torch.empty(rows, groups, dtype=torch.int32, device=w.device)
+                gs = torch.empty(1, device=w.device) if scheme.global_scale else None
             if parallel is not None:
-                parallel.broadcast(owner, q, scale, zero)
-            qw = QuantizedWeight(q, scale, zero, scheme)
+                parallel.broadcast(owner, q, scale, zero, *([gs] if gs is not None else []))
+            qw = QuantizedWeight(q, scale, zero, scheme, gs)
             set_weight(ctx, inner, qw)
             out[inner] = qw
         return out

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from qconv.core.quantized import QuantizedWeight
-from qconv.core.grid import WeightScheme, group_minmax, mse_clip_params, qparams, quantize
+from qconv.errors import InvalidOption
+from qconv.core.grid import WeightScheme, group_minmax, mse_clip_params, qparams, quantize, tensor_global_scale
 from qconv.quant.methods.base import Quantizer, set_weight
 from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
@@ -18,8 +19,10 @@ from qconv.quant.schemes import SchemeMap
 
 def rtn_weight(w: torch.Tensor, scheme: WeightScheme, mse: bool = False) -> QuantizedWeight:
     """One weight matrix quantized round-to-nearest."""
-    scale, zero = mse_clip_params(w, scheme) if mse else qparams(*group_minmax(w, scheme), scheme)
-    return QuantizedWeight(quantize(w, scale, zero, scheme), scale, zero, scheme)
+    gs = tensor_global_scale(w, scheme)
+    scale, zero = mse_clip_params(w, scheme, global_scale=gs) if mse else \
+        qparams(*group_minmax(w, scheme), scheme, gs)
+    return QuantizedWeight(quantize(w, scale, zero, scheme), scale, zero, scheme, gs)
 
 
 class RTN(Quantizer):
@@ -28,6 +31,10 @@ class RTN(Quantizer):
     supports_parallel = True  # nothing to reduce
     needs_calibration = False
     options = {"mse": False}
+
+    def check_scheme(self, scheme: WeightScheme) -> None:
+        if self.config["mse"] and scheme.block_rows != 1:
+            raise InvalidOption("rtn mse chooses a range per row: not for block or per-tensor scales")
 
     def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
         result: dict[str, QuantizedWeight] = {}
