@@ -182,6 +182,8 @@ def quantize(
     method: Optional[str] = typer.Option(None, "--method", "-m", help="rtn, gptq, awq or smoothquant (instead of a recipe)."),
     scheme: Optional[str] = typer.Option(None, "--scheme", "-s",
                                          help="Named scheme: fp8 (W8A8 FP8 dynamic), fp8-static, fp8-block (128x128), nvfp4, nvfp4a16, mxfp4, mxfp4a16; int = --bits/--group-size."),
+    output_format: Optional[str] = typer.Option(None, "--output-format",
+                                                help="compressed-tensors (default), or fp8: the published FP8 block layout (weight_scale_inv; --scheme fp8-block)."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits, 2..8."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Columns per scale; -1 = per channel."),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric grid."),
@@ -231,7 +233,7 @@ def quantize(
     from qconv import api
 
     r = api.quantize(model, output, recipe=recipe, method=method, force=force, device=device,
-                     quiet=quiet or json_out, dry_run=dry_run, scheme=scheme, bits=bits, group_size=group_size, symmetric=symmetric,
+                     quiet=quiet or json_out, dry_run=dry_run, scheme=scheme, output_format=output_format, bits=bits, group_size=group_size, symmetric=symmetric,
                      data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field, dtype=calib_dtype,
                      act_dtype=act_dtype, memory=memory_mode, chat_template=chat_template, max_memory=max_memory, act_order=act_order, damp=damp, alpha=alpha, mse=mse, fp_targets=fp_targets, refine=refine,
                      rotate=rotate)

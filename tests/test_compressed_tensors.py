@@ -552,3 +552,47 @@ def test_writer_refuses_bad_input(base_dirs: dict[str, Path], tmp_path: Path) ->
         for n in src.tensor_names():
             writer.add(n, src.get_tensor(n))
     assert "quantization_config" not in json.loads((out / "config.json").read_text())  # nothing quantized
+
+
+# --------------------------------------------------------------------------- the published FP8 block layout
+
+
+def test_fp8_block_layout_round_trip_and_transformers(base_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """``--output-format fp8``: FP8 128x128-block weights as published FP8 models store them
+    (``quant_method: fp8``, ``weight_scale_inv``). qconv reads the file back to the weights it
+    wrote (as the FP8_BLOCK compressed-tensors checkpoint it is equivalent to), transformers'
+    FineGrainedFP8 integration (dequantizing on CPU) gives the runner's logits, and a layer
+    transformers would not convert is left in float in both readings."""
+    from qconv.formats.compressed_tensors import Fp8BlockWriter
+
+    src = HFSource(base_dirs[WIDE])
+    scheme = WeightScheme(8, 128, True, torch.float32, "float", block_rows=128)
+    written: dict[str, QuantizedWeight] = {}
+    out = tmp_path / "fp8"
+    with Fp8BlockWriter(out, src.config, src.tokenizer_files()) as w:
+        for name in src.tensor_names():
+            t = src.get_tensor(name)
+            quantize = name.endswith("proj.weight") and "layers.1.mlp.down_proj" not in name
+            if quantize:
+                written[name] = QuantizedWeight(*rtn(t, scheme), scheme)
+                w.add(name, written[name], A_FP8_GROUP)
+            else:
+                w.add(name, t)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "fp8" and config["weight_block_size"] == [128, 128]
+    assert "model.layers.1.mlp.down_proj" in config["modules_to_not_convert"]
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["model.layers.0.mlp.up_proj.weight_scale_inv"].dtype == torch.float32
+    assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
+    with open_model(out) as back:
+        assert back.format == "fp8"
+        for name, qw in written.items():
+            assert torch.equal(back.get_tensor(name), qw.dequantize()), name
+        assert set(back.activation_schemes()) == {n[: -len(".weight")] for n in written}
+        ours = load_model(back)(TOKENS)
+    from transformers import AutoModelForCausalLM
+
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = theirs(TOKENS).logits.float()
+    assert torch.allclose(logits, ours, atol=1e-4, rtol=0), (logits - ours).abs().max()

@@ -341,3 +341,15 @@ def test_float_scheme_errors(wide_model: Path, model: Path, tmp_path: Path) -> N
     with pytest.raises(InvalidOption, match="cannot be combined"):
         recipe_from_dict({"scheme": {"preset": "fp8", "bits": 4}})
     assert recipe_from_dict({"scheme": "nvfp4"}).preset == "nvfp4"
+
+
+def test_fp8_output_format(wide_model: Path, tmp_path: Path) -> None:
+    """``--output-format fp8`` writes the published FP8 block layout, which qconv reads back;
+    other schemes are refused before the model is read."""
+    api.quantize(wide_model, tmp_path / "a", method="rtn", scheme="fp8-block", output_format="fp8")
+    qc = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "fp8" and qc["weight_block_size"] == [128, 128]
+    with open_model(tmp_path / "a") as src:
+        assert src.format == "fp8" and len(src.module_schemes()) == 14
+    with pytest.raises(InvalidOption, match="fp8-block scheme only"):
+        api.quantize(wide_model, tmp_path / "b", method="rtn", scheme="nvfp4a16", output_format="fp8")

@@ -39,7 +39,8 @@ def open_model(path: Path | str) -> ModelSource:
     """Open an HF checkpoint directory (plain or compressed-tensors) or a GGUF file, validating it
     against its config; a Hugging Face Hub model id (``owner/name[@revision]``) that is not a
     local path is resolved to its snapshot first (:mod:`qconv.checkpoint.hub`). Other quantized
-    HF checkpoints (GPTQ, AWQ, FP8, ...) are refused."""
+    HF checkpoints (GPTQ, AWQ, ...) are refused; FP8 ones in the published block layout
+    (``quant_method: fp8``) are read."""
     path = model_path(path)
     if path.is_dir():
         if not any(path.iterdir()):
@@ -49,9 +50,13 @@ def open_model(path: Path | str) -> ModelSource:
             from qconv.checkpoint.compressed_source import CompressedTensorsSource  # imports torch
 
             return CompressedTensorsSource(path)
+        if method == "fp8":
+            from qconv.checkpoint.compressed_source import Fp8BlockSource
+
+            return Fp8BlockSource(path)
         if method is not None:
             raise UnsupportedModel(
-                f"quantized checkpoint with quant_method {method!r} is not supported (qconv reads compressed-tensors)",
+                f"quantized checkpoint with quant_method {method!r} is not supported (qconv reads compressed-tensors and fp8)",
                 path,
             )
         from qconv.checkpoint.hf import HFSource

@@ -44,6 +44,7 @@ from qconv.core.compressed_layout import (
     module_format,
     stored_shapes,
 )
+from qconv.core.fp8_block_layout import RENAMES, as_compressed_tensors
 from qconv.core.grid import E8M0, FP8, WeightScheme
 
 #: Formats whose layout this reader decodes.
@@ -227,6 +228,8 @@ class CompressedTensorsSource(HFSource):
     """
 
     format = "compressed-tensors"
+    #: compressed-tensors local tensor names -> the names this layout stores them under
+    _renames: dict[str, str] = {}
 
     def __init__(self, directory: Path | str) -> None:
         self._modules: dict[str, ModuleQuant] = {}
@@ -239,8 +242,12 @@ class CompressedTensorsSource(HFSource):
 
     # -- validation (called by HFSource.__init__)
 
+    def _ct_config(self) -> Any:
+        """The ``quantization_config`` in compressed-tensors' terms."""
+        return self.config.raw.get("quantization_config")
+
     def _validate(self) -> list[str]:
-        self._modules = resolve_modules(self.config.raw.get("quantization_config"), self.config, self.path)
+        self._modules = resolve_modules(self._ct_config(), self.config, self.path)
         names = super()._validate()
         self._check_dtypes()
         return names
@@ -252,7 +259,12 @@ class CompressedTensorsSource(HFSource):
             raise CheckpointMismatch(f"{module}: {e}", self.path) from None
         if mq.activations is not None and mq.activations.needs_scale:
             local[mq.activations.scale_name] = (1,)
-        return {f"{module}.{k}": v for k, v in local.items()}
+        return {f"{module}.{self._renames.get(k, k)}": v for k, v in local.items()}
+
+    def _local(self, module: str, name: str) -> str:
+        """compressed-tensors' local name of stored tensor ``name`` of ``module``."""
+        stored = name[len(module) + 1:]
+        return next((k for k, v in self._renames.items() if v == stored), stored)
 
     def _stored_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
@@ -267,7 +279,7 @@ class CompressedTensorsSource(HFSource):
     def _check_dtypes(self) -> None:
         for module, mq in self._modules.items():
             for name in self._module_shapes(module, mq, self._shape(module)):
-                dt, local = self.dtype_of(name), name[len(module) + 1:]
+                dt, local = self.dtype_of(name), self._local(module, name)
                 if not _dtype_ok(mq, local, dt):
                     raise CheckpointMismatch(f"tensor {name} has dtype {dt}, unexpected for {mq.format}",
                                              self._shard_of[name])
@@ -305,7 +317,7 @@ class CompressedTensorsSource(HFSource):
         zp = f"{module}.weight_zero_point"
         if zp not in local and zp in self._shard_of:
             local.append(zp)
-        tensors = {n[len(module) + 1:]: HFSource.get_tensor(self, n) for n in local}
+        tensors = {self._local(module, n): HFSource.get_tensor(self, n) for n in local}
         if "weight_shape" in tensors and tuple(int(x) for x in tensors["weight_shape"].tolist()) != shape:
             raise CheckpointMismatch(
                 f"{module}.weight_shape is {tensors['weight_shape'].tolist()}, config implies {list(shape)}",
@@ -332,3 +344,19 @@ class CompressedTensorsSource(HFSource):
         """HF module name -> input quantization, for the Linears that quantize activations (W8A8);
         pass to :func:`qconv.model.act_quant.apply_activation_quant` to emulate them."""
         return {m: mq.activations for m, mq in self._modules.items() if mq.activations is not None}
+
+
+class Fp8BlockSource(CompressedTensorsSource):
+    """A checkpoint in the FP8 layout models are published in (``quant_method: fp8``,
+    ``weight_scale_inv`` per 128x128 block; :mod:`qconv.core.fp8_block_layout`): read as the
+    compressed-tensors FP8_BLOCK checkpoint it is equivalent to."""
+
+    format = "fp8"
+    _renames = RENAMES
+
+    def _ct_config(self) -> Any:
+        qcfg = self.config.raw.get("quantization_config")
+        try:
+            return as_compressed_tensors(qcfg, self.config.spec.linear_modules(self.config), set(self._shard_of))
+        except ValueError as e:
+            raise _unsupported(f"quant_method fp8 with {e}", self.path) from None

@@ -23,6 +23,7 @@ from qconv.arch.config import ModelConfig
 from qconv.arch.spec import LM_HEAD
 from qconv.checkpoint.hf_writer import ShardWriter, write_config_and_tokenizer
 from qconv.errors import CheckpointMismatch, InvalidOption
+from qconv.core.fp8_block_layout import RENAMES, fp8_block_config
 from qconv.core.compressed_layout import CT_VERSION, MIXED, QUANT_METHOD, compress, module_format, weight_args
 from qconv.core.grid import WeightScheme
 from qconv.core.quantized import ActivationScheme, QuantizedWeight
@@ -119,8 +120,16 @@ class CompressedTensorsWriter:
             raise ValueError(f"{hf_name}: a static input scale goes with (and only with) static activations")
         self._added.add(hf_name)
         self._modules[module] = (s, act)
-        for local, t in compress(value, act, input_scale).items():
+        for local, t in self._compress(value, act, input_scale).items():
             self._shards.add(f"{module}.{local}", t)
+
+    def _compress(self, value: QuantizedWeight, act: ActivationScheme | None,
+                  input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One Linear's stored tensors by local name (a layout with other names overrides this)."""
+        return compress(value, act, input_scale)
+
+    def _quantization_config(self) -> dict[str, Any]:
+        return build_quantization_config(self.config, self._modules)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> bool:
@@ -145,7 +154,7 @@ class CompressedTensorsWriter:
         hf.pop("qconv", None)
         hf.pop("quantization_config", None)
         if self._modules:  # with nothing quantized this is a plain HF checkpoint
-            self.quantization_config = build_quantization_config(self.config, self._modules)
+            self.quantization_config = self._quantization_config()
             hf["quantization_config"] = self.quantization_config
         if self.metadata:
             hf["qconv"] = self.metadata
@@ -193,3 +202,29 @@ def build_quantization_config(
         "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
         "version": CT_VERSION,
     }
+
+
+class Fp8BlockWriter(CompressedTensorsWriter):
+    """The FP8 layout models are published in (``quant_method: fp8``, ``weight_scale_inv``;
+    :mod:`qconv.core.fp8_block_layout`), for FP8 block-quantized weights with dynamic per-group
+    activations (the ``fp8-block`` scheme): what transformers' FineGrainedFP8 integration and
+    vLLM's ``fp8`` method load. Same streaming, checks and atomicity as its base."""
+
+    def _compress(self, value: QuantizedWeight, act: ActivationScheme | None,
+                  input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        s = value.scheme
+        if not (s.is_float and s.bits == 8 and s.block_rows > 1) or (
+                act is not None and (act.type, act.strategy, act.group_size) != ("float", "group", s.group_size)):
+            raise InvalidOption("the fp8 output format holds FP8 block-quantized weights with dynamic per-group "
+                                "activations (--scheme fp8-block)")
+        blocks = {(m.block_rows, m.group_size) for m, _ in self._modules.values()}
+        if len(blocks) > 1:
+            raise InvalidOption("the fp8 output format has one block size for the whole model")
+        out = compress(value, act, input_scale)
+        return {RENAMES.get(k, k): (v.float() if k == "weight_scale" else v) for k, v in out.items()}
+
+    def _quantization_config(self) -> dict[str, Any]:
+        order = self.config.spec.linear_modules(self.config)
+        scheme = next(iter(self._modules.values()))[0]
+        skipped = [m for m in order if m not in self._modules] + self.config.spec.routers(self.config)
+        return fp8_block_config((scheme.block_rows, scheme.group_size), skipped)

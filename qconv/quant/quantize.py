@@ -120,7 +120,7 @@ def quantize_model(
     memory mode is chosen to fit it (:func:`qconv.quant.memory.plan`). Started by ``torchrun``
     with several processes, each rank calibrates on its share of the samples and rank 0 writes
     (:mod:`qconv.quant.distributed`)."""
-    from qconv.formats.compressed_tensors import CompressedTensorsWriter
+    from qconv.formats.compressed_tensors import CompressedTensorsWriter, Fp8BlockWriter
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -197,7 +197,8 @@ def quantize_model(
         pipeline = LayerPipeline(source, tokens, torch_device, batch_size, arithmetic,
                                  quantizer.fp_stream, store_dtype, memory.mode, parallel)
         writes = parallel is None or parallel.writes
-        writer = CompressedTensorsWriter(
+        writer_class = Fp8BlockWriter if recipe.output_format == "fp8" else CompressedTensorsWriter
+        writer = writer_class(
             out, source.config, source.tokenizer_files(), parse_size(recipe.max_shard_size), force,
             {"recipe": recipe.to_dict(), "qconv_version": __version__, "input_sha256": fingerprint(original)},
             dtype=model_dtype) if writes else _Discard()

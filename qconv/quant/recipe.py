@@ -32,7 +32,8 @@ from qconv.quant.methods import get_method
 from qconv.core.quantized import ActivationScheme
 from qconv.quant.schemes import DEFAULT_IGNORE, PRESETS, Override, SchemeMap, preset_scheme
 
-OUTPUT_FORMATS = ("compressed-tensors",)
+#: compressed-tensors (every scheme), or the FP8 block layout published models use (fp8-block only)
+OUTPUT_FORMATS = ("compressed-tensors", "fp8")
 #: the calibration passes' arithmetic; "auto": see :func:`qconv.quant.quantize.compute_dtype`
 CALIBRATION_DTYPES = ("auto", "float32", "bfloat16")
 #: what calibration activations may be stored in; "auto": the checkpoint's 16-bit dtype, or float32
@@ -241,6 +242,9 @@ def validate(recipe: Recipe) -> Recipe:
         raise InvalidOption("recipe: a model-wide stage (rotate) must come before the per-layer stages")
     if recipe.output_format not in OUTPUT_FORMATS:
         raise InvalidOption(f"recipe: unknown output.format {recipe.output_format!r} (valid: {', '.join(OUTPUT_FORMATS)})")
+    if recipe.output_format == "fp8" and (recipe.preset != "fp8-block" or recipe.overrides):
+        raise InvalidOption("recipe: output.format fp8 (the published FP8 block layout) holds the fp8-block scheme "
+                            "only, without overrides")
     if recipe.preset is not None and recipe.act_bits:
         raise InvalidOption(f"recipe: the named scheme {recipe.preset!r} sets its own activations")
     if recipe.act_bits and (recipe.bits != 8 or recipe.group_size != -1 or not recipe.symmetric):
@@ -304,6 +308,9 @@ def apply_flags(recipe: Recipe, **flags: Any) -> Recipe:
         top = {"preset": None if preset == "int" else preset, "act_bits": None}
     elif recipe.preset is not None and top:
         top["preset"] = None  # explicit bits replace the recipe's named scheme
+    if flags.get("output_format") is not None:
+        top["output_format"] = flags.pop("output_format")
+    flags.pop("output_format", None)
     calib = {k: flags.pop(k) for k in ("data", "samples", "seqlen", "seed", "text_field", "dtype", "act_dtype", "memory",
                                         "chat_template")
              if flags.get(k) is not None}
