@@ -113,6 +113,9 @@ def load_runner(source: ModelSource, device: str = "auto", dtype: str = "auto") 
     model = load_model(source, device=where, dtype=torch.float32 if dtype == "auto" else parse_dtype(dtype))
     if dtype == "auto" and native_bf16(where):
         model.autocast_dtype = torch.bfloat16
+    kv_scales = getattr(source, "kv_scales", None)
+    if kv_scales is not None and kv_scales() is not None:
+        model.kv_scales = kv_scales()  # the checkpoint's FP8 KV-cache scales, for --kv-cache fp8
     act_schemes = getattr(source, "activation_schemes", None)
     if act_schemes is not None and act_schemes():
         from qconv.model.act_quant import apply_activation_quant
@@ -178,7 +181,8 @@ def generate_text(
             on_text(text[len(shown):])
             shown = text
 
-    cache = None if kv_cache is None else kv_cache.make(model.config, 1, len(ids) + max_new_tokens, model.device, model.dtype)
+    cache = None if kv_cache is None else kv_cache.make(model.config, 1, len(ids) + max_new_tokens, model.device,
+                                                       model.dtype, getattr(model, "kv_scales", None))
     t0 = time.perf_counter()
     generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
              seed=seed, eos_ids=tuple(tok.eos_ids), on_token=on_token, cache=cache)

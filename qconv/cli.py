@@ -184,6 +184,8 @@ def quantize(
                                          help="Named scheme: fp8 (W8A8 FP8 dynamic), fp8-static, fp8-block (128x128), nvfp4, nvfp4a16, mxfp4, mxfp4a16; int = --bits/--group-size."),
     output_format: Optional[str] = typer.Option(None, "--output-format",
                                                 help="compressed-tensors (default), or fp8: the published FP8 block layout (weight_scale_inv; --scheme fp8-block)."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", "--kv",
+                                           help="fp8: calibrate FP8 KV-cache scales (k_scale/v_scale per layer) for vLLM's fp8 KV cache; fp: none."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits, 2..8."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Columns per scale; -1 = per channel."),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric grid."),
@@ -233,7 +235,7 @@ def quantize(
     from qconv import api
 
     r = api.quantize(model, output, recipe=recipe, method=method, force=force, device=device,
-                     quiet=quiet or json_out, dry_run=dry_run, scheme=scheme, output_format=output_format, bits=bits, group_size=group_size, symmetric=symmetric,
+                     quiet=quiet or json_out, dry_run=dry_run, scheme=scheme, output_format=output_format, kv_cache=kv_cache, bits=bits, group_size=group_size, symmetric=symmetric,
                      data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field, dtype=calib_dtype,
                      act_dtype=act_dtype, memory=memory_mode, chat_template=chat_template, max_memory=max_memory, act_order=act_order, damp=damp, alpha=alpha, mse=mse, fp_targets=fp_targets, refine=refine,
                      rotate=rotate)
@@ -275,7 +277,7 @@ def run(
                                        help="--ppl with one layer in memory at a time (models larger than RAM)."),
     kv_cache: Optional[str] = typer.Option(
         None, "--kv-cache",
-        help="KV cache: fp, int8 (per-token absmax) or kivi (keys per channel, values per token, fp residual); "
+        help="KV cache: fp, int8 (per-token absmax), fp8 (E4M3, the checkpoint's k_scale/v_scale or 1.0) or kivi (keys per channel, values per token, fp residual); "
              "reports the bytes it held. With --compare it applies to the compared model only.",
     ),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="KIVI bits: 2, 4 or 8 (default 4)."),

@@ -131,14 +131,16 @@ def _unpack_shapes(tensors: list[TensorInfo], shards: list[Path], quantization_c
     config_bits = _quant_bits(quantization_config or {})
     for stem, t in packed.items():
         shape = shapes.get(stem)
+        word = _ST_BITS.get(t.dtype, 32)  # int32 words (int codes), bytes (FP4 codes)
         if shape is None and config_bits and len(t.shape) == 2:  # codes packed along the input dim
-            shape = [t.shape[0], t.shape[1] * 32 // config_bits]
+            shape = [t.shape[0], t.shape[1] * word // config_bits]
         if shape is None or len(t.shape) != 2:
             continue
         t.logical_shape = shape
         # dense packing: ceil(in * bits / 32) words per row, so the width gives the bits back
         bits = t.shape[1] * 32 // max(shape[1], 1) if stem in shapes else config_bits
-        t.packed_as = f"int{bits} (packed {t.dtype})"
+        kind = "fp" if t.dtype == "U8" else "int"  # compressed-tensors packs E2M1 codes two per byte
+        t.packed_as = f"{kind}{bits} (packed {t.dtype})"
 
 
 def _inspect_hf(path: Path) -> Inspection:

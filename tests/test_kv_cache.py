@@ -20,7 +20,7 @@ from qconv.errors import InvalidOption
 from qconv.model.decoder import Transformer, load_model
 from qconv.model.generate import generate
 from qconv.model.kv_cache import causal_attention
-from qconv.model.kv_caches import Int8KVCache, KiviKVCache
+from qconv.model.kv_caches import Fp8KVCache, Int8KVCache, KiviKVCache
 from qconv.model.kv_quant import (
     dequantize_asym,
     dequantize_int8,
@@ -198,6 +198,32 @@ def test_int8_chunks_equal_single_steps() -> None:
     assert Int8KVCache(CFG, 1, 40).memory().bytes == 0
 
 
+def test_fp8_cache_matches_library_and_chunks_equal_single_steps() -> None:
+    """The FP8 cache holds exactly compressed-tensors' FP8 fake-quantization of keys and values
+    with the static per-layer scales (what vLLM's ``kv_cache_dtype=fp8`` stores), attends over
+    them, and chunked calls equal single steps; without scales it uses 1.0, as vLLM does."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    from qconv.core.compressed_layout import FP8_KV_SCHEME
+
+    q, k, v = qkv(40)
+    scales = torch.tensor([[0.011, 0.004]])
+    args = QuantizationArgs.model_validate({k_: v_ for k_, v_ in FP8_KV_SCHEME.items() if v_ is not None})
+    kq = fake_quantize(k, scales[0, 0].reshape(1), torch.zeros(1), args)
+    vq = fake_quantize(v, scales[0, 1].reshape(1), torch.zeros(1), args)
+    single = feed(Fp8KVCache(CFG, 1, 40, scales=scales), q, k, v, list(range(41)))
+    chunked = feed(Fp8KVCache(CFG, 1, 40, scales=scales), q, k, v, [0, 13, 14, 40])
+    torch.testing.assert_close(chunked, single, rtol=0, atol=2e-6)
+    torch.testing.assert_close(chunked, causal_attention(q, kq, vq), rtol=0, atol=2e-6)
+    assert not torch.allclose(chunked, causal_attention(q, k, v), atol=1e-3)
+    unscaled = feed(Fp8KVCache(CFG, 1, 40), q, k, v, [0, 40])
+    torch.testing.assert_close(unscaled, causal_attention(q, k.to(torch.float8_e4m3fn).float(),
+                                                          v.to(torch.float8_e4m3fn).float()), rtol=0, atol=2e-6)
+    assert Fp8KVCache(CFG, 1, 40).memory().bytes == 0
+
+
 def test_kivi_cache_is_append_only() -> None:
     q, k, v = qkv(4)
     cache = KiviKVCache(CFG, 1, 8, 4, G, R)
@@ -235,7 +261,8 @@ def token_by_token_ppl(model: Transformer, ids: list[int], ctx: int, spec: KVCac
 
 
 @pytest.mark.parametrize("spec", [KVCacheSpec.from_options("kivi", 2, G, R), KVCacheSpec.from_options("int8"),
-                                  KVCacheSpec.from_options("kivi", 2, G, R, sink=1)], ids=["kivi2", "int8", "kivi2-sink"])
+                                  KVCacheSpec.from_options("kivi", 2, G, R, sink=1), KVCacheSpec.from_options("fp8")],
+                         ids=["kivi2", "int8", "kivi2-sink", "fp8"])
 def test_chunked_ppl_equals_token_by_token_decoding(runner64: Transformer, spec: KVCacheSpec, monkeypatch) -> None:
     ids = torch.randint(0, 300, (2 * 56,), generator=torch.Generator().manual_seed(5)).tolist()
     expected = token_by_token_ppl(runner64, ids, 56, spec)

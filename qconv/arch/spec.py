@@ -28,6 +28,9 @@ LM_HEAD = "lm_head"
 GLOBAL_GGUF = {EMBED: "token_embd", FINAL_NORM: "output_norm", LM_HEAD: "output"}
 #: HF name prefix of decoder block ``i``'s tensors.
 LAYER_PREFIX = "model.layers.{}."
+#: The attention module inside every family's block (HF name): where a quantized KV cache's
+#: per-layer ``k_scale`` / ``v_scale`` live.
+ATTENTION = "self_attn"
 
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _GGUF_LAYER = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")

@@ -41,6 +41,8 @@ from qconv.core.compressed_layout import (
     PACKED,
     QUANT_METHOD,
     decompress,
+    is_fp8_kv_scheme,
+    kv_scale_names,
     module_format,
     stored_shapes,
 )
@@ -139,7 +141,9 @@ def resolve_modules(qcfg: Any, config: ModelConfig, path: Path) -> dict[str, Mod
         raise UnsupportedModel(
             f"compressed-tensors format {fmt!r} is not supported (qconv reads {', '.join(READABLE_FORMATS)})", path
         )
-    for key, what in (("kv_cache_scheme", "a KV-cache scheme"), ("sparsity_config", "sparsity"),
+    if qcfg.get("kv_cache_scheme") and not is_fp8_kv_scheme(qcfg["kv_cache_scheme"]):
+        raise _unsupported("a KV-cache scheme other than FP8 with static per-layer scales", path)
+    for key, what in (("sparsity_config", "sparsity"),
                       ("transform_config", "transforms"), ("moe_sparsity_config", "expert sparsity")):
         if qcfg.get(key):
             raise _unsupported(what, path)
@@ -248,6 +252,9 @@ class CompressedTensorsSource(HFSource):
 
     def _validate(self) -> list[str]:
         self._modules = resolve_modules(self._ct_config(), self.config, self.path)
+        kv = isinstance(self._ct_config(), dict) and self._ct_config().get("kv_cache_scheme")
+        #: the FP8 KV-cache scales stored (none without a KV-cache scheme)
+        self._kv_names = [n for i in range(self.config.num_layers) for n in kv_scale_names(i)] if kv else []
         names = super()._validate()
         self._check_dtypes()
         return names
@@ -267,7 +274,7 @@ class CompressedTensorsSource(HFSource):
         return next((k for k, v in self._renames.items() if v == stored), stored)
 
     def _stored_shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes: dict[str, tuple[int, ...]] = {}
+        shapes: dict[str, tuple[int, ...]] = {n: (1,) for n in self._kv_names}
         for name, shape in self.config.expected_shapes().items():
             mq = self._modules.get(name[: -len(".weight")]) if name.endswith(".weight") else None
             if mq is None:
@@ -333,6 +340,12 @@ class CompressedTensorsSource(HFSource):
     def module_schemes(self) -> dict[str, ModuleQuant]:
         """HF module name -> how it is stored, for every quantized Linear (others are float)."""
         return dict(self._modules)
+
+    def kv_scales(self) -> torch.Tensor | None:
+        """The FP8 KV-cache scales ``[layers, 2]`` (k, v; float32), or None without a KV-cache scheme."""
+        if not self._kv_names:
+            return None
+        return torch.stack([HFSource.get_tensor(self, n).float().reshape(()) for n in self._kv_names]).reshape(-1, 2)
 
     def input_scales(self) -> dict[str, torch.Tensor]:
         """HF module name -> calibrated static input scale (float32 ``[1]``: static FP8's

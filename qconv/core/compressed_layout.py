@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from qconv.arch.spec import ATTENTION, LAYER_PREFIX
 from qconv.core.grid import E8M0, FP8, WeightScheme, e2m1_codes, e2m1_values, load_scale, store_scale
 from qconv.core.quantized import ActivationScheme, QuantizedWeight
 
@@ -63,6 +64,30 @@ UNPACKED = (INT_QUANTIZED, NAIVE_QUANTIZED, FLOAT_QUANTIZED)
 FP4_PACKED = (NVFP4_PACKED, MXFP4_PACKED)
 #: The compressed-tensors release whose layout qconv writes (recorded as ``version``).
 CT_VERSION = "0.20.0"
+
+
+#: ``kv_cache_scheme`` of an FP8 KV cache with one static scale per layer for keys and one for
+#: values (``X.self_attn.k_scale`` / ``v_scale``, ``[1]``, calibrated ``max|k| / 448``): what
+#: llm-compressor writes for ``kv_cache_scheme: {num_bits: 8, type: float}`` and vLLM reads with
+#: ``kv_cache_dtype="fp8"``
+FP8_KV_SCHEME = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False,
+                 "group_size": None, "actorder": None, "block_structure": None, "observer": "minmax",
+                 "observer_kwargs": {}}
+
+
+def is_fp8_kv_scheme(scheme: Any) -> bool:
+    """Whether a ``kv_cache_scheme`` is :data:`FP8_KV_SCHEME` (the one qconv reads)."""
+    if not isinstance(scheme, dict):
+        return False
+    keys = ("num_bits", "type", "symmetric", "strategy", "dynamic")
+    return tuple(scheme.get(k, d) for k, d in zip(keys, (8, "int", True, None, False))) == \
+        tuple(FP8_KV_SCHEME[k] for k in keys)
+
+
+def kv_scale_names(layer: int) -> tuple[str, str]:
+    """HF names of block ``layer``'s FP8 KV-cache scales (keys, values)."""
+    prefix = f"{LAYER_PREFIX.format(layer)}{ATTENTION}"
+    return f"{prefix}.k_scale", f"{prefix}.v_scale"
 
 
 # --------------------------------------------------------------------------- packing

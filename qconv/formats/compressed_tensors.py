@@ -24,7 +24,16 @@ from qconv.arch.spec import LM_HEAD
 from qconv.checkpoint.hf_writer import ShardWriter, write_config_and_tokenizer
 from qconv.errors import CheckpointMismatch, InvalidOption
 from qconv.core.fp8_block_layout import RENAMES, fp8_block_config
-from qconv.core.compressed_layout import CT_VERSION, MIXED, QUANT_METHOD, compress, module_format, weight_args
+from qconv.core.compressed_layout import (
+    CT_VERSION,
+    FP8_KV_SCHEME,
+    MIXED,
+    QUANT_METHOD,
+    compress,
+    kv_scale_names,
+    module_format,
+    weight_args,
+)
 from qconv.core.grid import WeightScheme
 from qconv.core.quantized import ActivationScheme, QuantizedWeight
 
@@ -73,6 +82,7 @@ class CompressedTensorsWriter:
         self._float_dtype: torch.dtype | None = dtype
         self._stack: ExitStack | None = None
         self._shards: ShardWriter | None = None
+        self._kv_layers: set[int] = set()
 
     def __enter__(self) -> "CompressedTensorsWriter":
         stack = ExitStack()
@@ -123,6 +133,19 @@ class CompressedTensorsWriter:
         for local, t in self._compress(value, act, input_scale).items():
             self._shards.add(f"{module}.{local}", t)
 
+    def add_kv_scales(self, layer: int, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
+        """Store block ``layer``'s FP8 KV-cache scales (``[1]`` each; calibrated ``max|k| / 448``):
+        with them the checkpoint declares an FP8 KV cache (:data:`FP8_KV_SCHEME`), which every
+        layer must then have."""
+        if self._shards is None:
+            raise RuntimeError("CompressedTensorsWriter.add_kv_scales outside its with-block")
+        if not 0 <= layer < self.config.num_layers or layer in self._kv_layers:
+            raise CheckpointMismatch(f"KV-cache scales of layer {layer} out of range or added twice")
+        self._kv_layers.add(layer)
+        dtype = self._float_dtype or torch.float32
+        for name, t in zip(kv_scale_names(layer), (k_scale, v_scale)):
+            self._shards.add(name, t.detach().to("cpu", dtype).reshape(1).contiguous())
+
     def _compress(self, value: QuantizedWeight, act: ActivationScheme | None,
                   input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One Linear's stored tensors by local name (a layout with other names overrides this)."""
@@ -153,8 +176,13 @@ class CompressedTensorsWriter:
         hf = self.config.to_hf_dict()
         hf.pop("qconv", None)
         hf.pop("quantization_config", None)
-        if self._modules:  # with nothing quantized this is a plain HF checkpoint
+        if self._kv_layers and len(self._kv_layers) != self.config.num_layers:
+            raise CheckpointMismatch(f"KV-cache scales for {len(self._kv_layers)} of {self.config.num_layers} layers",
+                                     self.out_dir)
+        if self._modules or self._kv_layers:  # with nothing quantized this is a plain HF checkpoint
             self.quantization_config = self._quantization_config()
+            if self._kv_layers:
+                self.quantization_config["kv_cache_scheme"] = dict(FP8_KV_SCHEME)
             hf["quantization_config"] = self.quantization_config
         if self.metadata:
             hf["qconv"] = self.metadata
@@ -222,6 +250,9 @@ class Fp8BlockWriter(CompressedTensorsWriter):
             raise InvalidOption("the fp8 output format has one block size for the whole model")
         out = compress(value, act, input_scale)
         return {RENAMES.get(k, k): (v.float() if k == "weight_scale" else v) for k, v in out.items()}
+
+    def add_kv_scales(self, layer: int, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
+        raise InvalidOption("the fp8 output format has no KV-cache scales: write compressed-tensors for --kv-cache fp8")
 
     def _quantization_config(self) -> dict[str, Any]:
         order = self.config.spec.linear_modules(self.config)

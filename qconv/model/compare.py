@@ -57,7 +57,8 @@ def compare(
     report = None
     for i, window in enumerate(chunks):
         logits_base, targets = score_window(base, window)
-        cache = None if kv_cache is None else kv_cache.make(other.config, 1, ctx, other.device, other.dtype)
+        cache = None if kv_cache is None else kv_cache.make(other.config, 1, ctx, other.device, other.dtype,
+                                                             getattr(other, "kv_scales", None))
         logits_other = score_window(other, window, cache)[0].to(logits_base.device)
         if cache is not None:
             report = kv_cache.report(cache)

@@ -448,6 +448,8 @@ class Transformer(nn.Module):
         #: run the decoder layers' GEMMs and attention in this dtype through autocast (weights,
         #: residual stream, norms and the output head stay in the weights' dtype); None: off
         self.autocast_dtype: torch.dtype | None = None
+        #: a checkpoint's FP8 KV-cache scales ``[layers, 2]`` (k, v), for an FP8 cache
+        self.kv_scales: torch.Tensor | None = None
         # an explicit weight skips nn.Embedding's random init, whose init.normal_ imports
         # torch._dynamo (measured 2.6 s of a 5-window perplexity run)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,

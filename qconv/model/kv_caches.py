@@ -1,4 +1,5 @@
-"""Quantized KV caches: per-token int8, and KIVI (2/4/8-bit keys per channel, values per token).
+"""Quantized KV caches: per-token int8, FP8 E4M3 with a static scale per layer (vLLM's
+``kv_cache_dtype=fp8``), and KIVI (2/4/8-bit keys per channel, values per token).
 
 Both store integer codes in uint8/int8 tensors (see :mod:`qconv.model.kv_quant`) and attend by
 dequantizing the stored blocks into the compute dtype for each call.
@@ -86,6 +87,44 @@ class Int8KVCache(KVCache):
 
     def memory(self) -> KVMemory:
         per_token = 2 * (self.k[:, :, :, 0].nbytes + self.k_scale[:, :, :, 0].nbytes)
+        return KVMemory(self.length, per_token * self.length, fp16_kv_bytes(self.config, self.batch, self.length))
+
+
+class Fp8KVCache(KVCache):
+    """Keys and values stored as FP8 E4M3 under one static scale per layer for keys and one for
+    values, as vLLM's ``kv_cache_dtype="fp8"`` does: ``k_scale`` / ``v_scale`` from the checkpoint
+    (calibrated ``max|k| / 448``; ``qconv quantize --kv-cache fp8``), 1.0 when it has none (vLLM's
+    default). A token is quantized when stored, before its own query attends."""
+
+    def __init__(
+        self, config: ModelConfig, batch: int, max_len: int, device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32, scales: torch.Tensor | None = None,
+    ) -> None:
+        self.max_len, self.config, self.batch, self.length = max_len, config, batch, 0
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=torch.float8_e4m3fn)
+        self.v = torch.zeros_like(self.k)
+        if scales is None:
+            scales = torch.ones(config.num_layers, 2)
+        if tuple(scales.shape) != (config.num_layers, 2):
+            raise InvalidOption(f"FP8 KV cache scales must be [layers, 2], got {list(scales.shape)}")
+        self.scales = scales.float().to(device)
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+        opts: AttentionOptions = PLAIN,
+    ) -> torch.Tensor:
+        end = self._check_room(start_pos, k.shape[2])
+        ks, vs = self.scales[layer, 0], self.scales[layer, 1]
+        self.k[layer, :, :, start_pos:end] = (k.float() / ks).clamp(-448, 448).to(torch.float8_e4m3fn)
+        self.v[layer, :, :, start_pos:end] = (v.float() / vs).clamp(-448, 448).to(torch.float8_e4m3fn)
+        self.length = max(self.length, end)
+        keys = (self.k[layer, :, :, :end].float() * ks).to(q.dtype)
+        values = (self.v[layer, :, :, :end].float() * vs).to(q.dtype)
+        return causal_attention(q, keys, values, opts)
+
+    def memory(self) -> KVMemory:
+        per_token = 2 * self.k[:, :, :, 0].nbytes
         return KVMemory(self.length, per_token * self.length, fp16_kv_bytes(self.config, self.batch, self.length))
 
 

@@ -14,10 +14,10 @@ import torch
 from qconv.arch.config import ModelConfig
 from qconv.errors import InvalidOption
 from qconv.model.kv_cache import FpKVCache, KVCache
-from qconv.model.kv_caches import Int8KVCache, KiviKVCache
+from qconv.model.kv_caches import Fp8KVCache, Int8KVCache, KiviKVCache
 from qconv.model.kv_quant import SUPPORTED_BITS, codes_per_byte
 
-KV_MODES = ("fp", "int8", "kivi")
+KV_MODES = ("fp", "int8", "fp8", "kivi")
 #: KIVI defaults: 4-bit (KIVI's advice for GQA models), group 32 and residual 128 as in its LongBench runs.
 KIVI_DEFAULTS = {"bits": 4, "group": 32, "residual": 128}
 
@@ -74,14 +74,18 @@ class KVCacheSpec:
             )
 
     def make(
-        self, config: ModelConfig, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+        self, config: ModelConfig, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype,
+        scales: torch.Tensor | None = None,
     ) -> KVCache:
-        """A fresh, empty cache of this kind for ``batch`` sequences of up to ``max_len`` tokens."""
+        """A fresh, empty cache of this kind for ``batch`` sequences of up to ``max_len`` tokens;
+        ``scales`` ``[layers, 2]``: a checkpoint's FP8 KV-cache scales (k, v), used by ``fp8``."""
         self.check(config)
         if self.mode == "fp":
             return FpKVCache(config, batch, max_len, device, dtype)
         if self.mode == "int8":
             return Int8KVCache(config, batch, max_len, device, dtype)
+        if self.mode == "fp8":
+            return Fp8KVCache(config, batch, max_len, device, dtype, scales)
         return KiviKVCache(config, batch, max_len, self.bits, self.group, self.residual, device, dtype, self.sink)
 
     @property

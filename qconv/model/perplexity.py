@@ -102,7 +102,8 @@ def perplexity(
     total = 0.0
     report = None
     for i, window in enumerate(chunks):
-        cache = None if kv_cache is None else kv_cache.make(model.config, 1, ctx, model.device, model.dtype)
+        cache = None if kv_cache is None else kv_cache.make(model.config, 1, ctx, model.device, model.dtype,
+                                                             getattr(model, "kv_scales", None))
         logits, targets = score_window(model, window, cache)
         total += logits_nll_sum(logits, targets)
         if cache is not None:

@@ -46,6 +46,7 @@ from qconv.core.device import native_bf16
 from qconv.quant.distributed import DataParallel
 from qconv.quant.memory import release_memory
 from qconv.quant.reduce import BUCKETS, TreeSum, bucket_sizes, bucket_span
+from qconv.model.kv_cache import KVCache
 from qconv.model.decoder import (
     DecoderLayer,
     Op,
@@ -195,16 +196,17 @@ class LayerContext:
         return f"{LAYER_PREFIX.format(self.index)}{inner}"
 
     @torch.inference_mode()
-    def forward(self, hook: InputHook | None = None, inputs: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hook: InputHook | None = None, inputs: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """Outputs ``[n, T, h]`` of the layer as it is now (in the pipeline's storage dtype);
         ``hook(inner_name, x)`` sees every Linear's input on the way (a MoE router's too; an
-        expert's: the tokens routed to it)."""
+        expert's: the tokens routed to it); ``cache`` attends (it sees keys and values after RoPE)."""
         x_all = self.inputs if inputs is None else inputs
         if x_all.shape[0] == 0:  # no calibration data (RTN): nothing flows
             return x_all
         p = self.pipeline
         with _input_hooks(self.layer, self.linears + ((self.router,) if self.router else ()), hook):
-            return p.map(lambda t: self.layer(t, *p.rope(self.index), None, 0), x_all, dtype=p.store_dtype)
+            return p.map(lambda t: self.layer(t, *p.rope(self.index), cache, 0), x_all, dtype=p.store_dtype)
 
 
 class GroupInputs:

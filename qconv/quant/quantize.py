@@ -25,7 +25,9 @@ from qconv.quant.distributed import data_parallel
 from qconv.quant.memory import Workload, plan, release_memory
 from qconv.quant.methods import Method, Quantizer, SourceTransform, Transform, get_method
 from qconv.core.device import native_bf16
-from qconv.quant.pipeline import LayerContext, LayerPipeline
+from qconv.core.grid import FLOAT_MAX
+from qconv.quant.observe import static_ranges
+from qconv.quant.pipeline import LayerPipeline
 from qconv.quant.recipe import Recipe
 from qconv.quant.reduce import BUCKETS, bucket_sizes, bucket_span
 
@@ -94,6 +96,9 @@ class _Discard:
     """The writer of a data-parallel rank other than 0: it computes, rank 0 writes."""
 
     def add(self, *_args: object) -> None:
+        pass
+
+    def add_kv_scales(self, *_args: object) -> None:
         pass
 
     def __enter__(self) -> "_Discard":
@@ -207,14 +212,16 @@ def quantize_model(
             for ctx in pipeline.layers():
                 for t in transforms:
                     t.apply(ctx, schemes)
-                # static activation scales: the inputs the layer sees after its transforms
-                absmax = input_absmax(ctx) if act is not None and act.needs_scale else {}
+                # static activation and KV-cache scales: what the layer sees after its transforms
+                ranges = static_ranges(ctx, act is not None and act.needs_scale, recipe.kv_cache == "fp8")
                 qweights = quantizer.quantize(ctx, schemes)
+                if ranges.kv is not None:
+                    writer.add_kv_scales(ctx.index, *(ranges.kv / FLOAT_MAX[8]).clamp(min=torch.finfo().tiny))
                 prefix = LAYER_PREFIX.format(ctx.index)
                 for name, tensor in ctx.layer.state_dict().items():
                     inner = name.rsplit(".", 1)[0]
                     if inner in qweights and name.endswith(".weight"):
-                        scale = act.static_scale(absmax[inner]) if act is not None and act.needs_scale else None
+                        scale = act.static_scale(ranges.inputs[inner]) if act is not None and act.needs_scale else None
                         writer.add(prefix + name, qweights[inner], act, scale)
                     else:
                         writer.add(prefix + name, tensor)
@@ -226,25 +233,6 @@ def quantize_model(
         parallel.finish()
     return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, False,
                           memory.estimate, memory.to_dict())
-
-
-def input_absmax(ctx: LayerContext) -> dict[str, torch.Tensor]:
-    """The largest |input| of every Linear of the layer over all calibration tokens (all ranks),
-    float32 scalars: what a static activation scale is calibrated from (compressed-tensors'
-    ``static_minmax`` observer). One extra forward pass of the layer."""
-    seen: dict[str, torch.Tensor] = {name: torch.zeros((), device=ctx.pipeline.device) for name in ctx.linears}
-
-    def hook(name: str, x: torch.Tensor) -> None:
-        if name in seen and x.numel():
-            seen[name] = torch.maximum(seen[name], x.detach().abs().amax().float())
-
-    ctx.forward(hook)
-    parallel = ctx.pipeline.parallel
-    names = list(seen)
-    both = torch.stack([seen[n] for n in names])
-    if parallel is not None:
-        both = parallel.maximum(both)
-    return {n: both[i].cpu() for i, n in enumerate(names)}
 
 
 def _method_memory(stages: list[Method], source: ModelSource, samples: int, seqlen: int) -> dict[str, int]:

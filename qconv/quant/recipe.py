@@ -86,6 +86,9 @@ class Recipe:
     stages: tuple[Stage, ...] = (Stage("rtn"),)
     output_format: str = "compressed-tensors"
     max_shard_size: str = "5GB"
+    #: "fp8": calibrate FP8 KV-cache scales (``k_scale`` / ``v_scale`` per layer) and declare the
+    #: cache in the checkpoint (vLLM ``kv_cache_dtype="fp8"``); None: no KV-cache scheme
+    kv_cache: str | None = None
 
     def schemes(self, scale_dtype: Any = None) -> SchemeMap:
         import torch
@@ -101,7 +104,8 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         act = self.schemes().activations
-        return any(get_method(s.method).needs_calibration for s in self.stages) or bool(act and act.needs_scale)
+        return any(get_method(s.method).needs_calibration for s in self.stages) or bool(act and act.needs_scale) \
+            or self.kv_cache is not None
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe, in the YAML layout (what gets embedded in outputs)."""
@@ -118,13 +122,16 @@ class Recipe:
             "calibration": asdict(self.calibration),
             "stages": [{"method": s.method, **s.options} for s in self.stages],
             "output": {"format": self.output_format, "max_shard_size": self.max_shard_size},
+            **({"kv_cache": self.kv_cache} if self.kv_cache else {}),
         }
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-_TOP = {"name", "description", "scheme", "ignore", "overrides", "calibration", "stages", "output"}
+_TOP = {"name", "description", "scheme", "ignore", "overrides", "calibration", "stages", "output", "kv_cache"}
+#: KV-cache schemes a recipe may declare
+KV_CACHES = ("fp8",)
 _SCHEME = {"bits", "group_size", "symmetric", "activations", "preset"}
 _CALIB = {f for f in Calibration.__dataclass_fields__}
 _OUTPUT = {"format", "max_shard_size"}
@@ -221,6 +228,7 @@ def recipe_from_dict(raw: Any, origin: str = "recipe") -> Recipe:
         stages=tuple(stages),
         output_format=_typed(output.get("format", "compressed-tensors"), str, "output.format"),
         max_shard_size=str(output.get("max_shard_size", "5GB")),
+        kv_cache=raw.get("kv_cache"),
     )
     return validate(recipe)
 
@@ -249,6 +257,10 @@ def validate(recipe: Recipe) -> Recipe:
         raise InvalidOption(f"recipe: the named scheme {recipe.preset!r} sets its own activations")
     if recipe.act_bits and (recipe.bits != 8 or recipe.group_size != -1 or not recipe.symmetric):
         raise InvalidOption("recipe: int8 activations (W8A8) need 8-bit symmetric per-channel weights (group_size: -1)")
+    if recipe.kv_cache is not None and recipe.kv_cache not in KV_CACHES:
+        raise InvalidOption(f"recipe: kv_cache must be one of {', '.join(KV_CACHES)}, got {recipe.kv_cache!r}")
+    if recipe.kv_cache is not None and recipe.output_format == "fp8":
+        raise InvalidOption("recipe: the fp8 output format has no KV-cache scales (write compressed-tensors)")
     c = recipe.calibration
     if c.samples < 1 or c.seqlen < 2:
         raise InvalidOption("recipe: calibration.samples must be >= 1 and calibration.seqlen >= 2")
@@ -308,9 +320,10 @@ def apply_flags(recipe: Recipe, **flags: Any) -> Recipe:
         top = {"preset": None if preset == "int" else preset, "act_bits": None}
     elif recipe.preset is not None and top:
         top["preset"] = None  # explicit bits replace the recipe's named scheme
-    if flags.get("output_format") is not None:
-        top["output_format"] = flags.pop("output_format")
-    flags.pop("output_format", None)
+    for key in ("output_format", "kv_cache"):
+        value = flags.pop(key, None)
+        if value is not None:
+            top[key] = None if key == "kv_cache" and value == "fp" else value
     calib = {k: flags.pop(k) for k in ("data", "samples", "seqlen", "seed", "text_field", "dtype", "act_dtype", "memory",
                                         "chat_template")
              if flags.get(k) is not None}
