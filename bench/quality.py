@@ -98,20 +98,26 @@ ROWS: dict[str, tuple[str, dict[str, Any] | str, list[dict[str, Any]]] | None] =
                         ("mxfp4", "MXFP4 W4A4 (+ dynamic MXFP4 activations)"))
        for m, how, stages in (("rtn", "RTN", [RTN]), ("gptq", "GPTQ damp 0.1", [FP_GPTQ]),
                               ("awq", "AWQ + RTN", [AWQ, RTN]), ("awq-gptq", "AWQ + GPTQ damp 0.1", [AWQ, FP_GPTQ]))},
+    # FP8 dynamic plus an FP8 KV cache (calibrated per-layer k/v scales, evaluated with
+    # --kv-cache fp8): against the fp8-rtn row, what the cache adds
+    "fp8-kv-fp8-rtn": ("FP8 dynamic + FP8 KV cache (static per-layer k/v scales), RTN", "fp8", [RTN]),
 }
+#: rows whose recipe calibrates FP8 KV-cache scales and whose evaluation runs the FP8 cache
+KV_ROWS = {"fp8-kv-fp8-rtn"}
 
 
-def ppl(model: Path, eval_text: Path, windows: int, device: str) -> float:
+def ppl(model: Path, eval_text: Path, windows: int, device: str, kv: bool = False) -> float:
     out = subprocess.run([*QCONV, "run", str(model), "--ppl", str(eval_text), "--ctx", "2048",
-                          "--max-windows", str(windows), "--device", device, "--json"],
+                          "--max-windows", str(windows), "--device", device, "--json",
+                          *(["--kv-cache", "fp8"] if kv else [])],
                          check=True, capture_output=True, text=True)
     return float(json.loads(out.stdout)["ppl"])
 
 
-def ppls(model: Path, args: argparse.Namespace) -> dict[str, float]:
+def ppls(model: Path, args: argparse.Namespace, kv: bool = False) -> dict[str, float]:
     """Perplexity on WikiText-2 and on the held-out C4 documents."""
-    return {"ppl": ppl(model, args.eval_text, args.windows, args.device),
-            "ppl_heldout": ppl(model, args.heldout, args.windows, args.device)}
+    return {"ppl": ppl(model, args.eval_text, args.windows, args.device, kv),
+            "ppl_heldout": ppl(model, args.heldout, args.windows, args.device, kv)}
 
 
 def run_row(name: str, model: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -122,13 +128,15 @@ def run_row(name: str, model: Path, work: Path, args: argparse.Namespace) -> dic
     recipe = {"name": name, "scheme": scheme, "ignore": ["lm_head"], "stages": stages,
               "calibration": {"data": str(args.calib), "samples": args.samples, "seqlen": 2048, "seed": 0,
                               "dtype": args.calib_dtype}}
+    if name in KV_ROWS:
+        recipe["kv_cache"] = "fp8"
     recipe_path = work / f"{name}.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     out = work / name
     m = measure([*QCONV, "quantize", str(model), "--recipe", str(recipe_path), "-o", str(out), "--force",
                   "--device", args.device, "--quiet"])
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    return {"row": name, "label": label, **ppls(out, args), "seconds": m["wall"], "rss_mb": m["rss_mb"],
+    return {"row": name, "label": label, **ppls(out, args, name in KV_ROWS), "seconds": m["wall"], "rss_mb": m["rss_mb"],
             "size_mb": size / 2**20,
             "samples": args.samples, "calib_dtype": args.calib_dtype, "calib": args.calib.name, "device": args.device}
 

@@ -144,14 +144,17 @@ def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-@pytest.mark.parametrize("method", ["gptq", "smoothquant", "awq"])
+@pytest.mark.parametrize("method", ["gptq", "smoothquant", "awq", "rtn"])
 def test_data_parallel_matches_one_process(model: Path, calib: Path, tmp_path: Path, method: str) -> None:
     """2 gloo ranks (one thread each) write the bytes one process with two threads writes (AWQ:
-    its scale and clip searches sum their losses over both ranks' tokens)."""
+    its scale and clip searches sum their losses over both ranks' tokens; RTN with static FP8
+    activation and KV-cache scales: their maxima are taken over both ranks' tokens)."""
     args = ["quantize", str(model), "--method", method, "--data", str(calib), "--samples", "10", "--seqlen", "32",
             "--quiet"]
-    if method != "smoothquant":
+    if method in ("gptq", "awq"):
         args += ["-g", "32"]
+    if method == "rtn":
+        args += ["--scheme", "fp8-static", "--kv-cache", "fp8"]
     single = subprocess.run([QCONV, *args, "-o", str(tmp_path / "one")], capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
     res = _torchrun(2, *args, "-o", str(tmp_path / "two"))

@@ -384,3 +384,13 @@ def test_fp8_kv_cache_scales(wide_model: Path, calib: Path, tmp_path: Path) -> N
     with pytest.raises(InvalidOption, match="no KV-cache scales"):
         api.quantize(wide_model, tmp_path / "b", method="rtn", scheme="fp8-block", output_format="fp8",
                      kv_cache="fp8", data=str(calib))
+
+
+@pytest.mark.parametrize("scheme,fmt", [("nvfp4a16", "compressed-tensors"), ("fp8-block", "fp8")])
+def test_float_checkpoints_convert_to_gguf(wide_model: Path, tmp_path: Path, scheme: str, fmt: str) -> None:
+    """FP4 / FP8 inputs convert to GGUF: the f32 GGUF holds exactly the dequantized weights."""
+    api.quantize(wide_model, tmp_path / "q", method="rtn", scheme=scheme, output_format=fmt)
+    api.convert(tmp_path / "q", tmp_path / "x.gguf", gguf_type="f32")
+    with open_model(tmp_path / "q") as q, open_model(tmp_path / "x.gguf") as g:
+        name = "model.layers.1.mlp.down_proj.weight"
+        assert torch.equal(g.get_tensor(name), q.get_tensor(name))
