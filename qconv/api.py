@@ -96,11 +96,35 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def runner_weight_dtype(source: ModelSource, device: Any) -> Any:
+    """The runner's weight dtype under ``--dtype auto``: float32 while the float32 weights take
+    at most half the memory there is (host RAM, or the GPU's), else the checkpoint's own 16-bit
+    dtype (bfloat16 for a float32 checkpoint), so an 8B model (32 GB in float32, 16 GB in bf16)
+    still runs on a 24 GB machine; float32 otherwise, for the exact arithmetic the oracles check."""
+    import math
+
+    import torch
+
+    from qconv.checkpoint.hf_writer import parse_dtype
+    from qconv.quant.memory import available_bytes
+
+    params = sum(math.prod(s) for s in source.config.expected_shapes().values())
+    if device.type == "cuda":
+        room = torch.cuda.mem_get_info(device)[0]
+    else:
+        room = available_bytes()
+    if 4 * params <= room // 2:
+        return torch.float32
+    stored = parse_dtype(source.config.torch_dtype)
+    return stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
 def load_runner(source: ModelSource, device: str = "auto", dtype: str = "auto") -> torch.nn.Module:
     """The reference decoder for ``source`` on ``device``. Checkpoints that quantize activations
     (W8A8 int8, FP8, NVFP4, MXFP4) get it emulated, so measured quality is what their kernels give.
 
-    ``dtype`` ``auto``: float32 weights, the decoder layers' GEMMs and attention in bfloat16
+    ``dtype`` ``auto``: float32 weights (:func:`runner_weight_dtype`: the checkpoint's 16-bit
+    dtype when float32 would not fit), the decoder layers' GEMMs and attention in bfloat16
     (autocast) where the device has native bf16 (AMX/AVX512-BF16 CPUs, CUDA), plain float32
     elsewhere; ``f32`` / ``f16`` / ``bf16``: every weight and activation in that dtype."""
     import torch
@@ -110,7 +134,8 @@ def load_runner(source: ModelSource, device: str = "auto", dtype: str = "auto") 
     from qconv.model.decoder import load_model
 
     where = resolve_device(device)
-    model = load_model(source, device=where, dtype=torch.float32 if dtype == "auto" else parse_dtype(dtype))
+    model = load_model(source, device=where, dtype=runner_weight_dtype(source, where) if dtype == "auto"
+                       else parse_dtype(dtype))
     if dtype == "auto" and native_bf16(where):
         model.autocast_dtype = torch.bfloat16
     kv_scales = getattr(source, "kv_scales", None)

@@ -245,3 +245,16 @@ def test_auto_dtype_uses_bf16_gemms_only_where_native(tiny_model_dir: Path, monk
         assert a != b and a == pytest.approx(b, rel=1e-2)
     else:
         assert a == b
+
+
+def test_auto_weight_dtype_follows_memory(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--dtype auto`` keeps float32 weights while they take at most half the memory available,
+    else the checkpoint's 16-bit dtype (bfloat16 for a float32 one): a model too large for float32
+    still runs."""
+    import qconv.quant.memory as memory
+    from qconv import api
+
+    with open_model(tiny_model_dir) as src:
+        assert api.load_runner(src, "cpu").embed_tokens.weight.dtype == torch.float32
+        monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+        assert api.load_runner(src, "cpu").embed_tokens.weight.dtype == torch.bfloat16
