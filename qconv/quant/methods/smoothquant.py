@@ -19,8 +19,9 @@ int8 quantizer sees are flatter. Sources:
   badly; ``down_proj_alpha`` gives the pair its own, lower α (docs/methods.md has the scan).
 
 With ``search: true`` each pair of each layer gets its own α instead: a grid over α = 0, 0.05,
-..., 1 (the configured α included) picks the one whose smoothed, W8A8-quantized Linears
-(per-token int8 inputs, the quantizer's weight grid by RTN) best reproduce the fp Linears'
+..., 1 (the configured α included) picks the one whose smoothed, quantized Linears
+(inputs on the scheme's activation grid, per-token int8 or FP8; the quantizer's weight grid by
+RTN) best reproduce the fp Linears'
 outputs on ``search_tokens`` calibration tokens (least squared error), the scale search AWQ
 does for weight-only grids, here with the activation grid in the loss.
 
@@ -37,7 +38,7 @@ from collections.abc import Callable
 import torch
 
 from qconv.errors import InvalidOption
-from qconv.model.act_quant import fake_quant_per_token
+from qconv.model.act_quant import fake_quant_input, fake_quant_per_token
 from qconv.core.grid import WeightScheme, fake_quantize
 from qconv.quant.methods.base import Transform
 from qconv.quant.methods.scaling import fold_scales
@@ -56,23 +57,26 @@ def smoothing_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: 
 
 
 def smoothed_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor,
-                   quantize_weight: list[WeightQuantizer], refs: list[torch.Tensor] | None = None) -> float:
-    """Squared error of the smoothed W8A8 Linears' outputs against the fp outputs (``refs``,
-    computed when not given) on tokens ``x`` ``[N, in]``: inputs ``x / s`` rounded per token to
-    int8, weights ``W·s`` through ``quantize_weight[i]`` (their fake-quantizer, or identity for
-    Linears kept in fp)."""
-    xq = fake_quant_per_token(x / s[None, :])
+                   quantize_weight: list[WeightQuantizer], refs: list[torch.Tensor] | None = None,
+                   quantize_input: WeightQuantizer = fake_quant_per_token) -> float:
+    """Squared error of the smoothed quantized Linears' outputs against the fp outputs (``refs``,
+    computed when not given) on tokens ``x`` ``[N, in]``: inputs ``x / s`` through
+    ``quantize_input`` (default: per-token int8), weights ``W·s`` through ``quantize_weight[i]``
+    (their fake-quantizer, or identity for Linears kept in fp)."""
+    xq = quantize_input(x / s[None, :])
     refs = refs or [x @ w.T for w in weights]
     return sum(((xq @ q(w * s[None, :]).T) - r).pow(2).sum().item()
                for w, q, r in zip(weights, quantize_weight, refs))
 
 
 def search_alpha(act_max: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
-                 quantize_weight: list[WeightQuantizer], alphas: list[float]) -> float:
+                 quantize_weight: list[WeightQuantizer], alphas: list[float],
+                 quantize_input: WeightQuantizer = fake_quant_per_token) -> float:
     """The α of ``alphas`` with the least :func:`smoothed_error` (ties: the first)."""
     w = [t.float() for t in weights]
     refs = [x @ t.T for t in w]
-    errors = [smoothed_error(x, w, smoothing_scales(act_max, w, a), quantize_weight, refs) for a in alphas]
+    errors = [smoothed_error(x, w, smoothing_scales(act_max, w, a), quantize_weight, refs, quantize_input)
+              for a in alphas]
     return alphas[min(range(len(alphas)), key=errors.__getitem__)]
 
 
@@ -133,7 +137,7 @@ class SmoothQuant(Transform):
                     quantizers = [_weight_quantizer(None if n == ctx.router else schemes.scheme_for(ctx.module_name(n)))
                                   for n in linears]
                     a = search_alpha(group_max, torch.cat(kept[linears[0]])[:budget],
-                                     [m.weight for m in mods], quantizers, grid)
+                                     [m.weight for m in mods], quantizers, grid, _input_quantizer(schemes))
                     log.debug("layer %d, %s -> %s: alpha %.2f", ctx.index, source, linears[0], a)
                 s = smoothing_scales(group_max, [m.weight for m in mods], a)
                 fold_scales(ctx.layer.get_submodule(source), mods, s)
@@ -154,6 +158,15 @@ def _expert_groups(ctx: LayerContext, norms: bool, down_proj: bool) -> list[tupl
     if down_proj:
         out += [(down.source, down.linears, True) for _, down in experts]
     return out
+
+
+def _input_quantizer(schemes: SchemeMap) -> WeightQuantizer:
+    """The activation grid the search measures with: the scheme's (FP8 per token, per tensor
+    with the scale these tokens would calibrate, ...), per-token int8 by default."""
+    act = schemes.activations
+    if act is None or act.type == "int":
+        return fake_quant_per_token
+    return lambda x: fake_quant_input(x, act, act.static_scale(x.abs().amax()) if act.needs_scale else None)
 
 
 def _weight_quantizer(scheme: WeightScheme | None) -> WeightQuantizer:
