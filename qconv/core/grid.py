@@ -244,9 +244,8 @@ def qparams(wmin: torch.Tensor, wmax: torch.Tensor, scheme: WeightScheme,
 def group_minmax(w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (row, group) min and max of a ``[out, in]`` weight: ``[out, groups]`` each. Rows that
     share a scale (``block_rows``) get their block's extremes."""
-    out, n = w.shape
-    g = w.float().reshape(out, scheme.groups(n), scheme.group_width(n))
-    lo, hi = g.amin(-1), g.amax(-1)
+    lo, hi = torch.aminmax(_grouped(w.float(), scheme), dim=-1)
+    out = w.shape[0]
     if scheme.block_rows == 1:
         return lo, hi
     rows = out if scheme.block_rows == 0 else scheme.block_rows
@@ -266,7 +265,7 @@ def mse_clip_params(w: torch.Tensor, scheme: WeightScheme, grid: int = 100, max_
         raise InvalidOption("the MSE grid search chooses a range per row: not for block or per-tensor scales")
     wmin, wmax = group_minmax(w, scheme)
     out, n = w.shape
-    wg = w.float().reshape(out, scheme.groups(n), scheme.group_width(n))
+    wg = _grouped(w.float(), scheme)
     best_err = torch.full(wmin.shape, float("inf"), device=w.device)
     best_scale, best_zero = qparams(wmin, wmax, scheme, global_scale)
     for i in range(int(max_shrink * grid)):
@@ -281,25 +280,29 @@ def mse_clip_params(w: torch.Tensor, scheme: WeightScheme, grid: int = 100, max_
     return best_scale, best_zero
 
 
-def _expand(p: torch.Tensor, n: int, scheme: WeightScheme) -> torch.Tensor:
-    """``[out, groups]`` parameters broadcast to ``[out, in]`` columns."""
-    return p.repeat_interleave(scheme.group_width(n), dim=1)
+def _grouped(w: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
+    """A ``[out, in]`` view as ``[out, groups, group_width]``: per-(row, group) parameters then
+    broadcast over the last dim (no ``[out, in]`` copy of them)."""
+    out, n = w.shape
+    return w.reshape(out, scheme.groups(n), scheme.group_width(n))
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
     """Codes of ``w`` ``[out, in]`` on the grid given per (row, group): int8 for integer grids,
     float32 element values for float ones."""
-    n = w.shape[1]
+    x = _grouped(w.float(), scheme) / scale[..., None]
     if scheme.is_float:
-        return round_float(w.float() / _expand(scale, n, scheme), scheme.bits)
-    q = torch.round(w.float() / _expand(scale, n, scheme)) + _expand(zero, n, scheme)
-    return torch.clamp(q, scheme.qmin, scheme.qmax).to(torch.int8)
+        return round_float(x, scheme.bits).reshape(w.shape)
+    q = torch.round(x) + zero[..., None]
+    return torch.clamp(q, scheme.qmin, scheme.qmax).to(torch.int8).reshape(w.shape)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
-    """float32 weights ``(q - zero) * scale`` from codes ``[out, in]``."""
-    n = q.shape[1]
-    return (q.float() - _expand(zero, n, scheme)) * _expand(scale.float(), n, scheme)
+    """float32 weights ``(q - zero) * scale`` from codes ``[out, in]`` (a float grid's zero is 0)."""
+    g = _grouped(q.float(), scheme)
+    if not scheme.is_float:
+        g = g - zero[..., None]
+    return (g * scale.float()[..., None]).reshape(q.shape)
 
 
 def rtn(w: torch.Tensor, scheme: WeightScheme,
