@@ -91,6 +91,9 @@ ROWS: dict[str, tuple[str, dict[str, Any] | str, list[dict[str, Any]]] | None] =
     # of 128, so FP8_BLOCK's 128-wide blocks and activation groups do not apply to it)
     "fp8-rtn": ("FP8 dynamic: E4M3 per channel, per-token E4M3 activations, RTN", "fp8", [RTN]),
     "fp8-static-rtn": ("FP8 static: E4M3 per tensor, static per-tensor E4M3 activations, RTN", "fp8-static", [RTN]),
+    "fp8-gptq": ("FP8 dynamic, GPTQ damp 0.01 (act order)", "fp8", [GPTQ]),
+    "fp8-sq-gptq": ("FP8 dynamic, SmoothQuant α0.5 + GPTQ damp 0.01", "fp8", [{"method": "smoothquant"}, GPTQ]),
+    "fp8-static-gptq": ("FP8 static, GPTQ damp 0.01 (act order)", "fp8-static", [GPTQ]),
     **{f"{s}-{m}": (f"{label}, {how}", s, stages)
        for s, label in (("nvfp4a16", "NVFP4A16 (E2M1, FP8 scale / 16, global scale)"),
                         ("nvfp4", "NVFP4 W4A4 (+ NVFP4 activations, calibrated global scale)"),
