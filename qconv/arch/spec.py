@@ -32,6 +32,12 @@ LAYER_PREFIX = "model.layers.{}."
 #: per-layer ``k_scale`` / ``v_scale`` live.
 ATTENTION = "self_attn"
 
+
+def kv_scale_names(layer: int) -> tuple[str, str]:
+    """HF names of block ``layer``'s FP8 KV-cache scales (keys, values)."""
+    prefix = f"{LAYER_PREFIX.format(layer)}{ATTENTION}"
+    return f"{prefix}.k_scale", f"{prefix}.v_scale"
+
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _GGUF_LAYER = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from qconv.arch.config import ModelConfig
-from qconv.arch.spec import EMBED
+from qconv.arch.spec import EMBED, kv_scale_names
 from qconv.checkpoint.hf import HFSource
 from qconv.checkpoint.source import ModelSource
 from qconv.errors import CheckpointMismatch, CorruptFile, InvalidOption, UnsupportedModel
@@ -42,7 +42,6 @@ from qconv.core.compressed_layout import (
     QUANT_METHOD,
     decompress,
     is_fp8_kv_scheme,
-    kv_scale_names,
     module_format,
     stored_shapes,
 )

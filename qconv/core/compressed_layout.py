@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 
-from qconv.arch.spec import ATTENTION, LAYER_PREFIX
 from qconv.core.grid import E8M0, FP8, WeightScheme, e2m1_codes, e2m1_values, load_scale, store_scale
 from qconv.core.quantized import ActivationScheme, QuantizedWeight
 
@@ -82,12 +81,6 @@ def is_fp8_kv_scheme(scheme: Any) -> bool:
     keys = ("num_bits", "type", "symmetric", "strategy", "dynamic")
     return tuple(scheme.get(k, d) for k, d in zip(keys, (8, "int", True, None, False))) == \
         tuple(FP8_KV_SCHEME[k] for k in keys)
-
-
-def kv_scale_names(layer: int) -> tuple[str, str]:
-    """HF names of block ``layer``'s FP8 KV-cache scales (keys, values)."""
-    prefix = f"{LAYER_PREFIX.format(layer)}{ATTENTION}"
-    return f"{prefix}.k_scale", f"{prefix}.v_scale"
 
 
 # --------------------------------------------------------------------------- packing

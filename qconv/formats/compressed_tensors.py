@@ -20,7 +20,7 @@ import torch
 
 from qconv.atomic import atomic_output
 from qconv.arch.config import ModelConfig
-from qconv.arch.spec import LM_HEAD
+from qconv.arch.spec import LM_HEAD, kv_scale_names
 from qconv.checkpoint.hf_writer import ShardWriter, write_config_and_tokenizer
 from qconv.errors import CheckpointMismatch, InvalidOption
 from qconv.core.fp8_block_layout import RENAMES, fp8_block_config
@@ -30,7 +30,6 @@ from qconv.core.compressed_layout import (
     MIXED,
     QUANT_METHOD,
     compress,
-    kv_scale_names,
     module_format,
     weight_args,
 )
