@@ -320,6 +320,14 @@ def test_float_schemes_end_to_end(wide_model: Path, calib: Path, tmp_path: Path,
 
     counts = inspect_model(tmp_path / "a").dtype_counts()
     assert ("fp4 (packed U8)" if "fp4" in scheme else "F8_E4M3") in counts, counts
+    if scheme.startswith("nvfp4"):  # the Linears vLLM fuses share one global scale (llm-compressor does too)
+        from safetensors.torch import load_file
+
+        t = load_file(tmp_path / "a" / "model.safetensors")
+        gs = {k.split(".")[-2]: float(v) for k, v in t.items() if k.startswith("model.layers.0.") and
+              k.endswith("weight_global_scale")}
+        assert gs["q_proj"] == gs["k_proj"] == gs["v_proj"] and gs["gate_proj"] == gs["up_proj"]
+        assert len(set(gs.values())) == 4, gs
     static = scheme in ("fp8-static", "nvfp4")
     assert bool(scales) == static and (not static or set(scales) == set(acts))
     assert bool(acts) == (not scheme.endswith("a16"))

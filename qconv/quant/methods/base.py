@@ -22,7 +22,9 @@ from typing import Any, ClassVar
 from qconv.arch.config import ModelConfig
 from qconv.checkpoint.source import ModelSource
 from qconv.core.quantized import QuantizedWeight
-from qconv.core.grid import WeightScheme, dequantize
+import torch
+
+from qconv.core.grid import WeightScheme, dequantize, tensor_global_scale
 from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
 
@@ -103,6 +105,29 @@ class Quantizer(Method):
     def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
         """Quantize the layer's Linears (inner name -> codes); ``ctx.layer`` ends up holding the
         dequantized weights. May set ``ctx.outputs`` if it ran the final layer over all inputs."""
+
+
+def shared_global_scales(ctx: LayerContext, schemes: SchemeMap, linears: list[str] | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """NVFP4's per-tensor scale, one per Linear group of the layer (q/k/v, gate/up, each
+    expert's gate/up; ``linears``: only these), from the group's weights as they are now.
+
+    vLLM fuses a group into one Linear with one global scale, so its members must share it
+    (llm-compressor fuses their observers the same way); a Linear alone in its group gets its
+    own. Linears whose scheme has no global scale are left out."""
+    groups = list(ctx.spec.groups)
+    x = ctx.spec.experts
+    if x is not None:
+        groups += [g for e in range(ctx.pipeline.config.num_experts) for g in x.groups(e)]
+    out: dict[str, torch.Tensor] = {}
+    for group in groups:
+        members = [n for n in group.linears if (linears is None or n in linears)
+                   and (s := schemes.scheme_for(ctx.module_name(n))) is not None and s.global_scale]
+        if members:
+            amax = torch.stack([ctx.layer.get_submodule(n).weight.detach().abs().amax().float() for n in members])
+            gs = tensor_global_scale(amax.amax(), schemes.scheme_for(ctx.module_name(members[0])))
+            out.update({n: gs for n in members})
+    return out
 
 
 def set_weight(ctx: LayerContext, inner: str, qw: QuantizedWeight) -> None:

@@ -30,7 +30,7 @@ from qconv.core.grid import WeightScheme
 from qconv.core.quantized import QuantizedWeight
 from qconv.errors import InvalidOption
 from qconv.quant.gptq import HessianAccumulator, cross_products, gptq_quantize, retarget
-from qconv.quant.methods.base import Quantizer, set_weight
+from qconv.quant.methods.base import Quantizer, set_weight, shared_global_scales
 from qconv.quant.methods.rtn import rtn_weight
 from qconv.arch.spec import GroupSpec
 from qconv.arch.config import ModelConfig
@@ -101,8 +101,10 @@ class GPTQ(Quantizer):
                 if not inputs.tokens():  # an expert no calibration token was routed to
                     log.warning("%s: no calibration tokens reached it; used RTN (more samples, or "
                                 "moe_all_tokens: true)", ctx.module_name(group.linears[0]))
+                    shared = shared_global_scales(ctx, schemes, linears)
                     for inner in linears:
-                        qw = rtn_weight(ctx.layer.get_submodule(inner).weight, schemes.scheme_for(ctx.module_name(inner)))
+                        qw = rtn_weight(ctx.layer.get_submodule(inner).weight, schemes.scheme_for(ctx.module_name(inner)),
+                                        global_scale=shared.get(inner))
                         set_weight(ctx, inner, qw)
                         result[inner] = qw
                     return
@@ -146,6 +148,7 @@ class GPTQ(Quantizer):
         out: dict[str, QuantizedWeight] = {}
         damp = float(self.config["damp"])
         parallel = ctx.pipeline.parallel
+        shared = shared_global_scales(ctx, schemes, group)  # before any member changes
         for j, inner in enumerate(group):
             scheme = schemes.scheme_for(ctx.module_name(inner))
             assert scheme is not None
@@ -158,7 +161,8 @@ class GPTQ(Quantizer):
                                   block_size=int(self.config["block_size"]), damp=damp,
                                   act_order=bool(self.config["act_order"]),
                                   static_groups=bool(self.config["static_groups"]),
-                                  mse=bool(self.config["mse"]), refine=int(self.config["refine"]))
+                                  mse=bool(self.config["mse"]), refine=int(self.config["refine"]),
+                                  global_scale=shared.get(inner))
                 if r.fell_back_to_rtn:
                     log.warning("%s: Hessian not positive definite even with extra damping; used RTN",
                                 ctx.module_name(inner))

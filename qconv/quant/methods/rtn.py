@@ -12,14 +12,16 @@ import torch
 from qconv.core.quantized import QuantizedWeight
 from qconv.errors import InvalidOption
 from qconv.core.grid import WeightScheme, group_minmax, mse_clip_params, qparams, quantize, tensor_global_scale
-from qconv.quant.methods.base import Quantizer, set_weight
+from qconv.quant.methods.base import Quantizer, set_weight, shared_global_scales
 from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
 
 
-def rtn_weight(w: torch.Tensor, scheme: WeightScheme, mse: bool = False) -> QuantizedWeight:
-    """One weight matrix quantized round-to-nearest."""
-    gs = tensor_global_scale(w, scheme)
+def rtn_weight(w: torch.Tensor, scheme: WeightScheme, mse: bool = False,
+               global_scale: torch.Tensor | None = None) -> QuantizedWeight:
+    """One weight matrix quantized round-to-nearest (NVFP4: under ``global_scale``, by default
+    the weight's own)."""
+    gs = global_scale if global_scale is not None else tensor_global_scale(w, scheme)
     scale, zero = mse_clip_params(w, scheme, global_scale=gs) if mse else \
         qparams(*group_minmax(w, scheme), scheme, gs)
     return QuantizedWeight(quantize(w, scale, zero, scheme), scale, zero, scheme, gs)
@@ -38,11 +40,12 @@ class RTN(Quantizer):
 
     def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
         result: dict[str, QuantizedWeight] = {}
+        shared = shared_global_scales(ctx, schemes)
         for inner in ctx.linears:
             scheme = schemes.scheme_for(ctx.module_name(inner))
             if scheme is None:
                 continue
-            qw = rtn_weight(ctx.layer.get_submodule(inner).weight, scheme, self.config["mse"])
+            qw = rtn_weight(ctx.layer.get_submodule(inner).weight, scheme, self.config["mse"], shared.get(inner))
             set_weight(ctx, inner, qw)
             result[inner] = qw
         return result
