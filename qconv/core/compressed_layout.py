@@ -216,7 +216,7 @@ def _stored_scale(w: QuantizedWeight) -> torch.Tensor:
     s = w.scheme
     scale = w.scale.cpu()
     if s.block_rows != 1:
-        scale = scale[:: (w.shape[0] if s.block_rows == 0 else s.block_rows)]
+        scale = scale[:: s.rows_per_scale(w.shape[0])]
         if s.block_rows == 0:
             scale = scale.reshape(1)
     gs = None if w.global_scale is None else w.global_scale.cpu()
@@ -299,8 +299,7 @@ def decompress(fmt: str, scheme: WeightScheme, shape: tuple[int, int], tensors: 
         gs = tensors.get("weight_global_scale")
         gs = None if gs is None else gs.float().reshape(1)
         scale = load_scale(stored.reshape(-1, groups), scheme, gs)
-        scale = scale.expand(out, groups) if scheme.block_rows == 0 else \
-            scale.repeat_interleave(scheme.block_rows, 0)[:out]
+        scale = scale.repeat_interleave(scheme.rows_per_scale(out), 0)[:out]
         return QuantizedWeight(q.contiguous(), scale.contiguous(), torch.zeros(out, groups, dtype=torch.int32),
                                scheme, gs)
     if fmt == PACKED:

@@ -117,11 +117,13 @@ class WeightScheme:
     def group_width(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 
+    def rows_per_scale(self, out_features: int) -> int:
+        """How many consecutive rows share one scale (all of them for a per-tensor scale)."""
+        return out_features if self.block_rows == 0 else self.block_rows
+
     def stored_rows(self, out_features: int) -> int:
         """Rows of the stored scale tensor: one per row, per block of rows, or one."""
-        if self.block_rows == 0:
-            return 1
-        return -(-out_features // self.block_rows)
+        return -(-out_features // self.rows_per_scale(out_features))
 
 
 def round_float(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -248,7 +250,7 @@ def group_minmax(w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, t
     out = w.shape[0]
     if scheme.block_rows == 1:
         return lo, hi
-    rows = out if scheme.block_rows == 0 else scheme.block_rows
+    rows = scheme.rows_per_scale(out)
     pad = -out % rows  # zero rows: qparams puts 0 inside every range anyway
     lo = torch.nn.functional.pad(lo, (0, 0, 0, pad)).reshape(-1, rows, lo.shape[1]).amin(1)
     hi = torch.nn.functional.pad(hi, (0, 0, 0, pad)).reshape(-1, rows, hi.shape[1]).amax(1)

@@ -168,7 +168,7 @@ class QuantizedWeight:
         if not torch.equal(back, self.scale.float()):
             raise ValueError(f"{name}: scales are not representable in {s.scale_dtype}")
         if s.block_rows != 1:
-            rows = out if s.block_rows == 0 else s.block_rows
+            rows = s.rows_per_scale(out)
             if not torch.equal(self.scale, self.scale[::rows].repeat_interleave(rows, 0)[:out]):
                 raise ValueError(f"{name}: scales differ inside a block of {rows} rows")
 
