@@ -73,6 +73,10 @@ ROWS: dict[str, tuple[str, dict[str, Any] | str, list[dict[str, Any]]] | None] =
            ("rot-gptq-mse", f"Hadamard rotation + GPTQ W{b} g64 asym + MSE grid", [ROT, {**GPTQ, "mse": True}]),
            ("rot-awq-gptq-mse", f"Hadamard rotation + AWQ + GPTQ W{b} g64 asym + MSE grid",
             [ROT, AWQ, {**GPTQ, "mse": True}]),
+           ("rot-awq-gptq-mse-damp10", f"Hadamard rotation + AWQ + GPTQ W{b} g64 asym + MSE grid, damp 0.1",
+            [ROT, AWQ, {**GPTQ, "mse": True, "damp": 0.1}]),
+           ("rot-gptq-mse-damp10", f"Hadamard rotation + GPTQ W{b} g64 asym + MSE grid, damp 0.1",
+            [ROT, {**GPTQ, "mse": True, "damp": 0.1}]),
            ("rot-gptq-mse-fpt-refine", f"Hadamard rotation + GPTQ W{b} g64 asym + MSE grid, fp targets, 2 refine rounds",
             [ROT, {**GPTQ, "mse": True, "fp_targets": True, "refine": 2}]),
        )},
@@ -100,7 +104,11 @@ ROWS: dict[str, tuple[str, dict[str, Any] | str, list[dict[str, Any]]] | None] =
                         ("mxfp4a16", "MXFP4A16 (E2M1, E8M0 scale / 32)"),
                         ("mxfp4", "MXFP4 W4A4 (+ dynamic MXFP4 activations)"))
        for m, how, stages in (("rtn", "RTN", [RTN]), ("gptq", "GPTQ damp 0.1", [FP_GPTQ]),
-                              ("awq", "AWQ + RTN", [AWQ, RTN]), ("awq-gptq", "AWQ + GPTQ damp 0.1", [AWQ, FP_GPTQ]))},
+                              ("awq", "AWQ + RTN", [AWQ, RTN]), ("awq-gptq", "AWQ + GPTQ damp 0.1", [AWQ, FP_GPTQ]),
+                              ("rtn-mse", "RTN + MSE scale search", [{**RTN, "mse": True}]),
+                              ("gptq-mse", "GPTQ damp 0.1 + MSE scale search", [{**FP_GPTQ, "mse": True}]),
+                              ("awq-gptq-mse", "AWQ + GPTQ damp 0.1 + MSE scale search",
+                               [AWQ, {**FP_GPTQ, "mse": True}]))},
     # FP8 dynamic plus an FP8 KV cache (calibrated per-layer k/v scales, evaluated with
     # --kv-cache fp8): against the fp8-rtn row, what the cache adds
     "fp8-kv-fp8-rtn": ("FP8 dynamic + FP8 KV cache (static per-layer k/v scales), RTN", "fp8", [RTN]),

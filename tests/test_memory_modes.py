@@ -144,13 +144,20 @@ def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-@pytest.mark.parametrize("method", ["gptq", "smoothquant", "awq", "rtn"])
+@pytest.mark.parametrize("method", ["gptq", "smoothquant", "smoothquant-search", "awq", "rtn"])
 def test_data_parallel_matches_one_process(model: Path, calib: Path, tmp_path: Path, method: str) -> None:
-    """2 gloo ranks (one thread each) write the bytes one process with two threads writes (AWQ:
-    its scale and clip searches sum their losses over both ranks' tokens; RTN with static FP8
-    activation and KV-cache scales: their maxima are taken over both ranks' tokens)."""
-    args = ["quantize", str(model), "--method", method, "--data", str(calib), "--samples", "10", "--seqlen", "32",
-            "--quiet"]
+    """2 gloo ranks (one thread each) write the bytes one process with two threads writes (AWQ
+    and SmoothQuant's α search: their losses are summed over both ranks' tokens; RTN with static
+    FP8 activation and KV-cache scales: their maxima are taken over both ranks' tokens)."""
+    args = ["quantize", str(model), "--data", str(calib), "--samples", "10", "--seqlen", "32", "--quiet"]
+    if method == "smoothquant-search":
+        recipe = tmp_path / "sq.yaml"
+        recipe.write_text("name: sq\nscheme: fp8-static\n"
+                          "stages: [{method: smoothquant, down_proj: true, search: true, search_tokens: 100}, "
+                          "{method: rtn}]\n")
+        args += ["--recipe", str(recipe)]
+    else:
+        args += ["--method", method]
     if method in ("gptq", "awq"):
         args += ["-g", "32"]
     if method == "rtn":
@@ -164,13 +171,6 @@ def test_data_parallel_matches_one_process(model: Path, calib: Path, tmp_path: P
 
 
 def test_data_parallel_refusals(model: Path, calib: Path, tmp_path: Path) -> None:
-    recipe = tmp_path / "sq.yaml"
-    recipe.write_text("name: sq\nscheme: {bits: 8, group_size: -1, symmetric: true, activations: {bits: 8}}\n"
-                      "stages: [{method: smoothquant, search: true}, {method: rtn}]\n")
-    res = _torchrun(2, "quantize", str(model), "--recipe", str(recipe), "--data", str(calib), "--samples", "10",
-                    "--seqlen", "32", "-o", str(tmp_path / "o"))
-    assert res.returncode != 0 and "alpha search is not implemented data-parallel" in res.stderr, res.stderr[-2000:]
-    assert not (tmp_path / "o").exists()
     fp = _torchrun(2, "quantize", str(model), "--method", "gptq", "-g", "32", "--fp-targets", "--data", str(calib),
                    "--samples", "10", "--seqlen", "32", "-o", str(tmp_path / "o"))
     assert fp.returncode != 0 and "fp_targets is not implemented data-parallel" in fp.stderr

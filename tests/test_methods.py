@@ -20,6 +20,7 @@ from qconv.arch.spec import GroupSpec
 from qconv.checkpoint import open_model
 from qconv.errors import InvalidOption
 from qconv.core.grid import WeightScheme, fake_quantize
+from qconv.model.act_quant import fake_quant_per_token
 from qconv.quant.methods import get_method
 from qconv.quant.pipeline import LayerPipeline
 from qconv.quant.schemes import SchemeMap
@@ -157,7 +158,7 @@ def test_smoothquant_norms_off(outlier_model: Path) -> None:
 def test_smoothquant_search(outlier_model: Path) -> None:
     """``search: true`` picks, per pair, the grid α with the least W8A8 output error (never worse
     than the configured α, which is in the grid), and still leaves the fp function unchanged."""
-    from qconv.quant.methods.smoothquant import search_alpha, smoothed_error, smoothing_scales
+    from qconv.quant.methods.smoothquant import alpha_errors, smoothing_scales, token_errors
 
     _, ctx = first_layer(outlier_model)
     xs: dict[str, torch.Tensor] = {}
@@ -168,9 +169,20 @@ def test_smoothquant_search(outlier_model: Path) -> None:
     quant = [lambda w: fake_quantize(w, WeightScheme(8, -1, True))] * len(ws)
     act_max = x.abs().amax(0)
     grid = [i / 10 for i in range(11)]
-    best = search_alpha(act_max, x, ws, quant, grid)
-    errors = {a: smoothed_error(x, ws, smoothing_scales(act_max, ws, a), quant) for a in grid}
-    assert errors[best] == min(errors.values())
+    errors = alpha_errors(act_max, x, ws, quant, grid)
+    # the per-α error is the plain W8A8 output error (fp outputs minus per-token int8 inputs
+    # through int8 weights), summed over tokens
+    for a, e in zip(grid, errors.tolist()):
+        s = smoothing_scales(act_max, ws, a)
+        plain = sum(((fake_quant_per_token(x / s) @ fake_quantize(w * s, WeightScheme(8, -1, True)).T)
+                     - x @ w.T).pow(2).sum().item() for w in ws)
+        assert e == pytest.approx(plain, rel=1e-5)
+    # sums over a split of the tokens add up to the whole's (the data-parallel combination)
+    halves = alpha_errors(act_max, x[:7], ws, quant, grid) + alpha_errors(act_max, x[7:], ws, quant, grid)
+    assert torch.allclose(halves, errors, rtol=1e-12)
+    s = smoothing_scales(act_max, ws, 0.5)
+    refs = [x @ w.T for w in ws]
+    assert token_errors(x, ws, s, quant, lambda t, _: fake_quant_per_token(t), act_max.max(), refs).shape == (x.shape[0],)
     ref = ctx.forward()
     get_method("smoothquant")(alpha=0.8, down_proj=True, search=True, search_tokens=256).apply(
         ctx, SchemeMap(WeightScheme(8, -1, True)))

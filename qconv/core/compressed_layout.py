@@ -74,6 +74,11 @@ FP8_KV_SCHEME = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": 
                  "observer_kwargs": {}}
 
 
+#: the FP8 KV cache's keys and values as an activation grid: one static E4M3 scale per tensor,
+#: whose :meth:`~ActivationScheme.static_scale` gives the stored ``k_scale`` / ``v_scale``
+FP8_KV = ActivationScheme(8, strategy="tensor", dynamic=False, type="float")
+
+
 def is_fp8_kv_scheme(scheme: Any) -> bool:
     """Whether a ``kv_cache_scheme`` is :data:`FP8_KV_SCHEME` (the one qconv reads)."""
     if not isinstance(scheme, dict):

@@ -25,7 +25,7 @@ from qconv.quant.distributed import data_parallel
 from qconv.quant.memory import Workload, plan, release_memory
 from qconv.quant.methods import Method, Quantizer, SourceTransform, Transform, get_method
 from qconv.core.device import native_bf16
-from qconv.core.grid import FLOAT_MAX
+from qconv.core.compressed_layout import FP8_KV
 from qconv.quant.observe import static_ranges
 from qconv.quant.pipeline import LayerPipeline
 from qconv.quant.recipe import Recipe
@@ -216,7 +216,7 @@ def quantize_model(
                 ranges = static_ranges(ctx, act is not None and act.needs_scale, recipe.kv_cache == "fp8")
                 qweights = quantizer.quantize(ctx, schemes)
                 if ranges.kv is not None:
-                    writer.add_kv_scales(ctx.index, *(ranges.kv / FLOAT_MAX[8]).clamp(min=torch.finfo().tiny))
+                    writer.add_kv_scales(ctx.index, *(FP8_KV.static_scale(r) for r in ranges.kv))
                 prefix = LAYER_PREFIX.format(ctx.index)
                 for name, tensor in ctx.layer.state_dict().items():
                     inner = name.rsplit(".", 1)[0]

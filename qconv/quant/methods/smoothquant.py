@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -47,6 +48,8 @@ from qconv.quant.schemes import SchemeMap
 
 log = logging.getLogger(__name__)
 WeightQuantizer = Callable[[torch.Tensor], torch.Tensor]
+#: ``(x, max |x| over all calibration tokens) -> x`` on the activation grid
+InputQuantizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 
@@ -56,34 +59,41 @@ def smoothing_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: 
     return (act_max.to(w_max.device, torch.float32).pow(alpha) / w_max.float().pow(1 - alpha)).clamp(min=1e-5)
 
 
-def smoothed_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor,
-                   quantize_weight: list[WeightQuantizer], refs: list[torch.Tensor] | None = None,
-                   quantize_input: WeightQuantizer = fake_quant_per_token) -> float:
-    """Squared error of the smoothed quantized Linears' outputs against the fp outputs (``refs``,
-    computed when not given) on tokens ``x`` ``[N, in]``: inputs ``x / s`` through
-    ``quantize_input`` (default: per-token int8), weights ``W·s`` through ``quantize_weight[i]``
-    (their fake-quantizer, or identity for Linears kept in fp)."""
-    xq = quantize_input(x / s[None, :])
-    refs = refs or [x @ w.T for w in weights]
-    return sum(((xq @ q(w * s[None, :]).T) - r).pow(2).sum().item()
+def token_errors(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor,
+                 quantize_weight: list[WeightQuantizer], quantize_input: InputQuantizer,
+                 x_max: torch.Tensor, refs: list[torch.Tensor]) -> torch.Tensor:
+    """Per token of ``x`` ``[N, in]``, the squared error of the smoothed quantized Linears'
+    outputs against the fp outputs ``refs``, summed over the Linears: inputs ``x / s`` through
+    ``quantize_input`` (given ``x_max``, the largest |x / s| over all calibration tokens, which a
+    static scale is calibrated from), weights ``W·s`` through ``quantize_weight[i]`` (their
+    fake-quantizer, or identity for Linears kept in fp)."""
+    xq = quantize_input(x / s[None, :], x_max)
+    return sum(((xq @ q(w * s[None, :]).T) - r).pow(2).sum(-1)
                for w, q, r in zip(weights, quantize_weight, refs))
 
 
-def search_alpha(act_max: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
+def alpha_errors(act_max: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
                  quantize_weight: list[WeightQuantizer], alphas: list[float],
-                 quantize_input: WeightQuantizer = fake_quant_per_token) -> float:
-    """The α of ``alphas`` with the least :func:`smoothed_error` (ties: the first)."""
+                 quantize_input: InputQuantizer = lambda x, _: fake_quant_per_token(x)) -> torch.Tensor:
+    """float64 ``[len(alphas)]``: per α, the correctly rounded sum (``math.fsum``) of
+    :func:`token_errors` over the tokens ``x``, so that sums over disjoint token sets (a
+    data-parallel rank's buckets) combine to the same bits however they were split.
+    ``act_max``: every calibration token's per-channel max |x| (it sets the scales)."""
     w = [t.float() for t in weights]
     refs = [x @ t.T for t in w]
-    errors = [smoothed_error(x, w, smoothing_scales(act_max, w, a), quantize_weight, refs, quantize_input)
-              for a in alphas]
-    return alphas[min(range(len(alphas)), key=errors.__getitem__)]
+    out = []
+    for a in alphas:
+        s = smoothing_scales(act_max, w, a)
+        errors = token_errors(x, w, s, quantize_weight, quantize_input, (act_max.float() / s).amax(), refs)
+        out.append(math.fsum(errors.double().tolist()))
+    return torch.tensor(out, dtype=torch.float64)
 
 
 class SmoothQuant(Transform):
     name = "smoothquant"
     supports_experts = True
-    supports_parallel = True  # maxima reduce exactly; the alpha search is refused data-parallel
+    #: maxima reduce exactly; the α search sums its errors per bucket in the fixed tree
+    supports_parallel = True
     options = {"alpha": 0.5, "norms": True, "down_proj": False, "down_proj_alpha": None,
                "search": False, "search_tokens": 4096}
 
@@ -97,24 +107,28 @@ class SmoothQuant(Transform):
         groups += _expert_groups(ctx, bool(self.config["norms"]), bool(self.config["down_proj"]))
         act_max: dict[str, torch.Tensor] = {}
         members = {n for _, linears, _ in groups for n in linears}
-        kept: dict[str, list[torch.Tensor]] = {}
-        stride = max(1, ctx.inputs.shape[0] * ctx.inputs.shape[1] // max(budget, 1))
+        p = ctx.pipeline
+        #: search tokens per bucket: an even subsample (every ``stride``-th token of every rank's
+        #: samples), kept per bucket so that a data-parallel run sums the same errors
+        kept: dict[int, dict[str, list[torch.Tensor]]] = {}
+        stride = max(1, p.samples * ctx.inputs.shape[1] // max(budget, 1))
 
-        def record(inner: str, x: torch.Tensor) -> None:
+        def record(bucket: int, inner: str, x: torch.Tensor) -> None:
             if inner in members:
                 rows = x.reshape(-1, x.shape[-1])
                 m = rows.abs().amax(0).float().cpu()
                 act_max[inner] = m if inner not in act_max else torch.maximum(act_max[inner], m)
-                if search:  # an even subsample of the calibration tokens
-                    kept.setdefault(inner, []).append(rows[::stride].float().cpu())
+                if search:
+                    kept.setdefault(bucket, {}).setdefault(inner, []).append(rows[::stride].float().cpu())
 
-        ctx.forward(record)
-        parallel = ctx.pipeline.parallel
-        if parallel is not None:
-            if search:
-                raise InvalidOption("smoothquant: the alpha search is not implemented data-parallel yet")
+        if search:
+            for bucket, part in p.subset(p.samples):
+                ctx.forward(functools.partial(record, bucket), inputs=ctx.inputs[part])
+        else:
+            ctx.forward(functools.partial(record, 0))
+        if p.parallel is not None:
             for name in sorted(act_max):
-                parallel.maximum(act_max[name])
+                p.parallel.maximum(act_max[name])
         alpha = float(self.config["alpha"])
         down_alpha = self.config["down_proj_alpha"]
         for name, a in (("alpha", alpha), ("down_proj_alpha", down_alpha)):
@@ -136,8 +150,12 @@ class SmoothQuant(Transform):
                     grid = sorted({a, *(i / 20 for i in range(21))})
                     quantizers = [_weight_quantizer(None if n == ctx.router else schemes.scheme_for(ctx.module_name(n)))
                                   for n in linears]
-                    a = search_alpha(group_max, torch.cat(kept[linears[0]])[:budget],
-                                     [m.weight for m in mods], quantizers, grid, _input_quantizer(schemes))
+                    weights = [m.weight for m in mods]
+                    table = [(b, alpha_errors(group_max, torch.cat(kept[b][linears[0]]), weights, quantizers, grid,
+                                              _input_quantizer(schemes)))
+                             for b in sorted(kept) if linears[0] in kept[b]]
+                    errors = p.reduce(table, len(grid), torch.float64).tolist()
+                    a = grid[min(range(len(grid)), key=lambda i: (errors[i], i))]
                     log.debug("layer %d, %s -> %s: alpha %.2f", ctx.index, source, linears[0], a)
                 s = smoothing_scales(group_max, [m.weight for m in mods], a)
                 fold_scales(ctx.layer.get_submodule(source), mods, s)
@@ -160,13 +178,13 @@ def _expert_groups(ctx: LayerContext, norms: bool, down_proj: bool) -> list[tupl
     return out
 
 
-def _input_quantizer(schemes: SchemeMap) -> WeightQuantizer:
+def _input_quantizer(schemes: SchemeMap) -> InputQuantizer:
     """The activation grid the search measures with: the scheme's (FP8 per token, per tensor
-    with the scale these tokens would calibrate, ...), per-token int8 by default."""
+    with the scale all calibration tokens give, ...), per-token int8 by default."""
     act = schemes.activations
     if act is None or act.type == "int":
-        return fake_quant_per_token
-    return lambda x: fake_quant_input(x, act, act.static_scale(x.abs().amax()) if act.needs_scale else None)
+        return lambda x, _: fake_quant_per_token(x)
+    return lambda x, x_max: fake_quant_input(x, act, act.static_scale(x_max) if act.needs_scale else None)
 
 
 def _weight_quantizer(scheme: WeightScheme | None) -> WeightQuantizer:
