@@ -96,6 +96,9 @@ ROWS: dict[str, tuple[str, dict[str, Any] | str, list[dict[str, Any]]] | None] =
     "fp8-rtn": ("FP8 dynamic: E4M3 per channel, per-token E4M3 activations, RTN", "fp8", [RTN]),
     "fp8-static-rtn": ("FP8 static: E4M3 per tensor, static per-tensor E4M3 activations, RTN", "fp8-static", [RTN]),
     "fp8-gptq": ("FP8 dynamic, GPTQ damp 0.01 (act order)", "fp8", [GPTQ]),
+    # the weights' share of FP8's loss: the same E4M3 per-channel weights, activations unquantized
+    "fp8a16-rtn": ("FP8 weight-only: E4M3 per channel, 16-bit activations, RTN", "fp8a16", [RTN]),
+    "fp8a16-gptq": ("FP8 weight-only, GPTQ damp 0.1 (act order)", "fp8a16", [FP_GPTQ]),
     "fp8-sq-gptq": ("FP8 dynamic, SmoothQuant α0.5 + GPTQ damp 0.01", "fp8", [{"method": "smoothquant"}, GPTQ]),
     "fp8-static-gptq": ("FP8 static, GPTQ damp 0.01 (act order)", "fp8-static", [GPTQ]),
     **{f"{s}-{m}": (f"{label}, {how}", s, stages)

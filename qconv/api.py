@@ -361,7 +361,7 @@ def quantize(
     **flags: Any,
 ) -> Any:
     """Quantize with a YAML recipe or a method name; ``flags`` (scheme (a named scheme: fp8,
-    fp8-static, fp8-block, nvfp4, nvfp4a16, mxfp4, mxfp4a16; int: bits/group_size), bits, group_size, symmetric, data,
+    fp8a16, fp8-static, fp8-block, nvfp4, nvfp4a16, mxfp4, mxfp4a16; int: bits/group_size), bits, group_size, symmetric, data,
     samples, seqlen, seed, text_field, dtype (calibration arithmetic), act_dtype (activation
     storage), memory (mode), damp, act_order, alpha, mse, fp_targets, refine, rotate; None = not
     given) override it. ``max_memory`` (``"20GB"``): the host memory the run may use."""

@@ -181,7 +181,7 @@ def quantize(
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML recipe (see recipes/)."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help="rtn, gptq, awq or smoothquant (instead of a recipe)."),
     scheme: Optional[str] = typer.Option(None, "--scheme", "-s",
-                                         help="Named scheme: fp8 (W8A8 FP8 dynamic), fp8-static, fp8-block (128x128), nvfp4, nvfp4a16, mxfp4, mxfp4a16; int = --bits/--group-size."),
+                                         help="Named scheme: fp8 (W8A8 FP8 dynamic), fp8a16 (FP8 weight-only), fp8-static, fp8-block (128x128), nvfp4, nvfp4a16, mxfp4, mxfp4a16; int = --bits/--group-size."),
     output_format: Optional[str] = typer.Option(None, "--output-format",
                                                 help="compressed-tensors (default), or fp8: the published FP8 block layout (weight_scale_inv; --scheme fp8-block)."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", "--kv",

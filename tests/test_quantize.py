@@ -296,7 +296,7 @@ def wide_model(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) 
 
 
 @pytest.mark.parametrize("method,scheme", [
-    ("rtn", "fp8"), ("rtn", "fp8-static"), ("gptq", "fp8-block"), ("smoothquant", "fp8"),
+    ("rtn", "fp8"), ("gptq", "fp8a16"), ("rtn", "fp8-static"), ("gptq", "fp8-block"), ("smoothquant", "fp8"),
     ("gptq", "nvfp4a16"), ("awq", "nvfp4"), ("rtn", "mxfp4a16"), ("gptq", "mxfp4"),
 ])
 def test_float_schemes_end_to_end(wide_model: Path, calib: Path, tmp_path: Path, method: str, scheme: str) -> None:

@@ -26,6 +26,8 @@ DEFAULT_IGNORE = (LM_HEAD,)
 PRESETS: dict[str, tuple[dict[str, Any], ActivationScheme | None]] = {
     # FP8_DYNAMIC: per-channel E4M3 weights, per-token dynamic E4M3 activations (no calibration)
     "fp8": (dict(bits=8, group_size=-1, symmetric=True, type="float"), ActivationScheme(8, type="float")),
+    # FP8 weight-only (vLLM's FP8 W8A16, written naive-quantized): per-channel E4M3, 16-bit activations
+    "fp8a16": (dict(bits=8, group_size=-1, symmetric=True, type="float"), None),
     # FP8: per-tensor weights, per-tensor static activation scale from calibration
     "fp8-static": (dict(bits=8, group_size=-1, symmetric=True, type="float", block_rows=0),
                    ActivationScheme(8, strategy="tensor", dynamic=False, type="float")),
