@@ -13,7 +13,7 @@ import torch
 from qconv.atomic import atomic_output, check_output
 from qconv.checkpoint import open_model
 from qconv.checkpoint.safetensors_file import SafetensorsFileWriter
-from qconv.errors import InvalidOption, UnsupportedModel
+from qconv.errors import InvalidOption
 from qconv.progress import progress
 from qconv.quant.calibration import ActivationStats, calibration_windows, load_calibration_rows
 from qconv.quant.distributed import data_parallel
@@ -96,9 +96,6 @@ def calibrate(
             torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", parallel.rank)))
         quiet = quiet or not parallel.writes
     with open_model(model_path) as source:
-        if source.config.spec.experts and parallel is not None:
-            raise UnsupportedModel("data-parallel calibration of mixture-of-experts models is not implemented yet",
-                                   source.path)
         tok = source.tokenizer()
         rows = load_calibration_rows(data, text_field, tok if chat_template else None, samples * seqlen)
         tokens = calibration_windows(tok, rows, samples, seqlen, seed)

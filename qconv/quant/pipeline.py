@@ -155,20 +155,26 @@ class LayerContext:
     def _visit_experts(self, y: torch.Tensor, visit: GroupVisitor, all_tokens: bool) -> None:
         """Each expert's gate/up group on the tokens routed to it (``[1, tokens, hidden]``: the
         full-precision router decides, as it will at run time), then its down group on what the
-        (now quantized) gate/up make of them. An expert no token reaches gets an empty input."""
+        (now quantized) gate/up make of them. An expert no token reaches gets an empty input.
+        Tokens are kept per bucket of samples (:meth:`GroupInputs.routed`), and the experts'
+        hidden states computed per bucket, so a data-parallel rank computes its buckets' bits."""
         x, p = self.spec.experts, self.pipeline
         assert x is not None
         moe = self.layer.get_submodule(x.module)
         chosen = p.map(lambda t: moe.route(t.reshape(-1, t.shape[-1]))[1].view(*t.shape[:2], -1), y,
                        dtype=torch.int64)
-        flat, picks = y.reshape(-1, y.shape[-1]), chosen.reshape(-1, chosen.shape[-1])
+        spans, at = [], 0
+        for bucket, size in p.buckets:
+            spans.append((bucket, y[at:at + size].reshape(-1, y.shape[-1]),
+                          chosen[at:at + size].reshape(-1, chosen.shape[-1])))
+            at += size
         for e, expert in enumerate(moe.experts):
-            tokens = flat if all_tokens else flat[(picks == e).any(-1)]
-            log.debug("layer %d expert %d: %d calibration tokens", self.index, e, tokens.shape[0])
+            parts = [(b, flat if all_tokens else flat[(picks == e).any(-1)]) for b, flat, picks in spans]
+            log.debug("layer %d expert %d: %d calibration tokens", self.index, e, sum(t.shape[0] for _, t in parts))
             gate_up, down = x.groups(e)
-            visit(gate_up, GroupInputs.kept(p, tokens[None]), None)
-            hidden = p.map(expert.hidden, tokens[None], dtype=p.group_dtype)
-            visit(down, GroupInputs.kept(p, hidden), None)
+            visit(gate_up, GroupInputs.routed(p, parts), None)
+            hidden = [(b, p.map(expert.hidden, t[None], dtype=p.group_dtype)[0]) for b, t in parts]
+            visit(down, GroupInputs.routed(p, hidden), None)
 
     def branch(self, group: GroupSpec) -> Callable[[torch.Tensor], torch.Tensor]:
         """What ``group``'s input contributes to the residual stream: the block's ops from that
@@ -219,13 +225,23 @@ class GroupInputs:
 
     def __init__(self, pipeline: "LayerPipeline", shape: tuple[int, ...], stored: torch.Tensor | None = None,
                  compute: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 residual: torch.Tensor | None = None) -> None:
+                 residual: torch.Tensor | None = None,
+                 routed: list[tuple[int, torch.Tensor]] | None = None) -> None:
         self.pipeline, self.shape = pipeline, shape
         self._stored, self._compute, self._residual = stored, compute, residual
+        self._routed = routed
 
     @classmethod
     def kept(cls, pipeline: "LayerPipeline", tensor: torch.Tensor) -> "GroupInputs":
         return cls(pipeline, tuple(tensor.shape), stored=tensor)
+
+    @classmethod
+    def routed(cls, pipeline: "LayerPipeline", parts: list[tuple[int, torch.Tensor]]) -> "GroupInputs":
+        """An expert's inputs: per bucket, the tokens its samples route to it (``[tokens, in]``),
+        read one bucket at a time, so that sums over them take the same bits however a
+        data-parallel run splits the buckets."""
+        width = parts[0][1].shape[-1] if parts else 0
+        return cls(pipeline, (1, sum(t.shape[0] for _, t in parts), width), routed=parts)
 
     def tokens(self) -> int:
         """Input rows (samples x positions; an expert's routed tokens); a streamed group's width
@@ -240,6 +256,11 @@ class GroupInputs:
         """``(bucket, inputs of a batch of samples)`` on the pipeline's device, in sample order
         (the buckets of :mod:`qconv.quant.reduce`), in the pipeline's group dtype."""
         p = self.pipeline
+        if self._routed is not None:
+            for bucket, t in self._routed:
+                if t.shape[0]:
+                    yield bucket, t[None].to(p.device)
+            return
         if self._stored is not None:
             for bucket, part in p.batches(self._stored.shape[0]):
                 yield bucket, self._stored[part].to(p.device)
@@ -251,6 +272,8 @@ class GroupInputs:
 
     def tensor(self) -> torch.Tensor:
         """All of them as one host tensor (the stored one, or a new one)."""
+        if self._routed is not None:
+            return torch.cat([t for _, t in self._routed])[None]
         if self._stored is not None:
             return self._stored
         assert self._compute is not None and self._residual is not None

@@ -161,9 +161,6 @@ def quantize_model(
             what = ", ".join(unfit) or "gptq fp_targets"
             raise UnsupportedModel(f"{what}: not implemented for mixture-of-experts models "
                                    f"({source.config.model_type}) yet; use gptq or rtn", source.path)
-        if source.config.spec.experts and parallel is not None:
-            raise UnsupportedModel("data-parallel calibration of mixture-of-experts models is not implemented yet",
-                                   source.path)
         model_dtype = parse_dtype(source.config.torch_dtype)
         schemes = recipe.schemes(scale_dtype=model_dtype)
         widths = _linear_widths(source)
