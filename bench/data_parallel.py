@@ -18,21 +18,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from example_model import QCONV, example_model, measure  # noqa: E402
+from example_model import QCONV, checkpoint_tensors, example_model, measure  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def free_port() -> int:
@@ -62,7 +53,7 @@ def main() -> None:
         ref = None
         for label, (out, cmd) in runs.items():
             m = measure(cmd)  # torchrun gives each rank OMP_NUM_THREADS=1
-            t = tensors(out)
+            t = checkpoint_tensors(out)
             if ref is None:
                 ref, verdict = t, "reference"
             else:

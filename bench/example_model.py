@@ -41,6 +41,17 @@ def measure(cmd: list[str]) -> dict[str, float]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def checkpoint_tensors(directory: Path) -> dict:
+    """Every stored tensor of a safetensors checkpoint directory, as stored (for comparing two
+    checkpoints tensor by tensor)."""
+    from safetensors.torch import load_file
+
+    out: dict = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
 def example_gguf(cache: Path) -> Path:
     """The Q4_1 GGUF, downloaded and extracted into ``cache`` once."""
     cache.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from example_model import QCONV, example_model, measure  # noqa: E402
+from example_model import QCONV, checkpoint_tensors, example_model, measure  # noqa: E402
 from heldout import heldout_text, shared_data  # noqa: E402
 from quality import ppl  # noqa: E402
 
@@ -41,13 +40,6 @@ oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme
 
 #: qconv scheme -> llm-compressor preset
 SCHEMES = {"fp8": "FP8_DYNAMIC", "nvfp4a16": "NVFP4A16"}
-
-
-def tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def main() -> None:
@@ -72,7 +64,7 @@ def main() -> None:
                 size = sum(p.stat().st_size for p in outs[tool].glob("*.safetensors"))
                 rows.append((f"{tool} {preset}", scheme, {**m, "size": size, "ppl": ppl(outs[tool], wiki, args.windows, "cpu"),
                                                           "held": ppl(outs[tool], held, args.windows, "cpu")}))
-            a, b = tensors(outs["qconv"]), tensors(outs["llm-compressor"])
+            a, b = checkpoint_tensors(outs["qconv"]), checkpoint_tensors(outs["llm-compressor"])
             same = sum(1 for k in a if k in b and a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8)
                        if a[k].dtype.itemsize == 1 else a[k], b[k].view(torch.uint8) if b[k].dtype.itemsize == 1 else b[k]))
             quantized = [k for k in a if k.endswith(("weight_scale", "weight_packed", "weight_global_scale"))
