@@ -1,7 +1,7 @@
 """Where W8A8's activation cost comes from on the example model, and what SmoothQuant's α does to it.
 
     python bench/w8a8_attribution.py [--cache .cache | --model DIR] [--windows 4] [--calib-samples 16]
-                                     [--alphas none 0.5 0.65 0.8] [--w8 --down-alphas 0.5 0.8]
+                                     [--alphas none 0.5 0.65 0.8] [--w8 --down-alphas 0.5 0.8] [--fp8]
 
 Diagnostic, not a product path. Weights stay fp32 throughout, so every row measures the dynamic
 per-token int8 activation quantization alone (the runner's emulation, as for a W8A8 checkpoint):
@@ -10,6 +10,8 @@ SmoothQuant's scales for each α (norm -> q/k/v and norm -> gate/up, optionally 
 computed from per-channel input maxima over ``--calib-samples`` x 2048 tokens of the shared C4
 sample. PPL: wikitext-2 test, ctx 2048, first ``--windows`` windows. ``--model`` points it at
 another fp checkpoint (e.g. a rotated one); α ``none`` leaves the norm pairs unsmoothed.
+``--fp8``: the same with FP8_DYNAMIC's grids (per-token E4M3 activations; with ``--w8``, E4M3
+per-channel weights by RTN) instead of int8's.
 """
 
 from __future__ import annotations
@@ -83,10 +85,14 @@ def smoothed(model: torch.nn.Module, maxima: dict[str, torch.Tensor], alpha: flo
     return out
 
 
-def w8(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with every decoder Linear's weight round-to-nearest int8, per channel, symmetric
-    (the W8A8 recipe's grid; RTN, not GPTQ, to keep the diagnostic fast)."""
-    scheme = WeightScheme(8, -1, True)
+#: the 8-bit grids measured: int8 (W8A8) or FP8 E4M3 (FP8_DYNAMIC), set by ``--fp8``
+GRIDS = {"int8": (WeightScheme(8, -1, True), ActivationScheme(bits=8)),
+         "fp8": (WeightScheme(8, -1, True, type="float"), ActivationScheme(bits=8, type="float"))}
+
+
+def w8(model: torch.nn.Module, scheme: WeightScheme) -> torch.nn.Module:
+    """``model`` with every decoder Linear's weight round-to-nearest on the 8-bit grid, per
+    channel, symmetric (the W8A8 / FP8 recipes' grid; RTN, not GPTQ, to keep the diagnostic fast)."""
     with torch.no_grad():
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and name.startswith("layers."):
@@ -94,8 +100,7 @@ def w8(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def a8(model: torch.nn.Module, families: tuple[str, ...]) -> list:
-    scheme = ActivationScheme(bits=8)
+def a8(model: torch.nn.Module, families: tuple[str, ...], scheme: ActivationScheme) -> list:
     names = {f"layers.{i}.{n}": scheme for i in range(len(model.layers)) for f in families for n in FAMILIES[f]}
     return apply_activation_quant(model, names)
 
@@ -116,7 +121,9 @@ def main() -> None:
                         help="also quantize the weights (RTN int8 per channel) and print whole-model rows only")
     parser.add_argument("--down-alphas", type=float, nargs="+", default=[],
                         help="with --w8: also try these α for the up -> down pair (under each --alphas)")
+    parser.add_argument("--fp8", action="store_true", help="FP8 E4M3 grids instead of int8")
     args = parser.parse_args()
+    weights, acts = GRIDS["fp8" if args.fp8 else "int8"]
     path = args.model or example_model(args.cache)
     with open_model(path) as source:
         tok = source.tokenizer()
@@ -133,7 +140,7 @@ def main() -> None:
 
     def row(label: str, smoothing: str, m: torch.nn.Module, families: tuple[str, ...]) -> None:
         t0 = time.perf_counter()
-        hooks = a8(m, families)
+        hooks = a8(m, families, acts)
         p = ppl(m)
         for h in hooks:
             h.remove()
@@ -142,14 +149,14 @@ def main() -> None:
 
     if args.w8:
         maxima = input_maxima(model, calib)
-        row("all, W8 weights", "none", w8(copy.deepcopy(model)), tuple(FAMILIES))
+        row("all, W8 weights", "none", w8(copy.deepcopy(model), weights), tuple(FAMILIES))
         for alpha in args.alphas:
             for down_alpha in (None, *args.down_alphas):
                 if alpha is None and down_alpha is None:  # the unsmoothed row above
                     continue
                 label = ("norms unsmoothed" if alpha is None else f"α {alpha}") + (
                     "" if down_alpha is None else f", up→down α {down_alpha}")
-                row("all, W8 weights", label, w8(smoothed(model, maxima, alpha, down_alpha)), tuple(FAMILIES))
+                row("all, W8 weights", label, w8(smoothed(model, maxima, alpha, down_alpha), weights), tuple(FAMILIES))
         return
     for fam in FAMILIES:
         row(fam, "none", model, (fam,))
