@@ -145,6 +145,15 @@ def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=600)
 
 
+def sq_search_recipe(tmp_path: Path, scheme: str) -> Path:
+    """A recipe of SmoothQuant with its α search (up→down too, 100 search tokens), then RTN."""
+    recipe = tmp_path / "sq.yaml"
+    recipe.write_text(f"name: sq\nscheme: {scheme}\n"
+                      "stages: [{method: smoothquant, down_proj: true, search: true, search_tokens: 100}, "
+                      "{method: rtn}]\n")
+    return recipe
+
+
 @pytest.mark.parametrize("method", ["gptq", "smoothquant", "smoothquant-search", "awq", "rtn"])
 def test_data_parallel_matches_one_process(model: Path, calib: Path, tmp_path: Path, method: str) -> None:
     """2 gloo ranks (one thread each) write the bytes one process with two threads writes (AWQ
@@ -152,11 +161,7 @@ def test_data_parallel_matches_one_process(model: Path, calib: Path, tmp_path: P
     FP8 activation and KV-cache scales: their maxima are taken over both ranks' tokens)."""
     args = ["quantize", str(model), "--data", str(calib), "--samples", "10", "--seqlen", "32", "--quiet"]
     if method == "smoothquant-search":
-        recipe = tmp_path / "sq.yaml"
-        recipe.write_text("name: sq\nscheme: fp8-static\n"
-                          "stages: [{method: smoothquant, down_proj: true, search: true, search_tokens: 100}, "
-                          "{method: rtn}]\n")
-        args += ["--recipe", str(recipe)]
+        args += ["--recipe", str(sq_search_recipe(tmp_path, "fp8-static"))]
     else:
         args += ["--method", method]
     if method in ("gptq", "awq"):
@@ -232,11 +237,8 @@ def test_data_parallel_moe_matches_one_process(moe_model: Path, calib: Path, tmp
         out = "q"
         args = ["quantize", str(moe_model), *common]
         if job == "smoothquant-search":
-            recipe = tmp_path / "sq.yaml"
-            recipe.write_text("name: sq\nscheme: {bits: 8, group_size: -1, symmetric: true, activations: {bits: 8}}\n"
-                              "stages: [{method: smoothquant, down_proj: true, search: true, search_tokens: 100}, "
-                              "{method: rtn}]\n")
-            args += ["--recipe", str(recipe)]
+            args += ["--recipe", str(sq_search_recipe(tmp_path, "{bits: 8, group_size: -1, symmetric: true, "
+                                                                 "activations: {bits: 8}}"))]
         else:
             args += ["--method", job, "-g", "32"]
     single = subprocess.run([QCONV, *args, "-o", str(tmp_path / "one" / out)], capture_output=True, text=True)
