@@ -25,7 +25,8 @@ and then the larger of
   batch's float32 copy for the Hessian product lives beside it; plus,
   in ``keep`` mode, ``group_handoff``: the stored group input it is computed from), and
 * a method's own scratch while it works on a group (:meth:`qconv.quant.methods.base.Method.memory_bytes`:
-  GPTQ's Hessians, AWQ's cached features).
+  GPTQ's Hessians; AWQ's cached search features, which are held while the layer's forward
+  computes the next group's input, so AWQ counts that batch work beside them).
 
 The ``spill`` mode maps the hidden states (and stored group inputs) to a scratch file: they leave
 the estimate of resident memory, which then counts one batch of them instead.
@@ -65,6 +66,12 @@ class Workload:
     sequential: bool = False  # a method runs the layers' sequential pass (GPTQ)
     fp_stream: bool = False
     extra: dict[str, int] = field(default_factory=dict)  # the methods' own scratch
+
+    @property
+    def group_dtype(self) -> torch.dtype:
+        """The dtype group inputs are held in: the compute dtype when it is 16-bit, else the
+        storage dtype (as :class:`qconv.quant.pipeline.LayerPipeline` holds them)."""
+        return self.compute_dtype if self.compute_dtype != torch.float32 else self.store_dtype
 
 
 @dataclass(frozen=True)
@@ -146,8 +153,7 @@ def estimate(config: ModelConfig, work: Workload, mode: str, runtime: int | None
     q = next((i for _, i in linears if i not in (h, f)), h)  # attention output width (o_proj's input)
     widest = max(i for _, i in linears)
     tokens = work.samples * work.seqlen
-    s, g = work.store_dtype.itemsize, (work.compute_dtype if work.compute_dtype != torch.float32
-                                       else work.store_dtype).itemsize
+    s, g = work.store_dtype.itemsize, work.group_dtype.itemsize
     batch_tokens = min(work.batch_size, max(work.samples, 1)) * work.seqlen
     calibrating = tokens > 0
     spilled = mode == "spill"
@@ -161,14 +167,24 @@ def estimate(config: ModelConfig, work: Workload, mode: str, runtime: int | None
     }
     if work.fp_stream:
         parts["fp_stream"] = tokens * h * s + tokens * (q + f) * g + 4 * widest * widest
-    batch = batch_tokens * (4 * h + 12 * f + g * f)
-    if mode != "keep" and work.sequential:
-        batch += batch_tokens * f * 4  # a recomputed batch's float32 copy for the Hessian product
-    computing = {"batch_work": 2 * batch if calibrating else 0,
+    computing = {"batch_work": batch_bytes(config, work, mode),
                  "group_handoff": tokens * h * g if keep else 0}
     scratch = dict(work.extra)
     parts.update(computing if sum(computing.values()) >= sum(scratch.values()) else scratch)
     return {**parts, "total": sum(parts.values())}
+
+
+def batch_bytes(config: ModelConfig, work: Workload, mode: str) -> int:
+    """Computing one batch's group inputs (see the module's ``batch_work``), heap slack included."""
+    if work.samples * work.seqlen == 0:
+        return 0
+    h = config.hidden_size
+    f = config.moe_intermediate_size if config.spec.experts else config.intermediate_size
+    batch_tokens = min(work.batch_size, max(work.samples, 1)) * work.seqlen
+    batch = batch_tokens * (4 * h + 12 * f + work.group_dtype.itemsize * f)
+    if mode != "keep" and work.sequential:
+        batch += batch_tokens * f * 4  # a recomputed batch's float32 copy for the Hessian product
+    return 2 * batch
 
 
 def plan(config: ModelConfig, work: Workload, mode: str = "auto", limit: int | None = None) -> MemoryPlan:

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 
 from qconv import __version__
 from qconv.atomic import check_output
+from qconv.arch.config import ModelConfig
 from qconv.arch.spec import EMBED, FINAL_NORM, LAYER_PREFIX, LM_HEAD
 from qconv.checkpoint import open_model
 from qconv.checkpoint.hf_writer import parse_dtype, parse_size
@@ -185,8 +186,8 @@ def quantize_model(
         release_memory()
         arithmetic = compute_dtype(calib.dtype, torch_device, stages)
         work = Workload(samples, calib.seqlen, arithmetic, store_dtype, batch_size,
-                        sequential=quantizer.sequential, fp_stream=quantizer.fp_stream,
-                        extra=_method_memory(stages, source, samples, calib.seqlen))
+                        sequential=quantizer.sequential, fp_stream=quantizer.fp_stream)
+        work = replace(work, extra=_method_memory(stages, source.config, work))
         memory = plan(source.config, work, calib.memory, max_memory)
         quantized = [m for m in widths if schemes.scheme_for(m) is not None]
         if dry_run:
@@ -232,9 +233,11 @@ def quantize_model(
                           memory.estimate, memory.to_dict())
 
 
-def _method_memory(stages: list[Method], source: ModelSource, samples: int, seqlen: int) -> dict[str, int]:
-    """Each stage's own scratch memory at the run's peak (named parts)."""
+def _method_memory(stages: list[Method], config: ModelConfig, work: Workload) -> dict[str, int]:
+    """Each stage's own scratch memory at the run's peak (named parts; the larger where two
+    stages name the same part)."""
     out: dict[str, int] = {}
     for m in stages:
-        out.update(m.memory_bytes(source.config, samples, seqlen))
+        for name, n in m.memory_bytes(config, work).items():
+            out[name] = max(n, out.get(name, 0))
     return out

@@ -45,7 +45,8 @@ from qconv.arch.config import ModelConfig
 from qconv.core.grid import WeightScheme, fake_quantize
 from qconv.errors import InvalidOption
 from qconv.quant.gptq import HessianAccumulator
-from qconv.quant.memory import linear_shapes
+from qconv.arch.spec import LAYER_PREFIX
+from qconv.quant.memory import Workload, batch_bytes
 from qconv.quant.methods.base import Transform
 from qconv.quant.methods.scaling import fold_scales
 from qconv.core.device import native_bf16
@@ -136,11 +137,20 @@ class AWQ(Transform):
         """Only the search samples: after AWQ and RTN no pass reads more."""
         return min(int(self.config["search_samples"]), samples)
 
-    def memory_bytes(self, config: ModelConfig, samples: int, seqlen: int) -> dict[str, int]:
-        """The search features (one per Linear group) in float32, and the two branch outputs
-        the loss compares."""
-        tokens = min(int(self.config["search_samples"]), samples) * seqlen
-        return {"awq_features": tokens * (sum(i for _, i in linear_shapes(config)) + 2 * config.hidden_size) * 4}
+    def memory_bytes(self, config: ModelConfig, work: Workload) -> dict[str, int]:
+        """The search features, one per Linear group in the group dtype (a mixture of experts:
+        the router's input, and each token's routed copies for its experts), with the float32
+        reference outputs of the branch losses; they are held while the layer's forward
+        computes the next group's input, so its batch work counts beside them."""
+        tokens = min(int(self.config["search_samples"]), work.samples) * work.seqlen
+        widths = sum(config.expected_shapes()[f"{LAYER_PREFIX.format(0)}{g.linears[0]}.weight"][1]
+                     for g in config.spec.groups)
+        x = config.spec.experts
+        if x is not None:
+            widths += config.hidden_size + config.num_experts_per_tok * (config.hidden_size + config.moe_intermediate_size)
+        refs = min(tokens, int(self.config["search_tokens"])) * config.hidden_size * 4
+        return {"awq_features": tokens * widths * work.group_dtype.itemsize + refs,
+                "batch_work": batch_bytes(config, work, "keep")}
 
     def _dtype(self, device: torch.device) -> torch.dtype:
         name = self.config["search_dtype"]

@@ -25,6 +25,7 @@ from qconv.core.quantized import QuantizedWeight
 import torch
 
 from qconv.core.grid import WeightScheme, dequantize, tensor_global_scale
+from qconv.quant.memory import Workload
 from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
 
@@ -63,7 +64,7 @@ class Method(ABC):
         """Raise InvalidOption if the method's options cannot serve ``scheme`` (checked when the
         recipe is read, before any model is)."""
 
-    def memory_bytes(self, config: ModelConfig, samples: int, seqlen: int) -> dict[str, int]:
+    def memory_bytes(self, config: ModelConfig, work: Workload) -> dict[str, int]:
         """Host memory of the method's own scratch at a layer's peak, by name (for
         ``quantize --dry-run`` and the choice of memory mode; see :mod:`qconv.quant.memory`)."""
         return {}

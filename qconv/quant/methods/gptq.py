@@ -34,7 +34,7 @@ from qconv.quant.methods.base import Quantizer, set_weight, shared_global_scales
 from qconv.quant.methods.rtn import rtn_weight
 from qconv.arch.spec import GroupSpec
 from qconv.arch.config import ModelConfig
-from qconv.quant.memory import linear_shapes
+from qconv.quant.memory import Workload, linear_shapes
 from qconv.quant.pipeline import GroupInputs, LayerContext
 from qconv.quant.schemes import SchemeMap
 
@@ -76,7 +76,7 @@ class GPTQ(Quantizer):
     def sequential(self) -> bool:
         return bool(self.config["true_sequential"])
 
-    def memory_bytes(self, config: ModelConfig, samples: int, seqlen: int) -> dict[str, int]:
+    def memory_bytes(self, config: ModelConfig, work: Workload) -> dict[str, int]:
         """The widest group's Hessian at its peak: the Hessian, GPTQ's copy (permuted with
         act_order), the float64 Cholesky factor and its inverse, with the inverse's temporaries
         (28 bytes per entry); and GPTQ's working copies of the largest weight (weight,
