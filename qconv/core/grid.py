@@ -36,6 +36,12 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 #: |x| thresholds between consecutive E2M1 values, and whether a tie goes up: round to nearest,
 #: ties to the even code (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4)
 _E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+#: the same as ``torch.bucketize`` bounds (the code is the number of bounds strictly below |x|): a
+#: tie that goes up has its bound one float32 lower
+_E2M1_BOUNDS = torch.tensor([t for t, _ in _E2M1_STEPS]).where(
+    ~torch.tensor([up for _, up in _E2M1_STEPS]), torch.tensor([t for t, _ in _E2M1_STEPS]).nextafter(torch.tensor(0.0)))
+#: E2M1 values by code, then their negatives (whose zero is +0)
+_E2M1_SIGNED = torch.tensor(E2M1_VALUES + (0.0, *(-v for v in E2M1_VALUES[1:])))
 #: scale dtypes of the float formats
 FP8 = torch.float8_e4m3fn
 E8M0 = torch.float8_e8m0fnu
@@ -132,12 +138,11 @@ def round_float(x: torch.Tensor, bits: int) -> torch.Tensor:
     m = FLOAT_MAX[bits]
     if bits == 8:
         return x.clamp(-m, m).to(FP8).float()
-    a = x.abs()
-    code = torch.zeros_like(a, dtype=torch.uint8)
-    for threshold, tie_up in _E2M1_STEPS:
-        code += (a >= threshold) if tie_up else (a > threshold)
-    v = torch.tensor(E2M1_VALUES, device=x.device)[code.long()]
-    return torch.where((x < 0) & (code > 0), -v, v)  # what rounds to zero is +0, as compressed-tensors stores it
+    # one pass over x; negative values index the table's second half, whose zero is +0, as
+    # compressed-tensors stores what rounds to zero
+    code = torch.bucketize(x.abs(), _E2M1_BOUNDS.to(x.device), out_int32=True)
+    code.add_(8 * torch.signbit(x))
+    return _E2M1_SIGNED.to(x.device)[code]
 
 
 def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
