@@ -79,6 +79,9 @@ ROWS: dict[str, tuple[str, dict[str, Any] | str, list[dict[str, Any]]] | None] =
             [ROT, {**GPTQ, "mse": True, "damp": 0.1}]),
            ("rot-gptq-mse-fpt-refine", f"Hadamard rotation + GPTQ W{b} g64 asym + MSE grid, fp targets, 2 refine rounds",
             [ROT, {**GPTQ, "mse": True, "fp_targets": True, "refine": 2}]),
+           ("rot-awq-gptq-mse-fpt-refine-damp10",
+            f"Hadamard rotation + AWQ + GPTQ W{b} g64 asym + MSE grid, damp 0.1, fp targets, 2 refine rounds",
+            [ROT, AWQ, {**GPTQ, "mse": True, "damp": 0.1, "fp_targets": True, "refine": 2}]),
        )},
     "sq-w8a8": ("SmoothQuant α0.8 + GPTQ W8A8 (int8 per-channel W, dynamic per-token int8 A)",
                 W8A8, [SQ, W8_GPTQ]),
@@ -108,6 +111,9 @@ ROWS: dict[str, tuple[str, dict[str, Any] | str, list[dict[str, Any]]] | None] =
                         ("mxfp4", "MXFP4 W4A4 (+ dynamic MXFP4 activations)"))
        for m, how, stages in (("rtn", "RTN", [RTN]), ("gptq", "GPTQ damp 0.1", [FP_GPTQ]),
                               ("awq", "AWQ + RTN", [AWQ, RTN]), ("awq-gptq", "AWQ + GPTQ damp 0.1", [AWQ, FP_GPTQ]),
+                              # W4A4: the rotation flattens the activations' outliers before they are rounded
+                              ("rot-rtn", "Hadamard rotation + RTN", [ROT, RTN]),
+                              ("rot-gptq", "Hadamard rotation + GPTQ damp 0.1", [ROT, FP_GPTQ]),
                               ("rtn-mse", "RTN + MSE scale search", [{**RTN, "mse": True}]),
                               ("gptq-mse", "GPTQ damp 0.1 + MSE scale search", [{**FP_GPTQ, "mse": True}]),
                               ("awq-gptq-mse", "AWQ + GPTQ damp 0.1 + MSE scale search",
