@@ -122,8 +122,9 @@ def test_dry_run_reports_the_mode_for_a_memory_limit(model: Path, calib: Path, t
 
 
 def test_awq_estimate_counts_each_group_feature_in_its_dtype(model: Path, calib: Path, tmp_path: Path) -> None:
-    """AWQ holds one search feature per Linear group (q/k/v share one) in the group dtype, with the
-    float32 references of the branch losses, beside the batch work of the forward that captures them."""
+    """AWQ holds one search feature per Linear group (q/k/v share one) in the group dtype (counted
+    twice: copies and heap slack), with the float32 references of the branch losses, beside the
+    batch work of the forward that captures them."""
     def features(act_dtype: str) -> int:
         return api.quantize(model, tmp_path / "o", method="awq", group_size=32, data=str(calib), samples=8,
                             seqlen=64, dry_run=True, dtype="float32", act_dtype=act_dtype).memory_plan["estimate"]
@@ -133,8 +134,8 @@ def test_awq_estimate_counts_each_group_feature_in_its_dtype(model: Path, calib:
     shapes = config.expected_shapes()
     widths = sum(shapes[f"model.layers.0.{g.linears[0]}.weight"][1] for g in config.spec.groups)
     refs = 8 * 64 * config.hidden_size * 4
-    assert fp32["awq_features"] == 8 * 64 * widths * 4 + refs
-    assert bf16["awq_features"] == 8 * 64 * widths * 2 + refs
+    assert fp32["awq_features"] == 2 * 8 * 64 * widths * 4 + refs
+    assert bf16["awq_features"] == 2 * 8 * 64 * widths * 2 + refs
     assert bf16["batch_work"] > 0
 
 
