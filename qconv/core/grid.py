@@ -38,8 +38,8 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 #: the same as ``torch.bucketize`` bounds (the code is the number of bounds strictly below |x|): a
 #: tie that goes up has its bound one float32 lower
-_E2M1_BOUNDS = torch.tensor([t for t, _ in _E2M1_STEPS]).where(
-    ~torch.tensor([up for _, up in _E2M1_STEPS]), torch.tensor([t for t, _ in _E2M1_STEPS]).nextafter(torch.tensor(0.0)))
+_E2M1_BOUNDS = torch.tensor([t if not up else torch.tensor(t).nextafter(torch.tensor(0.0)).item()
+                             for t, up in _E2M1_STEPS])
 #: E2M1 values by code, then their negatives (whose zero is +0)
 _E2M1_SIGNED = torch.tensor(E2M1_VALUES + (0.0, *(-v for v in E2M1_VALUES[1:])))
 #: scale dtypes of the float formats

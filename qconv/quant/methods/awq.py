@@ -148,8 +148,7 @@ class AWQ(Transform):
         tokens = min(int(self.config["search_samples"]), work.samples) * work.seqlen
         widths = sum(config.expected_shapes()[f"{LAYER_PREFIX.format(0)}{g.linears[0]}.weight"][1]
                      for g in config.spec.groups)
-        x = config.spec.experts
-        if x is not None:
+        if config.spec.experts is not None:
             widths += config.hidden_size + config.num_experts_per_tok * (config.hidden_size + config.moe_intermediate_size)
         refs = min(tokens, int(self.config["search_tokens"])) * config.hidden_size * 4
         return {"awq_features": 2 * tokens * widths * work.group_dtype.itemsize + refs,
