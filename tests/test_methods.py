@@ -330,15 +330,18 @@ def deep_model(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) 
     return path
 
 
-def run_layers(path: Path, gptq: dict | None, fp_stream: bool = False) -> list[tuple[torch.Tensor, ...]]:
-    """Per layer (GPTQ W3 g32 with options ``gptq``, or none): (inputs, fp inputs if streamed) as
-    the pipeline fed them, then (outputs,)."""
+def run_layers(path: Path, gptq: dict | None, fp_stream: bool = False,
+               awq: dict | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer (AWQ with options ``awq``, or not; GPTQ W3 g32 with options ``gptq``, or none):
+    (inputs, fp inputs if streamed) as the pipeline fed them, then (outputs,)."""
     source = open_model(path)
     tokens = torch.randint(0, source.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
     seen: list[tuple[torch.Tensor, ...]] = []
     schemes = SchemeMap(WeightScheme(3, 32, False))
     for ctx in LayerPipeline(source, tokens, fp_stream=fp_stream).layers():
         seen.append((ctx.inputs.clone(), *([ctx.fp_inputs.clone()] if fp_stream else [])))
+        if awq is not None:
+            get_method("awq")(**awq).apply(ctx, schemes)
         if gptq is not None:
             get_method("gptq")(**gptq).quantize(ctx, schemes)
         seen.append(((ctx.outputs if ctx.outputs is not None else ctx.forward()).clone(),))
@@ -353,6 +356,25 @@ def test_fp_stream_carries_the_fp_model(deep_model: Path) -> None:
     for i in range(0, len(fp), 2):
         torch.testing.assert_close(quantized[i][1], fp[i][0], rtol=0, atol=1e-5)
     assert not torch.allclose(quantized[-2][0], fp[-2][0], atol=1e-3)
+
+
+def test_fp_stream_follows_the_fp_model_through_awq_clip(deep_model: Path) -> None:
+    """AWQ's scales preserve the layer's outputs, its clip does not: the fp stream (and GPTQ's
+    fp targets) must still follow the unquantized model, not the clipped one."""
+    fp = run_layers(deep_model, None)
+    clipped = run_layers(deep_model, {"fp_targets": True}, fp_stream=True, awq={"grid": 4})
+    for i in range(0, len(fp), 2):
+        torch.testing.assert_close(clipped[i][1], fp[i][0], rtol=1e-3, atol=1e-3)  # without: 3.4 apart
+
+
+def test_fp_targets_refuse_a_transform_after_awq_clip() -> None:
+    from qconv.quant.recipe import recipe_from_dict
+
+    with pytest.raises(InvalidOption, match="smoothquant after a stage that changes the layer's outputs"):
+        recipe_from_dict({"stages": [{"method": "awq"}, {"method": "smoothquant"},
+                                     {"method": "gptq", "fp_targets": True}]})
+    recipe_from_dict({"stages": [{"method": "awq", "clip": False}, {"method": "smoothquant"},
+                                 {"method": "gptq", "fp_targets": True}]})
 
 
 def test_gptq_fp_targets_track_the_fp_model_better(deep_model: Path) -> None:

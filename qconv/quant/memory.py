@@ -12,7 +12,8 @@ moments that peak inside it:
 * ``group_inputs`` (``keep`` mode only): the widest stored group input (the MLP's hidden, width
   f) in the group dtype; the ``stream`` mode recomputes them per batch instead;
 * ``fp_stream`` (GPTQ ``fp_targets``): the fp model's residual and its group inputs, held a group
-  ahead, and a cross-product matrix;
+  ahead, a cross-product matrix, and the fp layer in float32 (held where a transform changes
+  the layer's outputs: AWQ's clip);
 
 and then the larger of
 
@@ -166,7 +167,7 @@ def estimate(config: ModelConfig, work: Workload, mode: str, runtime: int | None
         "group_inputs": tokens * f * g if keep else 0,
     }
     if work.fp_stream:
-        parts["fp_stream"] = tokens * h * s + tokens * (q + f) * g + 4 * widest * widest
+        parts["fp_stream"] = tokens * h * s + tokens * (q + f) * g + 4 * widest * widest + 4 * layer_params
     computing = {"batch_work": batch_bytes(config, work, mode),
                  "group_handoff": tokens * h * g if keep else 0}
     scratch = dict(work.extra)

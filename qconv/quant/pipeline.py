@@ -29,6 +29,7 @@ peak at one or two of them instead of all of a layer's.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import tempfile
@@ -86,6 +87,9 @@ class LayerContext:
         self.fp_inputs = fp_inputs
         #: their outputs through the fp layer: set by :meth:`sequential` (needed when fp_inputs is)
         self.fp_outputs: torch.Tensor | None = None
+        #: the fp model's layer, held by a transform before it changed the layer's outputs
+        #: (:meth:`hold_reference`); None: ``layer`` itself computes what the fp model does
+        self.reference: DecoderLayer | None = None
 
     @property
     def spec(self) -> ArchSpec:
@@ -102,10 +106,24 @@ class LayerContext:
         x = self.spec.experts
         return None if x is None else f"{x.module}.{x.router}"
 
-    def ops(self, length: int | None = None) -> tuple[Op, ...]:
-        """The layer's forward ops over the calibration windows (no KV cache, position 0), or
-        over their first ``length`` positions."""
-        return self.layer.ops(*(t[:length] for t in self.pipeline.rope(self.index)), None, 0)
+    def ops(self, length: int | None = None, layer: DecoderLayer | None = None) -> tuple[Op, ...]:
+        """The layer's (or ``layer``'s) forward ops over the calibration windows (no KV cache,
+        position 0), or over their first ``length`` positions."""
+        return (self.layer if layer is None else layer).ops(*(t[:length] for t in self.pipeline.rope(self.index)),
+                                                             None, 0)
+
+    def hold_reference(self) -> None:
+        """Keep a copy of the layer as it is now as the fp model's layer, when the pipeline
+        carries the fp stream: a transform calls it before a change that does not preserve the
+        layer's outputs (AWQ's clip), so that the fp stream and GPTQ's fp targets still follow
+        the fp model (in the basis the output-preserving transforms gave the layer)."""
+        if self.fp_inputs is not None and self.reference is None:
+            self.reference = copy.deepcopy(self.layer)
+
+    def fp_weight(self, inner: str) -> torch.Tensor:
+        """A Linear's weight in the fp model: the held reference's, else the layer's own (which
+        a sequential pass's visitor sees before it quantizes that Linear)."""
+        return (self.layer if self.reference is None else self.reference).get_submodule(inner).weight.data
 
     @torch.inference_mode()
     def sequential(self, visit: GroupVisitor, all_expert_tokens: bool = False) -> torch.Tensor:
@@ -123,14 +141,16 @@ class LayerContext:
 
         With the pipeline's fp stream, ``fp_inputs`` are the same group's inputs in the
         full-precision model, and :attr:`fp_outputs` its next-layer input: the fp stream runs
-        one group ahead, through each group before ``visit`` changes it. Otherwise ``None``.
+        one group ahead, through each group before ``visit`` changes it (through
+        :attr:`reference` where a transform held one). Otherwise ``None``.
 
         A mixture of experts then visits each expert's groups (:meth:`_visit_experts`) with the
         tokens the router sends it (``all_expert_tokens``: every token), before the pass goes on.
         """
         ops, p = self.ops(), self.pipeline
         quant = _Stream(p, ops, self.inputs, p.mode == "stream")
-        fp = None if self.fp_inputs is None else _Stream(p, ops, self.fp_inputs, False, hold=True)
+        fp = None if self.fp_inputs is None else \
+            _Stream(p, ops if self.reference is None else self.ops(layer=self.reference), self.fp_inputs, False, hold=True)
         fp_next = fp.next_input() if fp else None
         for group in self.spec.groups:
             y = quant.next_input()

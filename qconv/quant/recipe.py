@@ -29,6 +29,7 @@ import yaml
 from qconv.errors import CorruptFile, InputNotFound, InvalidOption
 from qconv.core.grid import WeightScheme
 from qconv.quant.methods import get_method
+from qconv.quant.methods.base import Quantizer, Transform
 from qconv.core.quantized import ActivationScheme
 from qconv.quant.schemes import DEFAULT_IGNORE, PRESETS, Override, SchemeMap, preset_scheme
 
@@ -239,15 +240,21 @@ def validate(recipe: Recipe) -> Recipe:
     for o in recipe.overrides:
         replace(recipe.schemes().default, **o.changes)
     default = recipe.schemes().default
-    for s in recipe.stages:
-        method = get_method(s.method)(**s.options)  # a method checks its own option combinations
+    methods = [get_method(s.method)(**s.options) for s in recipe.stages]  # each checks its own options
+    for method in methods:
         for scheme in (default, *(replace(default, **o.changes) for o in recipe.overrides)):
             method.check_scheme(scheme)
-    roles = [get_method(s.method).role for s in recipe.stages]
+    roles = [m.role for m in methods]
     if roles.count("quantizer") != 1 or roles[-1] != "quantizer":
         raise InvalidOption("recipe: stages must be transforms followed by exactly one quantizer (rtn or gptq) last")
     if roles != sorted(roles, key=("source", "transform", "quantizer").index):
         raise InvalidOption("recipe: a model-wide stage (rotate) must come before the per-layer stages")
+    if isinstance(methods[-1], Quantizer) and methods[-1].fp_stream:
+        layer = [m for m in methods if isinstance(m, Transform)]
+        late = [m.name for i, m in enumerate(layer) if any(t.changes_outputs for t in layer[:i])]
+        if late:
+            raise InvalidOption(f"recipe: {late[0]} after a stage that changes the layer's outputs (awq's clip): "
+                                f"with gptq fp_targets that stage must be the last transform")
     if recipe.output_format not in OUTPUT_FORMATS:
         raise InvalidOption(f"recipe: unknown output.format {recipe.output_format!r} (valid: {', '.join(OUTPUT_FORMATS)})")
     if recipe.output_format == "fp8" and (recipe.preset != "fp8-block" or recipe.overrides):

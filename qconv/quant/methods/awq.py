@@ -160,6 +160,11 @@ class AWQ(Transform):
             return torch.bfloat16 if native_bf16(device) else torch.float32
         return getattr(torch, name)
 
+    @property
+    def changes_outputs(self) -> bool:
+        """The clip (not the scales) changes the fp layer's outputs."""
+        return bool(self.config["clip"])
+
     def apply(self, ctx: LayerContext, schemes: SchemeMap) -> None:
         feats, feature_of = self._features(ctx)
         layer = ctx.layer
@@ -180,6 +185,7 @@ class AWQ(Transform):
                     if name in hessians:
                         hessians[name] = hessians[name] / (s[:, None] * s[None, :]).to(hessians[name].device)
             if self.config["clip"]:
+                ctx.hold_reference()
                 self._clip(ctx, schemes, feats, feature_of, hessians)
 
     def _features(self, ctx: LayerContext) -> tuple[Features, dict[str, str]]:

@@ -82,9 +82,16 @@ class SourceTransform(Method):
 class Transform(Method):
     role = "transform"
 
+    @property
+    def changes_outputs(self) -> bool:
+        """Whether :meth:`apply` also changes the layer's full-precision outputs (AWQ's clip);
+        such a transform calls :meth:`LayerContext.hold_reference` before it does."""
+        return False
+
     @abstractmethod
     def apply(self, ctx: LayerContext, schemes: SchemeMap) -> None:
-        """Rewrite ``ctx.layer``'s fp weights in place (output-preserving in full precision)."""
+        """Rewrite ``ctx.layer``'s fp weights in place: output-preserving in full precision, or,
+        for a change that is not (:attr:`changes_outputs`), after :meth:`LayerContext.hold_reference`."""
 
 
 class Quantizer(Method):

@@ -157,7 +157,7 @@ class GPTQ(Quantizer):
             # same H and weights), and each result is broadcast from the rank that computed it
             owner = j % parallel.world if parallel is not None else 0
             if parallel is None or parallel.rank == owner:
-                r = gptq_quantize(w if C is None else retarget(w, H, C, damp), H, scheme,
+                r = gptq_quantize(w if C is None else retarget(ctx.fp_weight(inner), H, C, damp), H, scheme,
                                   block_size=int(self.config["block_size"]), damp=damp,
                                   act_order=bool(self.config["act_order"]),
                                   static_groups=bool(self.config["static_groups"]),
