@@ -74,6 +74,11 @@ class Workload:
         storage dtype (as :class:`qconv.quant.pipeline.LayerPipeline` holds them)."""
         return self.compute_dtype if self.compute_dtype != torch.float32 else self.store_dtype
 
+    @property
+    def batch_tokens(self) -> int:
+        """Tokens in one batch of samples (the unit the pipeline computes and the spill mode holds)."""
+        return min(self.batch_size, max(self.samples, 1)) * self.seqlen
+
 
 @dataclass(frozen=True)
 class MemoryPlan:
@@ -155,14 +160,13 @@ def estimate(config: ModelConfig, work: Workload, mode: str, runtime: int | None
     widest = max(i for _, i in linears)
     tokens = work.samples * work.seqlen
     s, g = work.store_dtype.itemsize, work.group_dtype.itemsize
-    batch_tokens = min(work.batch_size, max(work.samples, 1)) * work.seqlen
     calibrating = tokens > 0
     spilled = mode == "spill"
     keep = calibrating and mode == "keep" and work.sequential
     parts = {
         "runtime": resident_bytes() if runtime is None else runtime,
         "layer_weights": layer_params * 5,
-        "hidden_states": (1 if work.sequential else 2) * (batch_tokens if spilled else tokens) * h * s
+        "hidden_states": (1 if work.sequential else 2) * (work.batch_tokens if spilled else tokens) * h * s
         if calibrating else 0,
         "group_inputs": tokens * f * g if keep else 0,
     }
@@ -181,10 +185,9 @@ def batch_bytes(config: ModelConfig, work: Workload, mode: str) -> int:
         return 0
     h = config.hidden_size
     f = config.moe_intermediate_size if config.spec.experts else config.intermediate_size
-    batch_tokens = min(work.batch_size, max(work.samples, 1)) * work.seqlen
-    batch = batch_tokens * (4 * h + 12 * f + work.group_dtype.itemsize * f)
+    batch = work.batch_tokens * (4 * h + 12 * f + work.group_dtype.itemsize * f)
     if mode != "keep" and work.sequential:
-        batch += batch_tokens * f * 4  # a recomputed batch's float32 copy for the Hessian product
+        batch += work.batch_tokens * f * 4  # a recomputed batch's float32 copy for the Hessian product
     return 2 * batch
 
 
