@@ -81,6 +81,20 @@ def test_quantize_roundtrip_and_determinism(model: Path, calib: Path, tmp_path: 
     assert kl < 0.5, kl  # quantized, but still the same model
 
 
+def test_shipped_w4_recipe_stages_end_to_end(model: Path, calib: Path, tmp_path: Path) -> None:
+    """The W4 recipe's stages together (AWQ with its clip, then GPTQ with fp targets and refine:
+    the fp stream then runs through AWQ's held reference layer) write a checkpoint that loads."""
+    import yaml
+
+    shipped = load_recipe(RECIPES[0].parent / "w4a16-awq-gptq.yaml").to_dict()
+    recipe = {**shipped, "scheme": {"bits": 4, "group_size": 32, "symmetric": False},
+              "calibration": {"samples": 4, "seqlen": 32}}
+    path = tmp_path / "w4.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    api.quantize(model, tmp_path / "w4", recipe=path, data=str(calib))
+    assert torch.isfinite(_logits(tmp_path / "w4")).all()
+
+
 def test_gptq_fp_targets_and_refine_end_to_end(model: Path, calib: Path, tmp_path: Path) -> None:
     """rotate + GPTQ with fp targets and refinement: a valid, deterministic checkpoint closer to
     the fp model than plain GPTQ on the same calibration (KL of the logits on the calibration
