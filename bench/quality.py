@@ -62,6 +62,9 @@ ROWS: dict[str, tuple[str, dict[str, Any] | str, list[dict[str, Any]]] | None] =
            ("rtn-mse", f"RTN W{b} g64 asym + MSE clip", [{"method": "rtn", "mse": True}]),
            ("gptq", f"GPTQ W{b} g64 asym (act-order static, damp 0.01)", [GPTQ]),
            ("awq", f"AWQ W{b} g64 asym (scale + clip search, RTN)", [AWQ, {"method": "rtn"}]),
+           # the AWQ speed-up's search in bf16 where native: this row searches in float32
+           ("awq-f32search", f"AWQ W{b} g64 asym, float32 search (RTN)",
+            [{**AWQ, "search_dtype": "float32"}, {"method": "rtn"}]),
            ("awq-gptq", f"AWQ + GPTQ W{b} g64 asym", [AWQ, GPTQ]),
            # bf16 calibration computes GPTQ's Hessian products in bf16 by default; this row keeps them fp32
            ("awq-gptq-fp32h", f"AWQ + GPTQ W{b} g64 asym, fp32 Hessians", [AWQ, {**GPTQ, "bf16_hessian": False}]),
