@@ -18,7 +18,8 @@ from qconv.errors import InvalidOption
 from qconv.quant.calibration import calibration_windows, load_calibration_rows
 from qconv.quant.recipe import load_recipe, recipe_from_dict
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
 QCONV = str(Path(sys.executable).parent / "qconv")
 
 
@@ -86,7 +87,7 @@ def test_shipped_w4_recipe_stages_end_to_end(model: Path, calib: Path, tmp_path:
     the fp stream then runs through AWQ's held reference layer) write a checkpoint that loads."""
     import yaml
 
-    shipped = load_recipe(RECIPES[0].parent / "w4a16-awq-gptq.yaml").to_dict()
+    shipped = load_recipe(RECIPE_DIR / "w4a16-awq-gptq.yaml").to_dict()
     recipe = {**shipped, "scheme": {"bits": 4, "group_size": 32, "symmetric": False},
               "calibration": {"samples": 4, "seqlen": 32}}
     path = tmp_path / "w4.yaml"

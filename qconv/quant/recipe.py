@@ -250,8 +250,8 @@ def validate(recipe: Recipe) -> Recipe:
     if roles != sorted(roles, key=("source", "transform", "quantizer").index):
         raise InvalidOption("recipe: a model-wide stage (rotate) must come before the per-layer stages")
     if isinstance(methods[-1], Quantizer) and methods[-1].fp_stream:
-        layer = [m for m in methods if isinstance(m, Transform)]
-        late = [m.name for i, m in enumerate(layer) if any(t.changes_outputs for t in layer[:i])]
+        transforms = [m for m in methods if isinstance(m, Transform)]
+        late = [m.name for i, m in enumerate(transforms) if any(t.changes_outputs for t in transforms[:i])]
         if late:
             raise InvalidOption(f"recipe: {late[0]} after a stage that changes the layer's outputs (awq's clip): "
                                 f"with gptq fp_targets that stage must be the last transform")
