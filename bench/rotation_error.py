@@ -1,6 +1,7 @@
 """Per-Linear output error of a weight quantizer with and without the residual-stream rotation.
 
     python bench/rotation_error.py [--cache .cache] [--quantizer gptq|rtn] [--bits 3 --group-size 64]
+                                   [--scheme nvfp4a16]
                                    [--samples 8 --seqlen 512] [--layers 2 10 18 26] [--refine R]
 
 Diagnostic, not a product path. Calibration windows of the shared C4 sample flow through the fp
@@ -28,6 +29,7 @@ from qconv.quant.gptq import gptq_quantize  # noqa: E402
 from qconv.core.grid import WeightScheme, dequantize, fake_quantize  # noqa: E402
 from qconv.quant.methods.rotate import Rotate  # noqa: E402
 from qconv.quant.pipeline import LayerPipeline  # noqa: E402
+from qconv.quant.schemes import preset_scheme  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -64,14 +66,17 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 10, 18, 26])
     parser.add_argument("--refine", type=int, default=0, help="GPTQ refinement rounds")
+    parser.add_argument("--scheme", default=None, help="a named weight scheme (e.g. nvfp4a16) instead of --bits")
     args = parser.parse_args()
-    scheme = WeightScheme(args.bits, args.group_size, False)
+    scheme = (preset_scheme(args.scheme, torch.float32)[0] if args.scheme
+              else WeightScheme(args.bits, args.group_size, False))
     with open_model(example_model(args.cache)) as base:
         tokens = calibration_windows(base.tokenizer(), load_calibration_rows(str(DATA / "c4-sample.jsonl")),
                                      args.samples, args.seqlen, 0)
         plain = errors(base, tokens, set(args.layers), scheme, args.quantizer, args.refine)
         rotated = errors(Rotate().wrap(base), tokens, set(args.layers), scheme, args.quantizer, args.refine)
-    print(f"{args.quantizer} W{args.bits} g{args.group_size}: held-out relative output error, plain / rotated")
+    what = args.scheme or f"W{args.bits} g{args.group_size}"
+    print(f"{args.quantizer} {what}: held-out relative output error, plain / rotated")
     print("| Linear | " + " | ".join(f"layer {i}" for i in args.layers) + " |")
     print("|---|" + "---|" * len(args.layers))
     for name in base.config.spec.linear_names:

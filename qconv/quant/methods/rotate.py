@@ -132,9 +132,10 @@ class RotatedSource(ModelSource):
 
 
 class Rotate(SourceTransform):
-    supports_parallel = True  # data-free
     """Recipe stage ``{method: rotate, kind: hadamard|random, seed: 0, heads: true}``; must come
     before every other stage."""
+
+    supports_parallel = True  # data-free
 
     name = "rotate"
     options = {"kind": "hadamard", "seed": 0, "heads": True}
