@@ -5,10 +5,12 @@
                                    [--samples 8 --seqlen 512] [--layers 2 10 18 26] [--refine R]
 
 Diagnostic, not a product path. Calibration windows of the shared C4 sample flow through the fp
-model (plain, then rotated by ``rotate``'s default Hadamard); at each listed layer every Linear's
+model (plain, with the norm weights folded into the Linears reading them but no rotation, then
+rotated by ``rotate``'s default Hadamard); at each listed layer every Linear's
 inputs are captured, its weight quantized (GPTQ: act order, MSE grid, Hessian from the first half
 of the tokens, ``--refine`` rounds of GPTQ's refinement; RTN: min/max), and the relative output error ``|X (W - Ŵ)ᵀ|² / |X Wᵀ|²`` measured on
-the second half of the tokens. Prints one row per Linear: plain / rotated error for each layer.
+the second half of the tokens. Prints one row per Linear: plain / fold only / rotated error for
+each layer.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from qconv.checkpoint import open_model  # noqa: E402
 from qconv.quant.calibration import calibration_windows, load_calibration_rows  # noqa: E402
 from qconv.quant.gptq import gptq_quantize  # noqa: E402
 from qconv.core.grid import WeightScheme, dequantize, fake_quantize  # noqa: E402
-from qconv.quant.methods.rotate import Rotate  # noqa: E402
+from qconv.quant.methods.rotate import Rotate, RotatedSource  # noqa: E402
 from qconv.quant.pipeline import LayerPipeline  # noqa: E402
 from qconv.quant.schemes import preset_scheme  # noqa: E402
 
@@ -74,13 +76,15 @@ def main() -> None:
         tokens = calibration_windows(base.tokenizer(), load_calibration_rows(str(DATA / "c4-sample.jsonl")),
                                      args.samples, args.seqlen, 0)
         plain = errors(base, tokens, set(args.layers), scheme, args.quantizer, args.refine)
+        folded = errors(RotatedSource(base, torch.eye(base.config.hidden_size), None), tokens, set(args.layers),
+                        scheme, args.quantizer, args.refine)
         rotated = errors(Rotate().wrap(base), tokens, set(args.layers), scheme, args.quantizer, args.refine)
     what = args.scheme or f"W{args.bits} g{args.group_size}"
-    print(f"{args.quantizer} {what}: held-out relative output error, plain / rotated")
+    print(f"{args.quantizer} {what}: held-out relative output error, plain / fold only / rotated")
     print("| Linear | " + " | ".join(f"layer {i}" for i in args.layers) + " |")
     print("|---|" + "---|" * len(args.layers))
     for name in base.config.spec.linear_names:
-        cells = [f"{plain[i, name]:.4f} / {rotated[i, name]:.4f}" for i in args.layers]
+        cells = [f"{plain[i, name]:.4f} / {folded[i, name]:.4f} / {rotated[i, name]:.4f}" for i in args.layers]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
