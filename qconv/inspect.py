@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qconv.checkpoint import is_gguf, model_path
+from qconv.checkpoint.gguf_file import GGUFFile, GGUFFormatError
 from qconv.checkpoint.hf import INDEX_FILE, SINGLE_FILE, open_shard
 from qconv.errors import CorruptFile, InputNotFound, InvalidOption
 
@@ -85,16 +86,14 @@ class Inspection:
 
 
 def _inspect_gguf(path: Path) -> Inspection:
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(str(path))
-        meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
-    except Exception as e:
-        raise CorruptFile(f"not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})", path) from None
-    tensors = [TensorInfo(t.name, [int(d) for d in reversed(t.shape.tolist())], t.tensor_type.name, int(t.n_bytes))
-               for t in reader.tensors]
-    keep = {k: v for k, v in meta.items() if not isinstance(v, list) and not k.startswith("GGUF.")}
+        f = GGUFFile(path)
+    except GGUFFormatError as e:
+        raise CorruptFile(f"not a readable GGUF file ({e})", path) from None
+    tensors = [TensorInfo(t.name, list(t.numpy_shape), t.tensor_type.name, t.n_bytes) for t in f.tensors]
+    meta = f.meta
+    f.close()
+    keep = {k: v for k, v in meta.items() if not isinstance(v, list) and not k.startswith("tokenizer.ggml.")}
     return Inspection(str(path), "gguf", str(meta.get("general.architecture", "unknown")), path.stat().st_size, tensors, keep)
 
 

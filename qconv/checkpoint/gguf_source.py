@@ -1,14 +1,13 @@
 """GGUF import: a GGUF file of a supported family seen as an HF checkpoint.
 
 Metadata becomes a :class:`ModelConfig`, ``blk.N.*`` names become HF names, every tensor
-type gguf-py can dequantize is dequantized to float32 on access (one tensor at a time, from
-gguf-py's memory map), and the Q/K row permutation that llama.cpp's converter applies for its
+type gguf-py can dequantize is dequantized to float32 on access (one tensor at a time, from the
+file's memory map, :mod:`qconv.checkpoint.gguf_file`), and the Q/K row permutation that llama.cpp's converter applies for its
 interleaved RoPE is undone, so the result is exactly what transformers' GGUF loader builds.
 """
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from qconv.arch.config import ModelConfig, RopeScaling
 from qconv.arch.families import BY_GGUF_ARCH, FAMILIES
 from qconv.arch.spec import ArchSpec
 from qconv.arch.rope_layout import unpermute_rows
+from qconv.checkpoint.gguf_file import GGUFFile, GGUFFormatError
 from qconv.checkpoint.source import ModelSource
 from qconv.errors import CheckpointMismatch, CorruptFile, UnsupportedModel
 
@@ -47,21 +47,18 @@ def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int) -> RopeSca
 
 
 class GGUFSource(ModelSource):
-    """A GGUF file, read through gguf-py's memory-mapped reader."""
+    """A GGUF file, read through its memory map."""
 
     format = "gguf"
 
     def __init__(self, path: Path | str) -> None:
-        import gguf
-
         self.path = Path(path)
         try:
-            self.reader = gguf.GGUFReader(str(self.path))
-            self.meta: dict[str, Any] = {k: f.contents() for k, f in self.reader.fields.items()}
-        except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on bad files
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CorruptFile(f"not a readable GGUF file ({msg})", self.path) from None
-        self._tensors = {t.name: t for t in self.reader.tensors}
+            self.file = GGUFFile(self.path)
+        except GGUFFormatError as e:
+            raise CorruptFile(f"not a readable GGUF file ({e})", self.path) from None
+        self.meta: dict[str, Any] = self.file.meta
+        self._tensors = {t.name: t for t in self.file.tensors}
         #: the last merged expert tensor decoded (name, array): experts are read one after another
         self._merged: tuple[str | None, np.ndarray | None] = (None, None)
         self.config = self._config()
@@ -169,7 +166,7 @@ class GGUFSource(ModelSource):
         for g, hfs in spec.gguf_tensors(self.config).items():
             if g not in self._tensors:
                 raise CheckpointMismatch(f"tensor {g} (for {hfs[0]}) is missing", self.path)
-            actual = tuple(int(d) for d in reversed(self._tensors[g].shape.tolist()))
+            actual = self._tensors[g].numpy_shape
             shape = (len(hfs), *expected[hfs[0]]) if len(hfs) > 1 else expected[hfs[0]]
             if actual != shape:
                 raise CheckpointMismatch(f"tensor {g} has shape {list(actual)}, metadata implies {list(shape)}", self.path)
@@ -180,27 +177,17 @@ class GGUFSource(ModelSource):
         from gguf.quants import dequantize
 
         t = self._tensors[gguf_name]
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         try:
-            w = np.ascontiguousarray(dequantize(t.data, t.tensor_type).reshape(shape), dtype=np.float32)
-            w = w if w.flags.writeable else w.copy()  # F32 tensors come back as a read-only memmap view
-            self._release(t.data_offset, t.n_bytes)
+            w = np.ascontiguousarray(dequantize(t.data, t.tensor_type).reshape(t.numpy_shape), dtype=np.float32)
+            w = w if w.flags.writeable else w.copy()  # F32 tensors come back as a read-only view of the map
+            # touched pages of a mapping count in the RSS until unmapped: streaming a 16 GB GGUF
+            # grew it to 15.7 GiB (measured, 8B-shaped f16 input) before tensors were released
+            self.file.release(t.data_offset, t.n_bytes)
             return w
         except NotImplementedError:
             raise UnsupportedModel(f"tensor {gguf_name}: type {t.tensor_type.name} cannot be dequantized", self.path) from None
         except (ValueError, IndexError) as e:
             raise CorruptFile(f"tensor {gguf_name} data is truncated or corrupt ({e})", self.path) from None
-
-    def _release(self, offset: int, nbytes: int) -> None:
-        """Drop a tensor's pages of the file mapping from this process: touched pages of a
-        mapping count in its RSS until unmapped, so streaming a 16 GB GGUF through gguf-py's
-        reader grew the RSS to 15.7 GiB (measured, 8B-shaped f16 input); the page cache keeps
-        them for whoever reads them next."""
-        mapping = getattr(self.reader.data, "_mmap", None)
-        if mapping is None or not hasattr(mapping, "madvise"):
-            return
-        start = offset - offset % mmap.PAGESIZE
-        mapping.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
 
     def tensor_names(self) -> list[str]:
         return list(self._names)
@@ -237,3 +224,5 @@ class GGUFSource(ModelSource):
 
     def close(self) -> None:
         self._tensors.clear()
+        self._merged = (None, None)
+        self.file.close()
