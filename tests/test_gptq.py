@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from qconv.errors import InvalidOption
-from qconv.quant.gptq import (HessianAccumulator, cross_products, descend_codes, gptq_quantize, refit_scales,
-                              retarget, row_errors)
+from qconv.quant.gptq import (CrossAccumulator, HessianAccumulator, cross_products, descend_codes, gptq_quantize,
+                              refit_scales, retarget, row_errors)
 from qconv.core.grid import WeightScheme, dequantize, group_minmax, mse_clip_params, qparams, rtn
 
 IN, OUT, TOKENS = 256, 48, 2048
@@ -285,14 +285,20 @@ def drifted(X: torch.Tensor, seed: int = 5, amount: float = 0.3) -> torch.Tensor
         + amount * torch.randn(X.shape, generator=g)
 
 
-def test_cross_products_match_definition_and_chunking() -> None:
+def test_cross_products_match_definition_and_batching() -> None:
     X = correlated_inputs()
     Y = drifted(X)
     ref = 2 * X.double().T @ Y.double() / len(X)
-    torch.testing.assert_close(cross_products(X, Y, chunk=300).double(), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cross_products(X, Y).double(), ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(cross_products(X, X), hessian(X), rtol=1e-5, atol=1e-4)
+    acc = CrossAccumulator(X.shape[1])  # batches in two buckets sum like one batch
+    acc.add(X[:300], 0, y=Y[:300])
+    acc.add(X[300:], 1, y=Y[300:])
+    torch.testing.assert_close(acc.cross.double(), ref, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="aligned"):
         cross_products(X, Y[:-1])
+    with pytest.raises(ValueError, match="both inputs"):
+        acc.add(X)
 
 
 def test_retarget_is_the_damped_least_squares_fit() -> None:

@@ -172,17 +172,26 @@ def sq_search_recipe(tmp_path: Path, scheme: str) -> Path:
     return recipe
 
 
-@pytest.mark.parametrize("method", ["gptq", "smoothquant", "smoothquant-search", "awq", "rtn"])
+@pytest.mark.parametrize("method", ["gptq", "gptq-fp-targets", "awq-gptq-fp-targets", "smoothquant",
+                                    "smoothquant-search", "awq", "rtn"])
 def test_data_parallel_matches_one_process(model: Path, calib: Path, tmp_path: Path, method: str) -> None:
     """2 gloo ranks (one thread each) write the bytes one process with two threads writes (AWQ
-    and SmoothQuant's α search: their losses are summed over both ranks' tokens; RTN with static
-    FP8 activation and KV-cache scales: their maxima are taken over both ranks' tokens)."""
+    and SmoothQuant's α search: their losses are summed over both ranks' tokens; GPTQ's fp
+    targets, alone and after AWQ's clip: the cross products are summed like the Hessians; RTN with static FP8 activation and
+    KV-cache scales: their maxima are taken over both ranks' tokens)."""
     args = ["quantize", str(model), "--data", str(calib), "--samples", "10", "--seqlen", "32", "--quiet"]
     if method == "smoothquant-search":
         args += ["--recipe", str(sq_search_recipe(tmp_path, "fp8-static"))]
+    elif method == "gptq-fp-targets":
+        args += ["--method", "gptq", "--fp-targets"]
+    elif method == "awq-gptq-fp-targets":  # the shipped W4 recipe's stages (AWQ's clip, then fp targets)
+        recipe = tmp_path / "w4.yaml"
+        recipe.write_text("name: w4\nscheme: {bits: 4, group_size: 32}\nstages: [{method: awq}, "
+                          "{method: gptq, mse: true, fp_targets: true, refine: 1}]\n")
+        args += ["--recipe", str(recipe)]
     else:
         args += ["--method", method]
-    if method in ("gptq", "awq"):
+    if method.startswith("gptq") or method == "awq":
         args += ["-g", "32"]
     if method == "rtn":
         args += ["--scheme", "fp8-static", "--kv-cache", "fp8"]
@@ -195,9 +204,12 @@ def test_data_parallel_matches_one_process(model: Path, calib: Path, tmp_path: P
 
 
 def test_data_parallel_refusals(model: Path, calib: Path, tmp_path: Path) -> None:
-    fp = _torchrun(2, "quantize", str(model), "--method", "gptq", "-g", "32", "--fp-targets", "--data", str(calib),
-                   "--samples", "10", "--seqlen", "32", "-o", str(tmp_path / "o"))
-    assert fp.returncode != 0 and "fp_targets is not implemented data-parallel" in fp.stderr
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nscheme: {bits: 4, group_size: 32}\nstages: [{method: gptq, true_sequential: false}]\n")
+    res = _torchrun(2, "quantize", str(model), "--recipe", str(recipe), "--data", str(calib),
+                    "--samples", "10", "--seqlen", "32", "-o", str(tmp_path / "o"))
+    assert res.returncode != 0 and "data-parallel calibration needs true_sequential" in res.stderr
+    assert not (tmp_path / "o").exists()
     assert DataParallel(0, 2).writes and not DataParallel(1, 2).writes
 
 

@@ -29,7 +29,7 @@ import torch
 from qconv.core.grid import WeightScheme
 from qconv.core.quantized import QuantizedWeight
 from qconv.errors import InvalidOption
-from qconv.quant.gptq import HessianAccumulator, cross_products, gptq_quantize, retarget
+from qconv.quant.gptq import CrossAccumulator, HessianAccumulator, gptq_quantize, retarget
 from qconv.quant.methods.base import Quantizer, set_weight, shared_global_scales
 from qconv.quant.methods.rtn import rtn_weight
 from qconv.arch.spec import GroupSpec
@@ -90,9 +90,6 @@ class GPTQ(Quantizer):
             return [m for m in group.linears if schemes.scheme_for(ctx.module_name(m)) is not None]
 
         result: dict[str, QuantizedWeight] = {}
-        if ctx.pipeline.parallel is not None and self.fp_stream:
-            raise InvalidOption("gptq: fp_targets is not implemented data-parallel yet (its cross products are "
-                                "not reduced over ranks); run it in one process")
         if self.config["true_sequential"]:
             def visit(group: GroupSpec, inputs: GroupInputs, fp_inputs: GroupInputs | None) -> None:
                 linears = todo(group)
@@ -109,7 +106,7 @@ class GPTQ(Quantizer):
                         result[inner] = qw
                     return
                 H = self._hessian(ctx, group, inputs)
-                C = cross_products(inputs.tensor(), fp_inputs.tensor()) if fp_inputs is not None else None
+                C = self._cross(ctx, group, inputs, fp_inputs) if fp_inputs is not None else None
                 result.update(self._quantize_group(ctx, schemes, linears, H, C))
             ctx.sequential(visit, all_expert_tokens=bool(self.config["moe_all_tokens"]))
         else:
@@ -140,6 +137,17 @@ class GPTQ(Quantizer):
         for bucket, x in inputs.batches():
             acc.add(x, bucket)
         return acc.hessian
+
+    def _cross(self, ctx: LayerContext, group: GroupSpec, inputs: GroupInputs, fp_inputs: GroupInputs) -> torch.Tensor:
+        """The fp-target cross products, summed per bucket like the Hessian (so data-parallel
+        ranks reproduce one process)."""
+        p = ctx.pipeline
+        acc = CrossAccumulator(ctx.layer.get_submodule(group.linears[0]).in_features, device=p.device, span=p.span,
+                               parallel=p.parallel)
+        for (bucket, x), (fp_bucket, y) in zip(inputs.batches(), fp_inputs.batches(), strict=True):
+            assert bucket == fp_bucket, "the quantized and fp streams are batched alike"
+            acc.add(x, bucket, y=y)
+        return acc.cross
 
     def _quantize_group(self, ctx: LayerContext, schemes: SchemeMap, group: list[str], H: torch.Tensor,
                         C: torch.Tensor | None = None) -> dict[str, QuantizedWeight]:
