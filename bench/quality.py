@@ -65,6 +65,9 @@ ROWS: dict[str, tuple[str, dict[str, Any] | str, list[dict[str, Any]]] | None] =
            # the AWQ speed-up's search in bf16 where native: this row searches in float32
            ("awq-f32search", f"AWQ W{b} g64 asym, float32 search (RTN)",
             [{**AWQ, "search_dtype": "float32"}, {"method": "rtn"}]),
+           # ... and on every token of its 32 search windows (the speed-up's subsample: 16,384)
+           ("awq-search64k", f"AWQ W{b} g64 asym, 65,536 search tokens (RTN)",
+            [{**AWQ, "search_tokens": 65536}, {"method": "rtn"}]),
            ("awq-gptq", f"AWQ + GPTQ W{b} g64 asym", [AWQ, GPTQ]),
            # bf16 calibration computes GPTQ's Hessian products in bf16 by default; this row keeps them fp32
            ("awq-gptq-fp32h", f"AWQ + GPTQ W{b} g64 asym, fp32 Hessians", [AWQ, {**GPTQ, "bf16_hessian": False}]),
