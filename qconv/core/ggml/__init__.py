@@ -32,13 +32,12 @@ QTYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 _FUNCS = {**LEGACY, **KQUANTS}
 
 # blocks per work chunk (measured: large enough to amortise numpy's per-call overhead, small
-# enough to keep the working set in cache). The K-quants keep ~5 float32 arrays of 8 sub-blocks x
-# 32 per super-block alive: 256 super-blocks make that ~1.3 MB, inside a 2 MB L2; 1024 spilled to
-# L3 and was 8-12% slower on the AMX Xeon (2 threads, 2048 x 14336: Q4_K 2.7 s vs 3.0-3.2 s,
-# Q6_K at 384: 1.4 s vs 1.6 s at 768)
+# enough to keep the working set in cache). Smaller K-quant chunks (256 / 384) looked 8-12% faster
+# in a micro-benchmark on a loaded box, but the 8B-shaped q4_k_m export took 605 s with them
+# against 501 s with these (idle AMX Xeon, one run each): kept.
 _CHUNK_BLOCKS = {
     "Q8_0": 4096, "Q4_0": 4096, "Q4_1": 4096, "Q5_0": 4096, "Q5_1": 4096,
-    "Q4_K": 256, "Q5_K": 256, "Q6_K": 384,
+    "Q4_K": 1024, "Q5_K": 1024, "Q6_K": 768,
 }
 # Automatic threading: only the compute-bound K-quants on large tensors gain from extra threads
 # (the 32-element types are memory-bound, and small tensors only pay for the GIL hand-overs).
