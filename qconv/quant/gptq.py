@@ -111,8 +111,8 @@ class HessianAccumulator:
         if flat.shape[0] == 0:
             return
         acc = self._tree.partial(self._first_bucket if bucket is None else bucket)
-        others = flat.split(HESSIAN_CHUNK) if y is None else y.detach().reshape(-1, self.in_features).split(HESSIAN_CHUNK)
-        for chunk, other in zip(flat.split(HESSIAN_CHUNK), others):
+        ys = flat if y is None else y.detach().reshape(-1, self.in_features)
+        for chunk, other in zip(flat.split(HESSIAN_CHUNK), ys.split(HESSIAN_CHUNK)):
             rows = chunk.to(device=acc.device, dtype=dtype)
             if y is not None:  # a cross product has no symmetry to exploit
                 acc.addmm_(rows.T, other.to(device=acc.device, dtype=dtype))
