@@ -27,7 +27,7 @@ from qconv.formats.compressed_tensors import CompressedTensorsWriter
 from qconv.model import load_model
 from qconv.model.act_quant import apply_activation_quant, fake_quant_input, fake_quant_per_token
 from qconv.api import load_runner
-from qconv.core.grid import E8M0, FP8, WeightScheme, dequantize, rtn, tensor_global_scale
+from qconv.core.grid import E8M0, FP8, WeightScheme, dequantize, round_float, rtn, tensor_global_scale
 from conftest import TINY_ARCHS
 
 W4_ASYM = WeightScheme(4, 32, symmetric=False)
@@ -408,6 +408,20 @@ def test_weight_grids_match_library(scheme: WeightScheme) -> None:
     assert (gs is None) == (ours_gs is None) and (gs is None or torch.equal(gs, ours_gs))
     q, s, z = rtn(w, scheme, ours_gs)
     assert torch.equal(dequantize(q, s, z, scheme), theirs)
+
+
+def test_e2m1_rounding_matches_library() -> None:
+    """FP4 rounding (every tie, its float32 neighbours, both signs, zeros, saturation, random
+    values) equals compressed-tensors' ``cast_to_fp4``. Where it returns -0, qconv keeps +0: the
+    code compressed-tensors' packer stores for both."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization.utils.fp4_utils import cast_to_fp4
+
+    points = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 1e9])
+    near = torch.cat([points, points.nextafter(torch.tensor(0.0)), points.nextafter(torch.tensor(1e10))])
+    x = torch.cat([near, -near, torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 3])
+    ours, theirs = round_float(x.clone(), 4), cast_to_fp4(x.clone())
+    assert torch.equal(ours, theirs) and not torch.signbit(ours[ours == 0]).any()
 
 
 @pytest.mark.parametrize("act", [A_FP8_TOKEN, A_FP8_STATIC, A_FP8_GROUP, A_NVFP4, A_MXFP4],
