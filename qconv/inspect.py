@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qconv.checkpoint import is_gguf, model_path
-from qconv.checkpoint.gguf_file import GGUFFile, GGUFFormatError
+from qconv.checkpoint.gguf_file import GGUFFile
 from qconv.checkpoint.hf import INDEX_FILE, SINGLE_FILE, open_shard
 from qconv.errors import CorruptFile, InputNotFound, InvalidOption
 
@@ -86,10 +86,7 @@ class Inspection:
 
 
 def _inspect_gguf(path: Path) -> Inspection:
-    try:
-        f = GGUFFile(path)
-    except GGUFFormatError as e:
-        raise CorruptFile(f"not a readable GGUF file ({e})", path) from None
+    f = GGUFFile(path)
     tensors = [TensorInfo(t.name, list(t.numpy_shape), t.tensor_type.name, t.n_bytes) for t in f.tensors]
     meta = f.meta
     f.close()

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from qconv.errors import CorruptFile
+
 _MAGIC = b"GGUF"
 #: GGUF value type id -> (struct format, numpy dtype) for the fixed-size scalars
 _SCALARS = {0: ("<B", np.uint8), 1: ("<b", np.int8), 2: ("<H", np.uint16), 3: ("<h", np.int16),
@@ -36,7 +38,8 @@ _PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8
 
 
 class GGUFFormatError(ValueError):
-    """The bytes are not a well-formed GGUF file (the message says where it broke)."""
+    """The bytes are not a well-formed GGUF file (the message says where it broke); raised inside
+    the parser, reported as :class:`CorruptFile`."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,15 @@ class GGUFFile:
     """Read-only view of a GGUF file: ``meta`` (key -> value) and ``tensors`` (file order)."""
 
     def __init__(self, path: Path | str) -> None:
+        """Map and parse ``path``; a malformed file raises :class:`CorruptFile` (one line saying
+        where it broke), the error every reader of a GGUF reports."""
         self.path = Path(path)
+        try:
+            self._open()
+        except GGUFFormatError as e:
+            raise CorruptFile(f"not a readable GGUF file ({e})", self.path) from None
+
+    def _open(self) -> None:
         with open(self.path, "rb") as f:
             try:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

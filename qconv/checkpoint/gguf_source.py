@@ -18,7 +18,7 @@ from qconv.arch.config import ModelConfig, RopeScaling
 from qconv.arch.families import BY_GGUF_ARCH, FAMILIES
 from qconv.arch.spec import ArchSpec
 from qconv.arch.rope_layout import unpermute_rows
-from qconv.checkpoint.gguf_file import GGUFFile, GGUFFormatError
+from qconv.checkpoint.gguf_file import GGUFFile
 from qconv.checkpoint.source import ModelSource
 from qconv.errors import CheckpointMismatch, CorruptFile, UnsupportedModel
 
@@ -53,10 +53,7 @@ class GGUFSource(ModelSource):
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        try:
-            self.file = GGUFFile(self.path)
-        except GGUFFormatError as e:
-            raise CorruptFile(f"not a readable GGUF file ({e})", self.path) from None
+        self.file = GGUFFile(self.path)
         self.meta: dict[str, Any] = self.file.meta
         self._tensors = {t.name: t for t in self.file.tensors}
         #: the last merged expert tensor decoded (name, array): experts are read one after another
