@@ -292,13 +292,13 @@ def test_cross_products_match_definition_and_batching() -> None:
     torch.testing.assert_close(cross_products(X, Y).double(), ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(cross_products(X, X), hessian(X), rtol=1e-5, atol=1e-4)
     acc = CrossAccumulator(X.shape[1])  # batches in two buckets sum like one batch
-    acc.add(X[:300], 0, y=Y[:300])
-    acc.add(X[300:], 1, y=Y[300:])
+    acc.add(X[:300], Y[:300], 0)
+    acc.add(X[300:], Y[300:], 1)
     torch.testing.assert_close(acc.cross.double(), ref, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="aligned"):
         cross_products(X, Y[:-1])
-    with pytest.raises(ValueError, match="both inputs"):
-        acc.add(X)
+    with pytest.raises(ValueError, match="do not match"):
+        acc.add(X, Y[:, :-1])
 
 
 def test_retarget_is_the_damped_least_squares_fit() -> None:

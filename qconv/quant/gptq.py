@@ -51,34 +51,11 @@ _SYMMETRY_BLOCKS = 4
 _MIN_SYMMETRY_BLOCK = 128
 
 
-class HessianAccumulator:
-    """Running ``H = (2/N) Σ_tokens x xᵀ`` of one Linear's inputs, ``N`` counted in tokens.
-
-    The reference rescales ``H *= n/(n+b)`` and adds ``(2/(n+b)) x xᵀ`` on every batch; that is
-    algebraically the raw sum ``S = Σ x xᵀ`` scaled by ``2/N`` at the end, which is what is kept
-    here: in-place ``addmm_`` on the lower block triangle per call, no O(in²) rescale, and one
-    rounding fewer per batch. Batches of any size therefore combine as one big batch would.
-
-    ``N`` counts tokens, not sequences (the reference counts sequences). GPTQ's result does not
-    depend on a constant factor on H (the damping is relative to its mean diagonal and the error
-    feedback is scale free); only the reported ``loss`` scales with it, and a per-token loss
-    stays comparable across calibration lengths.
-
-    The sum is float32, like both references: it is half the cost of float64 on CPU, and its
-    relative error (~1e-6 over 128×2048 tokens) is four orders of magnitude under the 1% damping
-    GPTQ adds to H anyway.
-
-    ``bf16_matmul=True`` trades that margin for speed: each batch's product runs on bfloat16
-    inputs (AVX512-BF16 / AMX GEMMs) and is rounded to bfloat16 before joining the float32 sum.
-    Measured at in=1536 over 8×8192 correlated tokens: 1.9x less CPU, H off by 6e-4 (relative
-    Frobenius), GPTQ's output error moved by 0.05%; at in=256, ±1.5% either way over 8 seeds
-    (+0.2% on average) on held-out tokens. Off by default here; the GPTQ method turns it on
-    when the calibration pass itself runs in bfloat16 (its inputs are bf16 values then anyway).
-
-    The sum is kept per bucket of calibration samples and the buckets' sums are combined in
-    :mod:`qconv.quant.reduce`'s fixed tree, so a data-parallel run (``parallel``: each rank
-    adds its own buckets) gets the single-process Hessian bit for bit.
-    """
+class BucketedProducts:
+    """Float32 sums of token products ``Σ x yᵀ`` of a Linear's inputs, kept per bucket of
+    calibration samples and combined in :mod:`qconv.quant.reduce`'s fixed tree, so a
+    data-parallel run (``parallel``: each rank adds its own buckets) gets the single-process sum
+    bit for bit. :class:`HessianAccumulator` (``y = x``) and :class:`CrossAccumulator` read it."""
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu", bf16_matmul: bool = False,
                  span: tuple[int, int] = (0, BUCKETS), parallel: DataParallel | None = None) -> None:
@@ -96,11 +73,6 @@ class HessianAccumulator:
     def tokens(self) -> int:
         """Token rows accumulated so far (by this process)."""
         return self._tokens
-
-    def add(self, x: torch.Tensor, bucket: int | None = None) -> None:
-        """Accumulate inputs ``x [..., in]`` (any float dtype; every leading index is a token)
-        of calibration bucket ``bucket`` (default: the first; buckets come in order)."""
-        self._add(x, None, bucket)
 
     def _add(self, x: torch.Tensor, y: torch.Tensor | None, bucket: int | None) -> None:
         if x.shape[-1] != self.in_features or (y is not None and y.shape != x.shape):
@@ -135,6 +107,39 @@ class HessianAccumulator:
             raise ValueError("no calibration tokens were accumulated for this Hessian")
         return total, tokens
 
+
+class HessianAccumulator(BucketedProducts):
+    """Running ``H = (2/N) Σ_tokens x xᵀ`` of one Linear's inputs, ``N`` counted in tokens.
+
+    The reference rescales ``H *= n/(n+b)`` and adds ``(2/(n+b)) x xᵀ`` on every batch; that is
+    algebraically the raw sum ``S = Σ x xᵀ`` scaled by ``2/N`` at the end, which is what is kept
+    here: in-place ``addmm_`` on the lower block triangle per call, no O(in²) rescale, and one
+    rounding fewer per batch. Batches of any size therefore combine as one big batch would.
+
+    ``N`` counts tokens, not sequences (the reference counts sequences). GPTQ's result does not
+    depend on a constant factor on H (the damping is relative to its mean diagonal and the error
+    feedback is scale free); only the reported ``loss`` scales with it, and a per-token loss
+    stays comparable across calibration lengths.
+
+    The sum is float32, like both references: it is half the cost of float64 on CPU, and its
+    relative error (~1e-6 over 128×2048 tokens) is four orders of magnitude under the 1% damping
+    GPTQ adds to H anyway.
+
+    ``bf16_matmul=True`` trades that margin for speed: each batch's product runs on bfloat16
+    inputs (AVX512-BF16 / AMX GEMMs) and is rounded to bfloat16 before joining the float32 sum.
+    Measured at in=1536 over 8×8192 correlated tokens: 1.9x less CPU, H off by 6e-4 (relative
+    Frobenius), GPTQ's output error moved by 0.05%; at in=256, ±1.5% either way over 8 seeds
+    (+0.2% on average) on held-out tokens. Off by default here; the GPTQ method turns it on
+    when the calibration pass itself runs in bfloat16 (its inputs are bf16 values then anyway).
+
+    Summed per calibration bucket (:class:`BucketedProducts`).
+    """
+
+    def add(self, x: torch.Tensor, bucket: int | None = None) -> None:
+        """Accumulate inputs ``x [..., in]`` (any float dtype; every leading index is a token)
+        of calibration bucket ``bucket`` (default: the first; buckets come in order)."""
+        self._add(x, None, bucket)
+
     @property
     def hessian(self) -> torch.Tensor:
         """``(2/N) Σ x xᵀ`` as a new float32 ``[in, in]`` tensor (over every rank's tokens)."""
@@ -144,24 +149,18 @@ class HessianAccumulator:
         return lower.add_(lower.tril(-1).T).mul_(2.0 / tokens)
 
 
-class CrossAccumulator(HessianAccumulator):
+class CrossAccumulator(BucketedProducts):
     """Running ``C = (2/N) Σ_tokens x yᵀ`` of aligned inputs ``x, y`` (GPTQ's fp-target cross
     term: ``x`` the quantized model's inputs, ``y`` the fp model's), float32, scaled like
-    :attr:`HessianAccumulator.hessian` and summed per bucket in the same fixed tree, so a
-    data-parallel run gets the single-process ``C`` bit for bit."""
+    :attr:`HessianAccumulator.hessian` and summed per bucket in the same fixed tree."""
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu",
-                 span: tuple[int, int] = (0, BUCKETS), parallel: DataParallel | None = None) -> None:
-        super().__init__(in_features, device=device, span=span, parallel=parallel)
-
-    def add(self, x: torch.Tensor, bucket: int | None = None, *, y: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor, bucket: int | None = None) -> None:
         """Accumulate the products of one batch of aligned inputs ``x, y [..., in]``."""
-        if y is None:
-            raise ValueError("a cross product needs both inputs")
         self._add(x, y, bucket)
 
     @property
     def cross(self) -> torch.Tensor:
+        """``(2/N) Σ x yᵀ`` as a new float32 ``[in, in]`` tensor (over every rank's tokens)."""
         total, tokens = self._total()
         return total.clone().mul_(2.0 / tokens)
 
@@ -172,7 +171,7 @@ def cross_products(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if x.shape != y.shape or not x.numel():
         raise ValueError(f"cross products need aligned, non-empty inputs, got {tuple(x.shape)} and {tuple(y.shape)}")
     acc = CrossAccumulator(x.shape[-1], device=x.device)
-    acc.add(x, y=y)
+    acc.add(x, y)
     return acc.cross
 
 

@@ -146,7 +146,7 @@ class GPTQ(Quantizer):
                                parallel=p.parallel)
         for (bucket, x), (fp_bucket, y) in zip(inputs.batches(), fp_inputs.batches(), strict=True):
             assert bucket == fp_bucket, "the quantized and fp streams are batched alike"
-            acc.add(x, bucket, y=y)
+            acc.add(x, y, bucket)
         return acc.cross
 
     def _quantize_group(self, ctx: LayerContext, schemes: SchemeMap, group: list[str], H: torch.Tensor,
