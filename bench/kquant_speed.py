@@ -1,0 +1,110 @@
+"""The ggml block kernels alone, against ggml's own ``ggml_quantize_chunk``, interleaved.
+
+    python bench/kquant_speed.py [--rows 1024] [--cols 14336] [--types Q4_K Q6_K Q8_0] [--repeat 5]
+
+Whole-file comparisons (``bench/large_model.py``, ``bench/gguf_export.py``) time two processes
+one after the other, so load from anything else on the machine lands on one side only; on this
+2-core box their ratio has spread from 1.12x to 1.81x for unchanged code. Here both sides
+quantize the same float32 matrix in one process, alternately, ``--repeat`` times, and the table
+gives the median of each and the median of the per-round ratios: a figure that drifts far less.
+
+Each type runs on 1 and on 2 threads; ggml's side splits the rows between Python threads that
+call ``ggml_quantize_chunk`` through ctypes (which releases the GIL), as ``llama_model_quantize``
+splits a tensor's rows between its workers. Every round checks that the bytes are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from qconv.core import ggml
+
+
+def ggml_library() -> ctypes.CDLL:
+    """llama-cpp-python's ``libggml-base`` with ``ggml_quantize_chunk`` typed."""
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    return lib
+
+
+def ggml_quantize(lib: ctypes.CDLL, x: np.ndarray, qtype: GGMLQuantizationType, threads: int) -> np.ndarray:
+    """ggml's reference quantizer over ``x`` ``[rows, cols]``, its rows split between ``threads``."""
+    rows, cols = x.shape
+    row_bytes = lib.ggml_row_size(int(qtype), cols)
+    out = np.empty(rows * row_bytes, dtype=np.uint8)
+    lib.ggml_quantize_init(int(qtype))
+
+    def part(a: int, b: int) -> None:
+        # start is an element index; dst is the start of the whole output
+        lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, a * cols, b - a, cols, None)
+
+    step = -(-rows // threads)
+    spans = [(a, min(rows, a + step)) for a in range(0, rows, step)]
+    if threads == 1:
+        part(*spans[0])
+    else:
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(lambda s: part(*s), spans))
+    return out
+
+
+def timed(fn) -> tuple[float, np.ndarray]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--cols", type=int, default=14336)
+    parser.add_argument("--types", nargs="+", default=["Q4_K", "Q6_K", "Q8_0"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    lib = ggml_library()
+    # weights shaped like a trained model's: per-row spread and a few large outliers, on the
+    # fp16 grid (the 8B export quantizes from an f16 GGUF)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.rows, args.cols), dtype=np.float32) * 0.02
+    x *= np.exp(rng.standard_normal((args.rows, 1), dtype=np.float32) * 0.3)
+    x[rng.random(x.shape) < 1e-4] *= 20
+    x = x.astype(np.float16).astype(np.float32)
+    melem = x.size / 1e6
+    print(f"{args.rows} x {args.cols} float32 ({melem:.1f} M elements), {args.repeat} interleaved rounds\n")
+    print("| type | threads | ggml s (median) | qconv s (median) | qconv Melem/s | qconv / ggml (median of rounds) "
+          "| identical |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.types:
+        qtype = GGMLQuantizationType[name]
+        for threads in args.threads:
+            theirs, ours, ratios, same = [], [], [], True
+            for _ in range(args.repeat):
+                t_ref, ref = timed(lambda: ggml_quantize(lib, x, qtype, threads))
+                t_ours, mine = timed(lambda: ggml.quantize(x, qtype, threads=threads))
+                theirs.append(t_ref)
+                ours.append(t_ours)
+                ratios.append(t_ours / t_ref)
+                same &= np.array_equal(ref, np.asarray(mine).view(np.uint8).ravel())
+            print(f"| {name} | {threads} | {statistics.median(theirs):.3f} | {statistics.median(ours):.3f} "
+                  f"| {melem / statistics.median(ours):.1f} | **{statistics.median(ratios):.2f}x** "
+                  f"(min {min(ratios):.2f}, max {max(ratios):.2f}) | {'yes' if same else 'NO'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
