@@ -1,7 +1,7 @@
 """An 8B-shaped model on a 24 GB machine: peak memory and time of qconv's streaming paths.
 
-    python bench/large_model.py [--dir .cache/llama3-8b-shaped] [--steps make rtn gguf gptq]
-                                [--gptq-layers 2] [--gptq-samples 16]
+    python bench/large_model.py [--dir .cache/llama3-8b-shaped] [--steps make rtn gguf gptq ppl]
+                                [--gptq-layers 2] [--gptq-samples 16] [--ppl-windows 2]
 
 A random checkpoint with Llama-3-8B's shapes (32 layers, hidden 4096, MLP 14336, 32 heads, 8 KV
 heads, vocabulary 128,256, untied head, bf16, 5 GB shards: 16 GB on disk, 32 GB as float32,
@@ -16,7 +16,11 @@ process (wall time and peak RSS from a small parent, as ``/usr/bin/time`` report
 * ``gptq``: ``--dry-run`` of GPTQ W4 g128 at 128 x 2048 (the mode chosen for this machine and
   its estimate; goal <= 24 GB), then a measured GPTQ run at ``--gptq-samples`` x 2048 on a
   ``--gptq-layers``-layer checkpoint of the same widths (the peak is per layer), against the
-  estimate at that count (goal: within 10%).
+  estimate at that count (goal: within 10%);
+* ``ppl``: the runner's perplexity of the whole model on ``--ppl-windows`` windows of 512 tokens
+  of WikiText-2, loaded (``--dtype auto``: the checkpoint's bf16 weights, since float32 would
+  not fit) and with ``--stream-layers`` (one layer in memory): both must fit this machine, and
+  the two perplexities agree (bf16 weights vs float32 layers: to bf16 round-off).
 """
 
 from __future__ import annotations
@@ -96,9 +100,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path(".cache/llama3-8b-shaped"))
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
-    parser.add_argument("--steps", nargs="+", default=["make", "rtn", "gguf", "gptq"])
+    parser.add_argument("--steps", nargs="+", default=["make", "rtn", "gguf", "gptq", "ppl"])
     parser.add_argument("--gptq-layers", type=int, default=2)
     parser.add_argument("--gptq-samples", type=int, default=16)
+    parser.add_argument("--ppl-windows", type=int, default=2)
     args = parser.parse_args()
     tokenizer = padded_tokenizer(example_model(args.cache), LLAMA3_8B["vocab_size"])
     model = make_checkpoint(args.dir, LLAMA3_8B["num_hidden_layers"], tokenizer)
@@ -146,6 +151,16 @@ def main() -> None:
                         f"{m['wall']:.0f} | {gb(m['rss_mb'])} (estimate {est['estimate']['total'] / 2**30:.2f}) | "
                         f"within 10%: measured / estimate = **{ratio:.3f}** |")
             print(rows[-1], flush=True)
+        if "ppl" in args.steps:
+            for how, extra in (("loaded (`--dtype auto`: bf16 weights)", []), ("`--stream-layers`", ["--stream-layers"])):
+                result = work / "ppl.json"
+                m = measure(["sh", "-c", '"$@" > ' + str(result), "sh", *QCONV, "run", str(model), "--ppl",
+                             str(SHARED / "wikitext-2-raw-test.txt"), "--ctx", "512", "--max-windows",
+                             str(args.ppl_windows), "--json", "--quiet", *extra])
+                value = json.loads(result.read_text())["ppl"]
+                rows.append(f"| runner perplexity, {args.ppl_windows} x 512 tokens, {how} | {m['wall']:.0f} | "
+                            f"{gb(m['rss_mb'])} | fits 24 GB; PPL {value:.1f} (random weights) |")
+                print(rows[-1], flush=True)
     print("\n| step | wall s | peak RSS GiB | goal / note |\n|---|---|---|---|")
     print("\n".join(rows))
 
