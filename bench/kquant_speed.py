@@ -1,6 +1,7 @@
 """The ggml block kernels alone, against ggml's own ``ggml_quantize_chunk``, interleaved.
 
     python bench/kquant_speed.py [--rows 1024] [--cols 14336] [--types Q4_K Q6_K Q8_0] [--repeat 5]
+                                 [--chunks 256 1024]
 
 Whole-file comparisons (``bench/large_model.py``, ``bench/gguf_export.py``) time two processes
 one after the other, so load from anything else on the machine lands on one side only; on this
@@ -11,6 +12,8 @@ gives the median of each and the median of the per-round ratios: a figure that d
 Each type runs on 1 and on 2 threads; ggml's side splits the rows between Python threads that
 call ``ggml_quantize_chunk`` through ctypes (which releases the GIL), as ``llama_model_quantize``
 splits a tensor's rows between its workers. Every round checks that the bytes are identical.
+``--chunks`` times qconv's side at each of these super-blocks per work chunk (default: the
+shipped size), in the same rounds.
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["Q4_K", "Q6_K", "Q8_0"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--chunks", nargs="+", type=int, default=None,
+                        help="qconv's blocks per work chunk to compare (default: the shipped one)")
     args = parser.parse_args()
     lib = ggml_library()
     # weights shaped like a trained model's: per-row spread and a few large outliers, on the
@@ -87,24 +92,34 @@ def main() -> None:
     x = x.astype(np.float16).astype(np.float32)
     melem = x.size / 1e6
     print(f"{args.rows} x {args.cols} float32 ({melem:.1f} M elements), {args.repeat} interleaved rounds\n")
-    print("| type | threads | ggml s (median) | qconv s (median) | qconv Melem/s | qconv / ggml (median of rounds) "
-          "| identical |")
-    print("|---|---|---|---|---|---|---|")
+    print("| type | threads | qconv chunk | ggml s (median) | qconv s (median) | qconv Melem/s "
+          "| qconv / ggml (median of rounds) | identical |")
+    print("|---|---|---|---|---|---|---|---|")
+    shipped = dict(ggml._CHUNK_BLOCKS)
     for name in args.types:
         qtype = GGMLQuantizationType[name]
+        chunks = args.chunks or [shipped[name]]
         for threads in args.threads:
-            theirs, ours, ratios, same = [], [], [], True
+            theirs: list[float] = []
+            ours: dict[int, list[float]] = {c: [] for c in chunks}
+            ratios: dict[int, list[float]] = {c: [] for c in chunks}
+            same = True
             for _ in range(args.repeat):
                 t_ref, ref = timed(lambda: ggml_quantize(lib, x, qtype, threads))
-                t_ours, mine = timed(lambda: ggml.quantize(x, qtype, threads=threads))
                 theirs.append(t_ref)
-                ours.append(t_ours)
-                ratios.append(t_ours / t_ref)
-                same &= np.array_equal(ref, np.asarray(mine).view(np.uint8).ravel())
-            print(f"| {name} | {threads} | {statistics.median(theirs):.3f} | {statistics.median(ours):.3f} "
-                  f"| {melem / statistics.median(ours):.1f} | **{statistics.median(ratios):.2f}x** "
-                  f"(min {min(ratios):.2f}, max {max(ratios):.2f}) | {'yes' if same else 'NO'} |", flush=True)
-
+                for c in chunks:
+                    ggml._CHUNK_BLOCKS[name] = c
+                    t_ours, mine = timed(lambda: ggml.quantize(x, qtype, threads=threads))
+                    ours[c].append(t_ours)
+                    ratios[c].append(t_ours / t_ref)
+                    same &= np.array_equal(ref, np.asarray(mine).view(np.uint8).ravel())
+            ggml._CHUNK_BLOCKS[name] = shipped[name]
+            for c in chunks:
+                r = ratios[c]
+                print(f"| {name} | {threads} | {c}{' (shipped)' if c == shipped[name] else ''} "
+                      f"| {statistics.median(theirs):.3f} | {statistics.median(ours[c]):.3f} "
+                      f"| {melem / statistics.median(ours[c]):.1f} | **{statistics.median(r):.2f}x** "
+                      f"(min {min(r):.2f}, max {max(r):.2f}) | {'yes' if same else 'NO'} |", flush=True)
 
 if __name__ == "__main__":
     main()
