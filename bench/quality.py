@@ -104,12 +104,12 @@ ROWS: dict[str, tuple[str, dict[str, Any] | str, list[dict[str, Any]]] | None] =
     # of 128, so FP8_BLOCK's 128-wide blocks and activation groups do not apply to it)
     "fp8-rtn": ("FP8 dynamic: E4M3 per channel, per-token E4M3 activations, RTN", "fp8", [RTN]),
     "fp8-static-rtn": ("FP8 static: E4M3 per tensor, static per-tensor E4M3 activations, RTN", "fp8-static", [RTN]),
-    "fp8-gptq": ("FP8 dynamic, GPTQ damp 0.01 (act order)", "fp8", [GPTQ]),
+    "fp8-gptq": ("FP8 dynamic, GPTQ damp 0.1 (act order)", "fp8", [FP_GPTQ]),
     # the weights' share of FP8's loss: the same E4M3 per-channel weights, activations unquantized
     "fp8a16-rtn": ("FP8 weight-only: E4M3 per channel, 16-bit activations, RTN", "fp8a16", [RTN]),
     "fp8a16-gptq": ("FP8 weight-only, GPTQ damp 0.1 (act order)", "fp8a16", [FP_GPTQ]),
-    "fp8-sq-gptq": ("FP8 dynamic, SmoothQuant α0.5 + GPTQ damp 0.01", "fp8", [{"method": "smoothquant"}, GPTQ]),
-    "fp8-static-gptq": ("FP8 static, GPTQ damp 0.01 (act order)", "fp8-static", [GPTQ]),
+    "fp8-sq-gptq": ("FP8 dynamic, SmoothQuant α0.5 + GPTQ damp 0.1", "fp8", [{"method": "smoothquant"}, FP_GPTQ]),
+    "fp8-static-gptq": ("FP8 static, GPTQ damp 0.1 (act order)", "fp8-static", [FP_GPTQ]),
     **{f"{s}-{m}": (f"{label}, {how}", s, stages)
        for s, label in (("nvfp4a16", "NVFP4A16 (E2M1, FP8 scale / 16, global scale)"),
                         ("nvfp4", "NVFP4 W4A4 (+ NVFP4 activations, calibrated global scale)"),
