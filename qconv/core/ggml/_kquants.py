@@ -101,13 +101,9 @@ def _qkx2_search(X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: f
             # clamp to [0, nmax]: x <= max always, so the upper clamp matters only when
             # iscale*(max-min) = c can round above nmax; the lower one only when min > x.
             # (numpy's minimum/maximum are much faster against a full array than a scalar)
-            # (one clip with scalar bounds is one pass where minimum then maximum were two)
-            upper, lower = c >= fnmax + F32(0.45), bool(np.any(mn > xmin))
-            if upper and lower:
-                np.clip(T, F32(0.0), fnmax, out=T)
-            elif upper:
+            if c >= fnmax + F32(0.45):
                 np.minimum(T, scratch("hi", X.shape, fill=nmax), out=T)
-            elif lower:
+            if np.any(mn > xmin):
                 np.maximum(T, scratch("zero", X.shape, fill=0.0), out=T)
             np.multiply(W, T, out=WL)                 # w*l
             sum_l = seq_sum(WL)
