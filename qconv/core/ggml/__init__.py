@@ -31,13 +31,15 @@ QTYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 _FUNCS = {**LEGACY, **KQUANTS}
 
-# blocks per work chunk (measured: large enough to amortise numpy's per-call overhead, small
-# enough to keep the working set in cache). Smaller K-quant chunks (256 / 384) looked 8-12% faster
-# in a micro-benchmark on a loaded box, but the 8B-shaped q4_k_m export took 605 s with them
-# against 501 s with these (idle AMX Xeon, one run each): kept.
+# blocks per work chunk: large enough to amortise numpy's per-call overhead, small enough to keep
+# a chunk's work arrays in cache. Measured with bench/kquant_speed.py (2 threads, 512 x 14336,
+# rounds interleaved with ggml's own quantizer, box loaded by two other jobs, 2026-12-06): Q6_K at
+# 384 blocks 1.29-1.38x ggml's time against 1.47-1.53x at 768 and 1.67x at 1024; Q4_K 1.11-1.21x
+# at 512 against 1.26x at 1024 (within the noise, the same direction). One whole 8B-shaped
+# export with 256 / 384 had taken 605 s against 501 s, but those were single runs hours apart.
 _CHUNK_BLOCKS = {
     "Q8_0": 4096, "Q4_0": 4096, "Q4_1": 4096, "Q5_0": 4096, "Q5_1": 4096,
-    "Q4_K": 1024, "Q5_K": 1024, "Q6_K": 768,
+    "Q4_K": 512, "Q5_K": 512, "Q6_K": 384,
 }
 # Automatic threading: only the compute-bound K-quants on large tensors gain from extra threads
 # (the 32-element types are memory-bound, and small tensors only pay for the GIL hand-overs).
