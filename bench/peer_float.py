@@ -2,6 +2,7 @@
 same fp32 checkpoint, same scheme, ``lm_head`` kept.
 
     python bench/peer_float.py --llmc-python /path/to/venv/bin/python [--cache .cache] [--windows 20]
+                               [--schemes fp8 nvfp4a16]
 
 llm-compressor is a peer, not a dependency: install it into its own virtual environment
 (``python -m venv V && V/bin/pip install torch==2.13.0 llmcompressor==0.14.0``) and pass that
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--llmc-python", type=Path, required=True)
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--windows", type=int, default=20)
+    parser.add_argument("--schemes", nargs="+", choices=list(SCHEMES), default=list(SCHEMES))
     args = parser.parse_args()
     model = example_model(args.cache)
     wiki, held = shared_data() / "wikitext-2-raw-test.txt", heldout_text(args.cache / "heldout")
@@ -54,7 +56,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "llmc.py"
         script.write_text(LLMC_SCRIPT)
-        for scheme, preset in SCHEMES.items():
+        for scheme in args.schemes:
+            preset = SCHEMES[scheme]
             outs = {"llm-compressor": Path(tmp) / f"llmc-{scheme}", "qconv": Path(tmp) / f"qconv-{scheme}"}
             runs = {"llm-compressor": [str(args.llmc_python), str(script), str(model), preset, str(outs["llm-compressor"])],
                     "qconv": [*QCONV, "quantize", str(model), "--method", "rtn", "--scheme", scheme,
