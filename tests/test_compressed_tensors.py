@@ -22,7 +22,7 @@ from qconv.checkpoint.hf import HFSource
 from qconv.checkpoint.hf_writer import write_hf_checkpoint
 from qconv.errors import CheckpointMismatch, InvalidOption, UnsupportedModel
 from qconv.core.quantized import ActivationScheme, QuantizedWeight
-from qconv.core.compressed_layout import compress, pack_int32, unpack_int32, weight_args
+from qconv.core.compressed_layout import compress, pack_fp4, pack_int32, unpack_int32, weight_args
 from qconv.formats.compressed_tensors import CompressedTensorsWriter
 from qconv.model import load_model
 from qconv.model.act_quant import apply_activation_quant, fake_quant_input, fake_quant_per_token
@@ -181,11 +181,14 @@ def test_compress_matches_library(scheme: WeightScheme, act: ActivationScheme | 
     compressor = BaseCompressor.get_value_from_registry(module_format(scheme, act))
     input_scale = act.static_scale(torch.tensor(3.0)) if act and act.needs_scale else None
     ours = compress(qw, act, input_scale)
-    # the library takes scales as floats (E8M0 as the power of two) and the float weights
+    # the library takes scales as floats (E8M0 as the power of two) and the float weights; FP4
+    # gets the original weights: a negative weight that rounds to zero is stored as -0 (code 8),
+    # which its dequantized value (-0, whose sign the library's cast drops) no longer says
     scale = ours["weight_scale"]
     scale = torch.exp2(scale.float() - 127) if scheme.scale_dtype == E8M0 else \
         scale.float() if scheme.scale_dtype == FP8 else scale
-    state = {"weight": qw.dequantize() if scheme.is_float else qw.dequantize().to(scheme.scale_dtype),
+    fp4 = scheme.is_float and scheme.bits == 4
+    state = {"weight": w if fp4 else qw.dequantize() if scheme.is_float else qw.dequantize().to(scheme.scale_dtype),
              "weight_scale": scale}
     if not scheme.is_float:
         state["weight_zero_point"] = qw.zero.to(torch.int8)
@@ -412,8 +415,8 @@ def test_weight_grids_match_library(scheme: WeightScheme) -> None:
 
 def test_e2m1_rounding_matches_library() -> None:
     """FP4 rounding (every tie, its float32 neighbours, both signs, zeros, saturation, random
-    values) equals compressed-tensors' ``cast_to_fp4``. Where it returns -0, qconv keeps +0: the
-    code compressed-tensors' packer stores for both."""
+    values) equals compressed-tensors' ``cast_to_fp4``, down to the sign of zero (its packer
+    stores -0 as code 8)."""
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.quantization.utils.fp4_utils import cast_to_fp4
 
@@ -421,7 +424,32 @@ def test_e2m1_rounding_matches_library() -> None:
     near = torch.cat([points, points.nextafter(torch.tensor(0.0)), points.nextafter(torch.tensor(1e10))])
     x = torch.cat([near, -near, torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 3])
     ours, theirs = round_float(x.clone(), 4), cast_to_fp4(x.clone())
-    assert torch.equal(ours, theirs) and not torch.signbit(ours[ours == 0]).any()
+    assert torch.equal(ours, theirs) and torch.equal(torch.signbit(ours), torch.signbit(theirs))
+
+
+@pytest.mark.parametrize("scheme", [NVFP4_W, MXFP4_W], ids=str)
+def test_fp4_packed_bytes_match_library(scheme: WeightScheme) -> None:
+    """The packed FP4 codes equal compressed-tensors' ``quantize`` + ``pack_fp4_to_uint8`` byte
+    for byte, including the -0 code (8) of negative values that round to zero and the +0 of
+    exact zeros."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    torch.manual_seed(2)
+    w = torch.randn(64, 128) * torch.logspace(-3, 0, 128)  # many columns round to ±0
+    w[5, :40] = 0
+    w[6, 7] = -0.0
+    gs = tensor_global_scale(w, scheme)
+    q, _, _ = rtn(w, scheme, gs)
+    args = QuantizationArgs.model_validate({k: v for k, v in weight_args(scheme).items() if v is not None})
+    g = w.reshape(64, scheme.groups(128), scheme.group_width(128))
+    scale, zp = calculate_qparams(g.amin(-1), g.amax(-1), args, global_scale=gs)
+    theirs = ct_quantize(w, scale.float(), zp, args, global_scale=gs)
+    assert (torch.signbit(q) & (q == 0)).any()  # the case that matters is present
+    assert torch.equal(pack_fp4(q), pack_fp4_to_uint8(theirs))
 
 
 @pytest.mark.parametrize("act", [A_FP8_TOKEN, A_FP8_STATIC, A_FP8_GROUP, A_NVFP4, A_MXFP4],

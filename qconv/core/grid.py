@@ -125,7 +125,8 @@ class WeightScheme:
 
 def round_float(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Nearest FP8 E4M3 (bits 8) or FP4 E2M1 (bits 4) value of float32 ``x``, saturating at the
-    largest finite value; ties to even, as the hardware and compressed-tensors round."""
+    largest finite value; ties to even, as the hardware and compressed-tensors round (a negative
+    value that rounds to zero gives -0, as both do)."""
     m = FLOAT_MAX[bits]
     if bits == 8:
         return x.clamp(-m, m).to(FP8).float()
@@ -136,9 +137,9 @@ def round_float(x: torch.Tensor, bits: int) -> torch.Tensor:
     a = x.abs()
     step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
     r = a.div_(step).round_().mul_(step).clamp_(max=m)
-    # a negative value that rounds to zero gives -0; adding +0 makes it +0, as compressed-tensors
-    # stores it
-    return r.copysign_(x).add_(0.0)
+    # times sign(x), as compressed-tensors' cast: a negative value that rounds to zero gives -0
+    # (code 8 in its packer), a zero gives +0, so the stored bytes equal llm-compressor's
+    return r.mul_(torch.sign(x))
 
 
 def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
