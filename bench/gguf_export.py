@@ -51,14 +51,22 @@ def fastest(runs: list[dict[str, float]]) -> dict[str, float]:
     return {"wall": min(r["wall"] for r in runs), "rss_mb": max(r["rss_mb"] for r in runs)}
 
 
-def identical_tensors(a: Path, b: Path) -> tuple[int, int]:
+def tensor_digests(path: Path) -> dict[str, tuple[str, str]]:
+    """Each tensor's type and SHA-256 of its bytes (so a file can be compared after it is gone)."""
+    import hashlib
+
     import gguf
     import numpy as np
 
-    def load(p: Path) -> dict[str, tuple[str, bytes]]:
-        return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(str(p)).tensors}
+    return {t.name: (t.tensor_type.name, hashlib.sha256(np.asarray(t.data).tobytes()).hexdigest())
+            for t in gguf.GGUFReader(str(path)).tensors}
 
-    ta, tb = load(a), load(b)
+
+def identical_tensors(a: Path | dict[str, tuple[str, str]], b: Path) -> tuple[int, int]:
+    """(tensors of ``a`` whose type and bytes equal ``b``'s, tensors of ``a``); ``a`` may be the
+    :func:`tensor_digests` of a file already deleted."""
+    ta = a if isinstance(a, dict) else tensor_digests(a)
+    tb = tensor_digests(b)
     return sum(ta[n] == tb.get(n) for n in ta), len(ta)
 
 
