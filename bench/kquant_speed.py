@@ -12,8 +12,10 @@ gives the median of each and the median of the per-round ratios: a figure that d
 Each type runs on 1 and on 2 threads; ggml's side splits the rows between Python threads that
 call ``ggml_quantize_chunk`` through ctypes (which releases the GIL), as ``llama_model_quantize``
 splits a tensor's rows between its workers. Every round checks that the bytes are identical.
-``--chunks`` times qconv's side at each of these super-blocks per work chunk (default: the
-shipped size), in the same rounds.
+``--chunks`` times qconv's side at each of these super-blocks per work chunk, in the same
+rounds; ``auto`` (the default) is what ``ggml.quantize`` does by itself: on several threads, the
+size it timed on this machine (``ChunkTuner``; its first call tunes, on a matrix of at least
+``2 * trial_blocks`` blocks; the table names the size it chose).
 """
 
 from __future__ import annotations
@@ -79,8 +81,8 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["Q4_K", "Q6_K", "Q8_0"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--chunks", nargs="+", type=int, default=None,
-                        help="qconv's blocks per work chunk to compare (default: the shipped one)")
+    parser.add_argument("--chunks", nargs="+", default=["auto"],
+                        help="qconv's blocks per work chunk to compare, or 'auto' (ggml.quantize's own choice)")
     args = parser.parse_args()
     lib = ggml_library()
     # weights shaped like a trained model's: per-row spread and a few large outliers, on the
@@ -95,31 +97,37 @@ def main() -> None:
     print("| type | threads | qconv chunk | ggml s (median) | qconv s (median) | qconv Melem/s "
           "| qconv / ggml (median of rounds) | identical |")
     print("|---|---|---|---|---|---|---|---|")
-    shipped = dict(ggml._CHUNK_BLOCKS)
+    chunks: list[int | None] = [None if c == "auto" else int(c) for c in args.chunks]
     for name in args.types:
         qtype = GGMLQuantizationType[name]
-        chunks = args.chunks or [shipped[name]]
         for threads in args.threads:
             theirs: list[float] = []
-            ours: dict[int, list[float]] = {c: [] for c in chunks}
-            ratios: dict[int, list[float]] = {c: [] for c in chunks}
+            ours: dict[int | None, list[float]] = {c: [] for c in chunks}
+            ratios: dict[int | None, list[float]] = {c: [] for c in chunks}
             same = True
             for _ in range(args.repeat):
                 t_ref, ref = timed(lambda: ggml_quantize(lib, x, qtype, threads))
                 theirs.append(t_ref)
                 for c in chunks:
-                    ggml._CHUNK_BLOCKS[name] = c
-                    t_ours, mine = timed(lambda: ggml.quantize(x, qtype, threads=threads))
+                    t_ours, mine = timed(lambda: ggml.quantize(x, qtype, threads=threads, chunk_blocks=c))
                     ours[c].append(t_ours)
                     ratios[c].append(t_ours / t_ref)
                     same &= np.array_equal(ref, np.asarray(mine).view(np.uint8).ravel())
-            ggml._CHUNK_BLOCKS[name] = shipped[name]
             for c in chunks:
                 r = ratios[c]
-                print(f"| {name} | {threads} | {c}{' (shipped)' if c == shipped[name] else ''} "
+                print(f"| {name} | {threads} | {c or auto_label(name, threads)} "
                       f"| {statistics.median(theirs):.3f} | {statistics.median(ours[c]):.3f} "
                       f"| {melem / statistics.median(ours[c]):.1f} | **{statistics.median(r):.2f}x** "
                       f"(min {min(r):.2f}, max {max(r):.2f}) | {'yes' if same else 'NO'} |", flush=True)
+
+
+def auto_label(name: str, threads: int) -> str:
+    """What ``chunk_blocks=None`` ran: the tuned size, or the default where there is none."""
+    if threads > 1 and name in ggml._AUTO_THREADS:
+        chosen = ggml._TUNER.chosen((name, threads))
+        return f"auto: tuned {chosen}" if chosen else f"auto: untuned, {ggml._TUNER.fallback}"
+    return f"auto: {ggml._CHUNK_BLOCKS[name]}"
+
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ import pytest
 
 from qconv.core import ggml
 from qconv.core.ggml._common import nearest_int, roundf, seq_sum
+from qconv.core.ggml._schedule import ChunkTuner
 
 QTYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
@@ -238,6 +239,40 @@ def test_threads_and_chunking_do_not_change_bytes(qtype):
     one = ggml.quantize(x, qtype, threads=1)
     np.testing.assert_array_equal(one, ggml.quantize(x, qtype, threads=3))
     np.testing.assert_array_equal(one[7:9], ggml.quantize(x[7:9], qtype))
+
+
+def test_chunk_tuner_times_real_work_and_keeps_its_choice():
+    """The trials quantize the tensor's own leading blocks (nothing twice, nothing skipped); the
+    choice is one of the candidates and is kept; before it exists, small tensors use the fallback."""
+    sizes: list[int] = []
+
+    def fn(b: np.ndarray, o: np.ndarray) -> None:
+        sizes.append(b.shape[0])
+        o[:] = b.sum(axis=1, keepdims=True) + 1
+
+    tuner = ChunkTuner(candidates=(8, 2, 4), fallback=3)
+    assert tuner.trial_blocks(threads=2) == 2 * 3 * 2 * 8
+    blocks = np.arange(300 * 4, dtype=np.float64).reshape(300, 4)
+    out = np.zeros((300, 1))
+    tuner.run("k", blocks[:50], out[:50], fn, threads=2)  # too small to tune: fallback chunks
+    assert tuner.chosen("k") is None and max(sizes) == 3
+    sizes.clear()
+    tuner.run("k", blocks[50:], out[50:], fn, threads=2)
+    np.testing.assert_array_equal(out[:, 0], blocks.sum(axis=1) + 1)
+    assert sum(sizes) == 250 and {2, 4, 8} <= set(sizes)
+    assert tuner.chosen("k") in (2, 4, 8)
+    sizes.clear()
+    tuner.run("k", blocks[:20], out[:20], fn, threads=1)
+    assert len(sizes) == -(-20 // tuner.chosen("k")) and max(sizes) <= tuner.chosen("k")
+
+
+def test_tuned_chunks_do_not_change_bytes(monkeypatch):
+    monkeypatch.setattr(ggml, "_TUNER", ChunkTuner(candidates=(4, 8, 16), fallback=8))
+    x = datasets(96, 1024, seed=6)["outliers"]  # 384 Q4_K blocks: twice the 2-thread trials
+    one = ggml.quantize(x, "Q4_K", threads=1)
+    np.testing.assert_array_equal(one, ggml.quantize(x, "Q4_K", threads=2))
+    assert ggml._TUNER.chosen(("Q4_K", 2)) in (4, 8, 16)
+    np.testing.assert_array_equal(one, ggml.quantize(x, "Q4_K", threads=2))
 
 
 def test_seq_sum_is_sequential_float32():

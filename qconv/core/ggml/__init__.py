@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import default_threads, run_chunked
+from ._schedule import ChunkTuner, default_threads, run_chunked
 from ._kquants import KQUANTS
 from ._legacy import LEGACY
 
@@ -31,20 +31,19 @@ QTYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 _FUNCS = {**LEGACY, **KQUANTS}
 
-# blocks per work chunk: large enough to amortise numpy's per-call overhead, small enough to keep
-# a chunk's work arrays in cache. Measured with bench/kquant_speed.py (2 threads, 512 x 14336,
-# rounds interleaved with ggml's own quantizer, box loaded by two other jobs, 2026-12-06): Q6_K at
-# 384 blocks 1.29-1.38x ggml's time against 1.47-1.53x at 768 and 1.67x at 1024; Q4_K 1.11-1.21x
-# at 512 against 1.26x at 1024 (within the noise, the same direction). One whole 8B-shaped
-# export with 256 / 384 had taken 605 s against 501 s, but those were single runs hours apart.
+# blocks per work chunk on one thread (and on several before a tuned size exists): large enough
+# to amortise numpy's per-call overhead, small enough to keep a chunk's work arrays in cache.
 _CHUNK_BLOCKS = {
     "Q8_0": 4096, "Q4_0": 4096, "Q4_1": 4096, "Q5_0": 4096, "Q5_1": 4096,
     "Q4_K": 512, "Q5_K": 512, "Q6_K": 384,
 }
 # Automatic threading: only the compute-bound K-quants on large tensors gain from extra threads
 # (the 32-element types are memory-bound, and small tensors only pay for the GIL hand-overs).
+# Their chunk size on several threads is timed on the machine (see ._schedule): the best one
+# measured 384-512 super-blocks on an AMX Xeon and 1024-1536 on an AVX2 EPYC.
 _AUTO_THREADS = {"Q4_K", "Q5_K", "Q6_K"}
 _AUTO_THREADS_MIN_ELEMENTS = 1 << 22
+_TUNER = ChunkTuner(candidates=(384, 768, 1536), fallback=768)
 
 
 def _name(qtype) -> str:
@@ -64,13 +63,14 @@ def block_size(qtype) -> tuple[int, int]:
     return tuple(GGML_QUANT_SIZES[GGMLQuantizationType[_name(qtype)]])
 
 
-def quantize(x: np.ndarray, qtype, *, threads: int | None = None) -> np.ndarray:
+def quantize(x: np.ndarray, qtype, *, threads: int | None = None, chunk_blocks: int | None = None) -> np.ndarray:
     """Quantize float32 ``x`` of shape ``[rows, n]`` (``n`` a multiple of the block size) to the
     bytes llama.cpp writes for GGML type ``qtype``: uint8 ``[rows, n // block * block_bytes]``.
 
     A 1-D ``x`` is treated as one row. Non-float32 input is converted to float32 first.
-    ``threads``: worker threads (None: automatic, see the module docstring). The bytes do not
-    depend on it.
+    ``threads``: worker threads (None: automatic, see the module docstring); ``chunk_blocks``:
+    blocks per work chunk (None: the type's default on one thread, the size timed on this
+    machine for K-quants on several). The bytes depend on neither.
     """
     name = _name(qtype)
     qk, nbytes = block_size(name)
@@ -89,7 +89,11 @@ def quantize(x: np.ndarray, qtype, *, threads: int | None = None) -> np.ndarray:
         big = name in _AUTO_THREADS and x.size >= _AUTO_THREADS_MIN_ELEMENTS
         threads = default_threads() if big else 1
     if nblocks:
-        run_chunked(x.reshape(nblocks, qk), out, _FUNCS[name], _CHUNK_BLOCKS[name], threads)
+        blocks = x.reshape(nblocks, qk)
+        if chunk_blocks is None and threads > 1 and name in _AUTO_THREADS:
+            _TUNER.run((name, threads), blocks, out, _FUNCS[name], threads)
+        else:
+            run_chunked(blocks, out, _FUNCS[name], chunk_blocks or _CHUNK_BLOCKS[name], threads)
     return out.reshape(rows, (n // qk) * nbytes)
 
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 
@@ -143,47 +140,3 @@ def scratch(name: str, shape: tuple[int, ...], fill: float | None = None, dtype=
             buf.fill(fill)
         cache[key] = buf
     return buf[:size].reshape(shape)
-
-
-def default_threads() -> int:
-    env = os.environ.get("QCONV_GGML_THREADS")
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            pass
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def run_chunked(
-    blocks: np.ndarray,
-    out: np.ndarray,
-    fn: Callable[[np.ndarray, np.ndarray], None],
-    chunk_blocks: int,
-    threads: int,
-) -> None:
-    """Apply ``fn(blocks[a:b], out[a:b])`` over chunks of rows of ``blocks``, optionally in threads.
-
-    Every block is independent, so the chunking does not change the result. numpy releases the
-    GIL inside its loops, so chunks overlap on several cores; the chunks are made as large as
-    ``chunk_blocks`` allows (each numpy call hands the GIL over, so fewer, larger operations
-    scale better) and balanced across the threads.
-    """
-    nb = blocks.shape[0]
-    nthreads = max(1, int(threads))
-    nchunks = -(-nb // max(1, chunk_blocks))
-    if nthreads > 1:
-        nchunks = -(-nchunks // nthreads) * nthreads
-    size = -(-nb // nchunks)
-    spans = [(a, min(nb, a + size)) for a in range(0, nb, size)]
-    nthreads = min(nthreads, len(spans))
-    if nthreads <= 1:
-        for a, b in spans:
-            fn(blocks[a:b], out[a:b])
-        return
-    with ThreadPoolExecutor(max_workers=nthreads) as ex:
-        for f in [ex.submit(fn, blocks[a:b], out[a:b]) for a, b in spans]:
-            f.result()
