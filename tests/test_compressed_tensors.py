@@ -516,6 +516,38 @@ def test_apply_activation_quant_hooks(written) -> None:
         apply_activation_quant(model, {"model.layers.9.mlp.up_proj": A8})
 
 
+def test_activation_rounding_once_per_input(monkeypatch) -> None:
+    """Linears reading one tensor (q/k/v, gate/up) round it once; another scale, scheme or an
+    in-place change rounds afresh, and the outputs equal rounding per Linear."""
+    import qconv.model.act_quant as aq
+
+    calls: list[int] = []
+    real = aq.fake_quant_input
+    monkeypatch.setattr(aq, "fake_quant_input", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    class Three(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Linear(32, 4) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.a(x), self.b(x), self.c(x)], dim=-1)
+
+    torch.manual_seed(0)
+    m = Three()
+    x = torch.randn(3, 32)
+    expected = torch.cat([lin(real(x, A_NVFP4, s)) for lin, s in
+                          ((m.a, torch.tensor(100.0)), (m.b, torch.tensor(100.0)), (m.c, torch.tensor(7.0)))], -1)
+    apply_activation_quant(m, {"a": A_NVFP4, "b": A_NVFP4, "c": A_NVFP4},
+                           scales={"a": torch.tensor(100.0), "b": torch.tensor(100.0), "c": torch.tensor(7.0)})
+    with torch.no_grad():
+        assert torch.equal(m(x), expected)
+        assert len(calls) == 2  # a and b share one rounding, c's scale differs
+        x.mul_(2)
+        m(x)
+        assert len(calls) == 4  # changed in place: rounded again
+
+
 # --------------------------------------------------------------------------- (d) bad inputs
 
 
