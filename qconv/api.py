@@ -364,8 +364,9 @@ def quantize(
     fp8a16, fp8-static, fp8-block, nvfp4, nvfp4a16, mxfp4, mxfp4a16; int: bits/group_size), bits, group_size, symmetric, data,
     samples, seqlen, seed, text_field, dtype (calibration arithmetic), act_dtype (activation
     storage), memory (mode), damp, act_order, alpha, mse, fp_targets, refine, rotate; None = not
-    given) override it. ``max_memory`` (``"20GB"``): the host memory the run may use."""
-    from qconv.checkpoint.hf_writer import parse_size
+    given) override it. ``max_memory``: the memory the run may use, ``"20GB"`` (host) or
+    ``"cpu=20GB,cuda=70GB"``."""
+    from qconv.quant.memory import parse_memory_limits
     from qconv.quant.quantize import quantize_model
     from qconv.quant.recipe import apply_flags, load_recipe, recipe_for_method
 
@@ -373,5 +374,6 @@ def quantize(
         raise InvalidOption("give exactly one of --recipe and --method")
     base = load_recipe(recipe) if recipe is not None else recipe_for_method(str(method))
     resolved = apply_flags(base, **flags)
+    host, gpu = parse_memory_limits(max_memory) if max_memory else (None, None)
     return quantize_model(model_path, out, resolved, force=force, device=str(resolve_device(device)),
-                          quiet=quiet, dry_run=dry_run, max_memory=parse_size(max_memory) if max_memory else None)
+                          quiet=quiet, dry_run=dry_run, max_memory=host, max_device_memory=gpu)

@@ -203,7 +203,7 @@ def quantize(
     memory_mode: Optional[str] = typer.Option(None, "--memory-mode",
                                               help="auto, keep (fastest), stream (group inputs recomputed per batch) or spill (buffers in a scratch file)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory",
-                                             help="Host memory the run may use (e.g. 20GB); default: what is available. Picks the memory mode."),
+                                             help="Memory the run may use: 20GB (host) or cpu=20GB,cuda=70GB; default: what is available. Picks the memory mode, and on a GPU whether activations live on it."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: activation order (static groups)."),
     damp: Optional[float] = typer.Option(None, "--damp", help="GPTQ: relative Hessian dampening."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant: migration strength."),
@@ -246,13 +246,18 @@ def quantize(
         return
     if r.dry_run:
         p = r.memory_plan
+        # on the device: everything but the host process's runtime
+        skip = {"total", "runtime"} if p["placement"] == "device" else {"total"}
         parts = " + ".join(f"{k.replace('_', ' ')} {v / 2**20:.0f}" for k, v in p["estimate"].items()
-                           if k != "total" and v)
+                           if k not in skip and v)
         others = ", ".join(f"{m} {v / 2**30:.2f} GiB" for m, v in p["alternatives"].items())
+        where = (f"peak device memory ~ {p['device_bytes'] / 2**20:.0f} MiB (activations on the device) = "
+                 if p["placement"] == "device" else
+                 f"peak host memory ~ {p['estimate']['total'] / 2**20:.0f} MiB (activations {p['placement']}) = ")
         _console().print(
             f"plan: {r.quantized_modules} Linears with recipe {r.recipe['name']}\n"
             f"memory mode: {p['mode']} ({p['why']}; limit {p['limit'] / 2**30:.2f} GiB; modes: {others})\n"
-            f"peak host memory ~ {p['estimate']['total'] / 2**20:.0f} MiB = {parts}", highlight=False)
+            f"{where}{parts}", highlight=False)
     else:
         _console().print(f"wrote [bold]{r.output}[/] ({r.quantized_modules} quantized Linears) in {r.seconds:.1f}s")
 

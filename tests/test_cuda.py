@@ -129,6 +129,22 @@ def test_quantize_on_cuda(model: Path, calib: Path, tmp_path: Path, method: str,
     assert kl_gpu <= 1.2 * kl_cpu + 1e-4, (kl_cpu, kl_gpu)
 
 
+@pytest.mark.parametrize("memory", ["keep", "stream"])
+def test_activation_placement_does_not_change_bytes(model: Path, calib: Path, tmp_path: Path, memory: str) -> None:
+    """GPTQ on the GPU with the calibration activations on the device and in pinned host memory
+    (a device limit too small for them): the same kernels on the same device, so the same bytes."""
+    flags = dict(method="gptq", bits=4, group_size=32, data=str(calib), samples=8, seqlen=64, device="cuda",
+                 memory=memory)
+    placements = {}
+    for name, limit in (("device", "cuda=100GB"), ("pinned", "cuda=1000")):
+        r = api.quantize(model, tmp_path / name, max_memory=limit, **flags)
+        placements[name] = r.memory_plan["placement"]
+    assert placements == {"device": "device", "pinned": "pinned"}
+    for f in sorted(p.name for p in (tmp_path / "device").iterdir()):
+        if f.endswith(".safetensors"):
+            assert (tmp_path / "device" / f).read_bytes() == (tmp_path / "pinned" / f).read_bytes(), f
+
+
 def test_cli_run_on_cuda(tiny_model_dir: Path, tmp_path: Path) -> None:
     text = tmp_path / "t.txt"
     text.write_text(" ".join(str(i) for i in range(400)))

@@ -24,6 +24,7 @@ from qconv import api
 from qconv.checkpoint import open_model
 from qconv.errors import InvalidOption
 from qconv.quant.distributed import DataParallel
+from qconv.quant.memory import Workload, parse_memory_limits, plan
 from qconv.quant.pipeline import LayerPipeline
 from qconv.quant.reduce import BUCKETS, TreeSum, bucket_sizes, bucket_span
 from tests_support import write_tokenizer
@@ -119,6 +120,42 @@ def test_dry_run_reports_the_mode_for_a_memory_limit(model: Path, calib: Path, t
     with pytest.raises(InvalidOption, match="memory mode 'stream' does not apply"):
         api.quantize(model, tmp_path / "o", method="gptq", group_size=32, data=str(calib), samples=8, seqlen=32,
                      dry_run=True, fp_targets=True, memory="stream")
+
+
+def test_memory_limits_parse() -> None:
+    assert parse_memory_limits("20GB") == (20 * 10**9, None)
+    assert parse_memory_limits("cpu=20GB, cuda=70GB") == (20 * 10**9, 70 * 10**9)
+    assert parse_memory_limits("gpu=2GiB") == (None, 2 * 2**30)
+    for bad in ("tpu=3GB", "", "cuda=lots", ","):
+        with pytest.raises(InvalidOption, match="--max-memory|invalid size"):
+            parse_memory_limits(bad)
+
+
+def test_activations_live_on_a_cuda_device_when_they_fit(model: Path) -> None:
+    """On a CUDA device (its limit given, so no GPU is needed to plan) the activations go to the
+    device in the first of keep / stream whose estimate less the host runtime fits; otherwise to
+    pinned host memory with the mode chosen by the host limit (spill: a plain scratch file)."""
+    config = open_model(model).config
+    work = Workload(64, 256, sequential=True)
+    cuda = torch.device("cuda", 0)
+    roomy = plan(config, work, limit=10**12, device=cuda, device_limit=10**12)
+    assert (roomy.mode, roomy.placement) == ("keep", "device")
+    assert roomy.device_bytes == roomy.estimate["total"] - roomy.estimate["runtime"]
+    keep = roomy.device_bytes
+    stream = plan(config, work, "stream", 10**12, cuda, 10**12).device_bytes
+    assert stream < keep
+    mid = plan(config, work, limit=10**12, device=cuda, device_limit=(keep + stream) // 2)
+    assert (mid.mode, mid.placement) == ("stream", "device")
+    pinned = plan(config, work, limit=10**12, device=cuda, device_limit=1000)
+    assert (pinned.mode, pinned.placement) == ("keep", "pinned") and "pinned" in pinned.why
+    spilled = plan(config, work, limit=1000, device=cuda, device_limit=1000)
+    assert (spilled.mode, spilled.placement) == ("spill", "host")
+    assert plan(config, work, limit=10**12).placement == "host"  # a CPU run
+    rtn = plan(config, Workload(0, 256), limit=10**12, device=cuda, device_limit=1000)
+    assert rtn.placement == "host"  # nothing to place
+    with pytest.raises(InvalidOption, match="only for a CUDA device"):
+        with open_model(model) as src:
+            LayerPipeline(src, torch.zeros((4, 8), dtype=torch.long), "cpu", placement="device")
 
 
 def test_awq_estimate_counts_each_group_feature_in_its_dtype(model: Path, calib: Path, tmp_path: Path) -> None:

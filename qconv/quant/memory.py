@@ -31,6 +31,14 @@ and then the larger of
 
 The ``spill`` mode maps the hidden states (and stored group inputs) to a scratch file: they leave
 the estimate of resident memory, which then counts one batch of them instead.
+
+On a CUDA device the same parts, less the host process's ``runtime``, are what the GPU holds
+when the activations live there (``placement`` ``device``: one layer's weights and the
+activations on the GPU, nothing crossing the bus but each layer's weights); the first of
+``keep`` and ``stream`` that fits the device's free memory (or its ``--max-memory cuda=``) is
+chosen. Where neither fits, the activations stay on the host in page-locked memory
+(``pinned``: batches cross the bus both ways, at DMA speed) and the mode is chosen by the host
+limit as on a CPU; ``spill``'s scratch file is ordinary pageable memory (``host``).
 """
 
 from __future__ import annotations
@@ -39,13 +47,18 @@ import ctypes
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from qconv.arch.config import ModelConfig
 from qconv.arch.spec import LAYER_PREFIX
+from qconv.checkpoint.hf_writer import parse_size
 from qconv.errors import InvalidOption
+
+#: where a run's calibration activations live: on the host (CPU runs, spill), on the compute
+#: device, or on the host in page-locked memory (a CUDA run whose activations do not fit the GPU)
+PLACEMENTS = ("host", "device", "pinned")
 
 
 def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
@@ -82,17 +95,47 @@ class Workload:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """The chosen mode, its estimate (named parts and ``total``, bytes) and the limit it fits."""
+    """The chosen mode, its estimate (named parts and ``total``, bytes) and the limit it fits;
+    where the activations live (:data:`PLACEMENTS`) and, on a CUDA device, what it holds
+    (``device_bytes``: the estimate less the host's runtime when they live there) of its limit."""
 
     mode: str
     estimate: dict[str, int]
     limit: int
     why: str
     alternatives: dict[str, int] = field(default_factory=dict)
+    placement: str = "host"
+    device_bytes: int = 0
+    device_limit: int | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {"mode": self.mode, "estimate": self.estimate, "limit": self.limit, "why": self.why,
-                "alternatives": self.alternatives}
+                "alternatives": self.alternatives, "placement": self.placement,
+                "device_bytes": self.device_bytes, "device_limit": self.device_limit}
+
+
+def parse_memory_limits(text: str) -> tuple[int | None, int | None]:
+    """``--max-memory``: ``"20GB"`` (host), ``"cpu=20GB,cuda=70GB"`` (either or both) ->
+    ``(host bytes, device bytes)``, None where not given."""
+    host: int | None = None
+    device: int | None = None
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.rpartition("=")
+        key = key.strip().lower()
+        if key in ("", "cpu", "host"):
+            host = parse_size(value)
+        elif key in ("cuda", "gpu", "device"):
+            device = parse_size(value)
+        else:
+            raise InvalidOption(f"invalid --max-memory {text!r} (examples: 20GB, cpu=20GB,cuda=70GB)")
+    if host is None and device is None:
+        raise InvalidOption(f"invalid --max-memory {text!r} (examples: 20GB, cpu=20GB,cuda=70GB)")
+    return host, device
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """Free memory of a CUDA device now (what the caching allocator and other processes left)."""
+    return int(torch.cuda.mem_get_info(device)[0])
 
 
 def resident_bytes() -> int:
@@ -191,10 +234,15 @@ def batch_bytes(config: ModelConfig, work: Workload, mode: str) -> int:
     return 2 * batch
 
 
-def plan(config: ModelConfig, work: Workload, mode: str = "auto", limit: int | None = None) -> MemoryPlan:
+def plan(config: ModelConfig, work: Workload, mode: str = "auto", limit: int | None = None,
+         device: torch.device | None = None, device_limit: int | None = None) -> MemoryPlan:
     """The memory mode for ``work``: ``mode`` itself when given, else the first of keep, stream,
     spill whose estimate fits ``limit`` (default: :func:`available_bytes`). Methods whose
-    statistics need every group input at once (GPTQ's fp stream) stay in ``keep``."""
+    statistics need every group input at once (GPTQ's fp stream) stay in ``keep``.
+
+    On a CUDA ``device`` the activations live on it when a mode's estimate less the host
+    runtime fits ``device_limit`` (default: its free memory), else on the host, pinned (see
+    the module docstring)."""
     limit = available_bytes() if limit is None else limit
     runtime = resident_bytes()
     modes = ("keep",) if work.fp_stream else ("keep", "stream", "spill")
@@ -202,11 +250,29 @@ def plan(config: ModelConfig, work: Workload, mode: str = "auto", limit: int | N
         modes = ("keep", "spill")  # without GPTQ's sequential pass, keep and stream store the same
     estimates = {m: estimate(config, work, m, runtime) for m in modes}
     alternatives = {m: e["total"] for m, e in estimates.items()}
+    if mode != "auto" and mode not in estimates:
+        fallback = "keep" if work.fp_stream else "spill"
+        raise InvalidOption(f"memory mode {mode!r} does not apply here (modes: {', '.join(modes)}; "
+                            f"use {fallback})")
+    if device is not None and device.type == "cuda" and work.samples * work.seqlen:
+        device_limit = device_free_bytes(device) if device_limit is None else device_limit
+        on_device = [m for m in ((mode,) if mode != "auto" else modes) if m != "spill"]
+        for m in on_device:
+            need = estimates[m]["total"] - estimates[m]["runtime"]
+            if need <= device_limit:
+                return MemoryPlan(m, estimates[m], limit, f"activations on {device}: ~{_gb(need)} of its "
+                                  f"{_gb(device_limit)}", alternatives, "device", need, device_limit)
+        host = _host_plan(estimates, alternatives, modes, mode, limit)
+        return replace(host, placement="host" if host.mode == "spill" else "pinned", device_limit=device_limit,
+                       why=f"{host.why}; activations on the host ({'scratch file' if host.mode == 'spill' else 'pinned'}),"
+                           f" no mode fits {device}'s {_gb(device_limit)}")
+    return _host_plan(estimates, alternatives, modes, mode, limit)
+
+
+def _host_plan(estimates: dict[str, dict[str, int]], alternatives: dict[str, int], modes: tuple[str, ...],
+               mode: str, limit: int) -> MemoryPlan:
+    """The mode (``mode``, or the first of ``modes`` that fits) for activations on the host."""
     if mode != "auto":
-        if mode not in estimates:
-            fallback = "keep" if work.fp_stream else "spill"
-            raise InvalidOption(f"memory mode {mode!r} does not apply here (modes: {', '.join(modes)}; "
-                             f"use {fallback})")
         fits = estimates[mode]["total"] <= limit
         return MemoryPlan(mode, estimates[mode], limit, "chosen" + ("" if fits else ", over the limit"), alternatives)
     for m in modes:

@@ -45,7 +45,7 @@ from qconv.errors import InvalidOption
 from qconv.checkpoint.source import ModelSource
 from qconv.core.device import native_bf16
 from qconv.quant.distributed import DataParallel
-from qconv.quant.memory import release_memory
+from qconv.quant.memory import PLACEMENTS, release_memory
 from qconv.quant.reduce import BUCKETS, TreeSum, bucket_sizes, bucket_span
 from qconv.model.kv_cache import KVCache
 from qconv.model.decoder import (
@@ -406,14 +406,23 @@ class LayerPipeline:
     residual stream (less memory, about one more forward pass per layer), ``spill`` streams
     and also keeps the large buffers in a memory-mapped scratch file (``scratch_dir``) the
     kernel can page out. ``parallel``: this process is one rank of a data-parallel run and
-    handles only its buckets of the samples (:mod:`qconv.quant.reduce`)."""
+    handles only its buckets of the samples (:mod:`qconv.quant.reduce`). ``placement``
+    (:data:`qconv.quant.memory.PLACEMENTS`): the stored activations live on the host, on the
+    compute device, or on the host in page-locked memory (which CUDA copies by DMA, without a
+    staging copy, and overlaps with the host's work); the layers compute on ``device`` either way,
+    so the bits do not depend on it."""
 
     def __init__(self, source: ModelSource, tokens: torch.Tensor, device: torch.device | str = "cpu",
                  batch_size: int = 4, compute_dtype: torch.dtype = torch.float32, fp_stream: bool = False,
                  store_dtype: torch.dtype = torch.float32, mode: str = "keep",
-                 parallel: DataParallel | None = None, scratch_dir: Path | None = None) -> None:
+                 parallel: DataParallel | None = None, scratch_dir: Path | None = None,
+                 placement: str = "host") -> None:
         if mode not in MEMORY_MODES:
             raise InvalidOption(f"unknown memory mode {mode!r} (valid: {', '.join(MEMORY_MODES)})")
+        if placement not in PLACEMENTS:
+            raise InvalidOption(f"unknown activation placement {placement!r} (valid: {', '.join(PLACEMENTS)})")
+        if placement != "host" and (mode == "spill" or torch.device(device).type != "cuda"):
+            raise InvalidOption(f"activations {placement}: only for a CUDA device and the keep or stream modes")
         if fp_stream and mode != "keep":
             raise InvalidOption(f"memory mode {mode}: the fp stream (gptq fp_targets) needs the group inputs kept")
         self.source = source
@@ -431,6 +440,9 @@ class LayerPipeline:
         self.mode = mode
         self.parallel = parallel
         self._scratch = scratch_dir
+        self.placement = placement
+        #: where stored activations are allocated
+        self.store_device = self.device if placement == "device" else torch.device("cpu")
         if self.device.type == "cpu" and compute_dtype == torch.bfloat16 and not native_bf16(self.device):
             # measured on a 2-core AVX2 EPYC: bf16 GEMMs 0.25 GFLOP/s against 53-79 in float32
             log.warning("bfloat16 calibration on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and "
@@ -510,7 +522,10 @@ class LayerPipeline:
     def on_device(self, t: torch.Tensor) -> torch.Tensor:
         """A stored batch as the layer computes on it: floats widened to float32 (the layer's
         weights and residual arithmetic), on the pipeline's device."""
-        return t.to(self.device, torch.float32) if t.is_floating_point() else t.to(self.device)
+        # from pinned memory the copy is asynchronous, ordered before the kernels that read it
+        nb = self.placement == "pinned"
+        return t.to(self.device, torch.float32, non_blocking=nb) if t.is_floating_point() else \
+            t.to(self.device, non_blocking=nb)
 
     def autocast(self, dtype: torch.dtype | None = None) -> torch.autocast:
         """The compute dtype's (or ``dtype``'s) autocast on the pipeline's device (disabled for
@@ -549,7 +564,7 @@ class LayerPipeline:
         numel = math.prod(shape)
         if self.mode == "spill" and numel * dtype.itemsize >= SPILL_MIN_BYTES:
             return _mapped(shape, dtype, self._scratch)
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, device=self.store_device, pin_memory=self.placement == "pinned")
 
     def layers(self) -> Iterator[LayerContext]:
         """Yield each layer's context in order; after the caller is done with a context (the
@@ -560,7 +575,7 @@ class LayerPipeline:
         With the fp stream, each context also carries ``fp_inputs``, and the consumer must run
         :meth:`LayerContext.sequential` (which computes ``fp_outputs`` before the layer changes)."""
         hidden = self.embeddings()
-        fp_hidden = hidden.clone() if self.fp_stream else None
+        fp_hidden = self._buffer(tuple(hidden.shape), hidden.dtype).copy_(hidden) if self.fp_stream else None
         for i in range(self.config.num_layers):
             ctx = LayerContext(self, i, self.load_layer(i), hidden, fp_hidden)
             yield ctx

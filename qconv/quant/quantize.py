@@ -119,11 +119,13 @@ def quantize_model(
     dry_run: bool = False,
     batch_size: int = 4,
     max_memory: int | None = None,
+    max_device_memory: int | None = None,
 ) -> QuantizeResult:
     """Quantize ``model_path`` with ``recipe`` into a compressed-tensors checkpoint at ``out``.
 
     ``max_memory``: host bytes the run may use (default: what the machine has available); the
-    memory mode is chosen to fit it (:func:`qconv.quant.memory.plan`). Started by ``torchrun``
+    memory mode is chosen to fit it (:func:`qconv.quant.memory.plan`); on a CUDA device,
+    ``max_device_memory`` (default: its free memory) decides whether the activations live on it. Started by ``torchrun``
     with several processes, each rank calibrates on its share of the samples and rank 0 writes
     (:mod:`qconv.quant.distributed`)."""
     from qconv.formats.compressed_tensors import CompressedTensorsWriter, Fp8BlockWriter
@@ -188,17 +190,17 @@ def quantize_model(
         work = Workload(samples, calib.seqlen, arithmetic, store_dtype, batch_size,
                         sequential=quantizer.sequential, fp_stream=quantizer.fp_stream)
         work = replace(work, extra=_method_memory(stages, source.config, work))
-        memory = plan(source.config, work, calib.memory, max_memory)
+        memory = plan(source.config, work, calib.memory, max_memory, torch_device, max_device_memory)
         quantized = [m for m in widths if schemes.scheme_for(m) is not None]
         if dry_run:
             return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, True,
                                   memory.estimate, memory.to_dict())
-        if memory.mode != calib.memory and memory.estimate["total"] > memory.limit:
+        if memory.mode != calib.memory and memory.placement != "device" and memory.estimate["total"] > memory.limit:
             log.warning("no memory mode fits %.1f GiB (the %s mode needs ~%.1f GiB): running it anyway",
                         memory.limit / 2**30, memory.mode, memory.estimate["total"] / 2**30)
         act = schemes.activations
         pipeline = LayerPipeline(source, tokens, torch_device, batch_size, arithmetic,
-                                 quantizer.fp_stream, store_dtype, memory.mode, parallel)
+                                 quantizer.fp_stream, store_dtype, memory.mode, parallel, placement=memory.placement)
         writes = parallel is None or parallel.writes
         writer_class = Fp8BlockWriter if recipe.output_format == "fp8" else CompressedTensorsWriter
         writer = writer_class(
