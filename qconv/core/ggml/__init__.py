@@ -14,6 +14,8 @@ without ``--imatrix``): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (32-element blocks) and Q4_
 C code's operation order so results match bit for bit, and split into chunks that run on
 several threads (``threads``; by default the K-quants of tensors with at least 2**22 elements use
 the CPUs available, or ``$QCONV_GGML_THREADS``; everything else runs on the calling thread).
+On several threads the chunk size is timed on the machine (:mod:`._schedule`); no byte depends
+on threads or chunks.
 """
 
 from __future__ import annotations
