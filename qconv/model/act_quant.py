@@ -74,7 +74,7 @@ def apply_activation_quant(
     ``model.`` prefix) are both accepted. Returns the hook handles (``handle.remove()`` undoes).
     """
     scales = scales or {}
-    memo = _LastRounding()
+    memo = _LastRounding(range_divisor)
     handles: list[RemovableHandle] = []
     for name, scheme in schemes.items():
         runner_name = name.removeprefix("model.")
@@ -87,12 +87,13 @@ def apply_activation_quant(
         scale = scales.get(name)
         if scheme.needs_scale and scale is None:
             raise InvalidOption(f"{name}: static {scheme.type}{scheme.bits} activations without a stored scale")
-        handles.append(module.register_forward_pre_hook(_hook(scheme, range_divisor, scale, memo)))
+        handles.append(module.register_forward_pre_hook(_hook(scheme, scale, memo)))
     return handles
 
 
 class _LastRounding:
-    """The last input a hook rounded and its result, shared by the hooks of one model.
+    """The last input a hook rounded and its result, shared by the hooks of one model (which
+    share one ``range_divisor``).
 
     q, k and v (and gate and up) read the same tensor one after another; rounding it once per
     distinct (input, scheme, scale) instead of once per Linear saves about a third of the
@@ -103,28 +104,26 @@ class _LastRounding:
     in place between the Linears that read it.)
     """
 
-    def __init__(self) -> None:
-        self.key: tuple[torch.Tensor, int | None, ActivationScheme, float | None, torch.Tensor | None] | None = None
+    def __init__(self, range_divisor: float | None) -> None:
+        self.range_divisor = range_divisor
+        self.key: tuple[torch.Tensor, int | None, ActivationScheme, torch.Tensor | None] | None = None
         self.out: torch.Tensor | None = None
 
-    def round(self, x: torch.Tensor, scheme: ActivationScheme, range_divisor: float | None,
-              scale: torch.Tensor | None) -> torch.Tensor:
+    def round(self, x: torch.Tensor, scheme: ActivationScheme, scale: torch.Tensor | None) -> torch.Tensor:
         key = self.key
         version = None if x.is_inference() else x._version
         if (key is not None and key[0] is x and key[1] == version and key[2] == scheme
-                and key[3] == range_divisor
-                and (key[4] is scale or (key[4] is not None and scale is not None
-                                         and torch.equal(key[4], scale)))):
+                and (key[3] is scale or (key[3] is not None and scale is not None and torch.equal(key[3], scale)))):
             return self.out  # type: ignore[return-value]
         self.key, self.out = None, None  # release the previous pair before rounding anew
-        out = fake_quant_input(x, scheme, scale, range_divisor)
-        self.key, self.out = (x, version, scheme, range_divisor, scale), out
+        out = fake_quant_input(x, scheme, scale, self.range_divisor)
+        self.key, self.out = (x, version, scheme, scale), out
         return out
 
 
-def _hook(scheme: ActivationScheme, range_divisor: float | None, scale: torch.Tensor | None,
+def _hook(scheme: ActivationScheme, scale: torch.Tensor | None,
           memo: _LastRounding) -> Callable[..., tuple[torch.Tensor, ...]]:
     def pre_hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return (memo.round(args[0], scheme, range_divisor, scale), *args[1:])
+        return (memo.round(args[0], scheme, scale), *args[1:])
 
     return pre_hook

@@ -119,6 +119,7 @@ def parse_memory_limits(text: str) -> tuple[int | None, int | None]:
     ``(host bytes, device bytes)``, None where not given."""
     host: int | None = None
     device: int | None = None
+    invalid = InvalidOption(f"invalid --max-memory {text!r} (examples: 20GB, cpu=20GB,cuda=70GB)")
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.rpartition("=")
         key = key.strip().lower()
@@ -127,9 +128,9 @@ def parse_memory_limits(text: str) -> tuple[int | None, int | None]:
         elif key in ("cuda", "gpu", "device"):
             device = parse_size(value)
         else:
-            raise InvalidOption(f"invalid --max-memory {text!r} (examples: 20GB, cpu=20GB,cuda=70GB)")
+            raise invalid
     if host is None and device is None:
-        raise InvalidOption(f"invalid --max-memory {text!r} (examples: 20GB, cpu=20GB,cuda=70GB)")
+        raise invalid
     return host, device
 
 
@@ -263,9 +264,10 @@ def plan(config: ModelConfig, work: Workload, mode: str = "auto", limit: int | N
                 return MemoryPlan(m, estimates[m], limit, f"activations on {device}: ~{_gb(need)} of its "
                                   f"{_gb(device_limit)}", alternatives, "device", need, device_limit)
         host = _host_plan(estimates, alternatives, modes, mode, limit)
-        return replace(host, placement="host" if host.mode == "spill" else "pinned", device_limit=device_limit,
-                       why=f"{host.why}; activations on the host ({'scratch file' if host.mode == 'spill' else 'pinned'}),"
-                           f" no mode fits {device}'s {_gb(device_limit)}")
+        placement = "host" if host.mode == "spill" else "pinned"  # a scratch file is not page-locked
+        return replace(host, placement=placement, device_limit=device_limit,
+                       why=f"{host.why}; activations on the host ({placement}), no mode fits {device}'s "
+                           f"{_gb(device_limit)}")
     return _host_plan(estimates, alternatives, modes, mode, limit)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -79,7 +78,6 @@ class ChunkTuner:
         self.candidates = tuple(sorted(candidates))
         self.fallback = fallback
         self._chosen: dict[Hashable, int] = {}
-        self._lock = threading.Lock()
 
     def trial_blocks(self, threads: int) -> int:
         """Blocks the trials consume from the first large tensor."""
@@ -94,8 +92,7 @@ class ChunkTuner:
         size = self._chosen.get(key)
         if size is None and blocks.shape[0] >= 2 * self.trial_blocks(threads):
             done, size = self._tune(blocks, out, fn, threads)
-            with self._lock:
-                self._chosen.setdefault(key, size)
+            self._chosen.setdefault(key, size)  # a concurrent tuning of the same key may have won
             blocks, out = blocks[done:], out[done:]
         run_chunked(blocks, out, fn, size or self.fallback, threads)
 
