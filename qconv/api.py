@@ -7,7 +7,7 @@ Each function takes paths and plain options, does the work, and returns a result
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,18 +47,26 @@ def convert(
     quiet: bool = True,
     gguf_type: str | None = None,
     tokenizer_pre: str | None = None,
+    imatrix: Path | str | None = None,
+    tensor_types: Sequence[str] = (),
 ) -> Any:
     """Convert a model (HF dir or GGUF) to an HF checkpoint directory or, when ``out`` ends in
-    ``.gguf`` or ``gguf_type`` is given, to a GGUF file of that type (default f16)."""
+    ``.gguf`` or ``gguf_type`` is given, to a GGUF file of that type (default f16).
+
+    GGUF output only: ``imatrix``, a llama.cpp importance matrix (GGUF or legacy .dat, e.g.
+    ``qconv calibrate --format imatrix``) for llama.cpp's importance-weighted quantization;
+    ``tensor_types``, ``PATTERN=TYPE`` overrides of the mix as llama-quantize's ``--tensor-type``."""
     t0 = time.perf_counter()
     out = Path(out)
     to_gguf = out.suffix.lower() == ".gguf" or gguf_type is not None
+    if not to_gguf and (imatrix is not None or tensor_types):
+        raise InvalidOption("--imatrix and --tensor-type apply to GGUF output (-o x.gguf --type T)")
     if to_gguf:
-        from qconv.formats.gguf_types import file_type
+        from qconv.formats.gguf_writer import gguf_options
 
         if dtype is not None:
             raise InvalidOption("--dtype applies to HF output; for GGUF output use --type")
-        ft = file_type(gguf_type or "f16")
+        ft, overrides, imx = gguf_options(gguf_type or "f16", tensor_types, imatrix)
     else:
         from qconv.checkpoint.hf_writer import parse_dtype, parse_size, write_hf_checkpoint
 
@@ -69,8 +77,10 @@ def convert(
         if to_gguf:
             from qconv.formats.gguf_writer import plan_tensors, write_gguf
 
-            with progress(f"writing {ft.name}", len(plan_tensors(source.config, ft)), quiet) as advance:
-                return write_gguf(source, out, ft, force, tokenizer_pre, on_tensor=lambda _: advance())
+            n = len(plan_tensors(source.config, ft, imx is not None, overrides))
+            with progress(f"writing {ft.name}", n, quiet) as advance:
+                return write_gguf(source, out, ft, force, tokenizer_pre, on_tensor=lambda _: advance(),
+                                  imatrix=imx, overrides=overrides)
         names = source.tensor_names()
         with progress("converting", len(names), quiet) as advance:
             write_hf_checkpoint(source, out, torch_dtype, shard_bytes, force, on_tensor=lambda _: advance())

@@ -65,8 +65,15 @@ def convert(
     output: Path = typer.Option(..., "--output", "-o", help="Output: HF checkpoint directory, or a .gguf file."),
     gguf_type: Optional[str] = typer.Option(
         None, "--type", "-t",
-        help="GGUF type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (default f16).",
+        help="GGUF type: f32, f16, bf16, q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, "
+        "iq4_xs, iq4_nl, q3_k_l, q3_k_m, q3_k_s, q2_k (default f16).",
     ),
+    imatrix: Optional[Path] = typer.Option(
+        None, "--imatrix", help="GGUF output: llama.cpp importance matrix (imatrix GGUF or legacy .dat) for "
+        "llama.cpp's importance-weighted quantization, as llama-quantize --imatrix."),
+    tensor_type: list[str] = typer.Option(
+        [], "--tensor-type", help="GGUF output: PATTERN=TYPE, the tensors whose name the regex matches get TYPE "
+        "(repeatable; first match wins), as llama-quantize --tensor-type."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="HF output: re-type weights to f32, f16 or bf16 (default: keep)."),
     tokenizer_pre: Optional[str] = typer.Option(
         None, "--tokenizer-pre", help="GGUF output: llama.cpp pre-tokenizer name when it cannot be detected."),
@@ -84,11 +91,16 @@ def convert(
       qconv convert model-dir -o model-bf16 --dtype bf16 --max-shard-size 2GB
 
       qconv convert model-dir -o model-Q4_K_M.gguf --type q4_k_m    # HF -> GGUF, as llama-quantize would
+
+      qconv calibrate model-dir --data c4.jsonl --format imatrix -o imatrix.gguf
+
+      qconv convert model-dir -o model-Q4_K_M.gguf --type q4_k_m --imatrix imatrix.gguf --tensor-type attn_v=q8_0
     """
     from qconv import api
 
     result = api.convert(src, output, dtype=dtype, max_shard_size=max_shard_size, force=force,
-                         quiet=quiet or json_out, gguf_type=gguf_type, tokenizer_pre=tokenizer_pre)
+                         quiet=quiet or json_out, gguf_type=gguf_type, tokenizer_pre=tokenizer_pre,
+                         imatrix=imatrix, tensor_types=tensor_type)
     if json_out:
         _print_json(result.to_dict())
     elif not quiet:

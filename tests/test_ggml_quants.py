@@ -7,130 +7,17 @@ Those tests skip when llama_cpp is not importable; the round-trip tests always r
 
 from __future__ import annotations
 
-import ctypes
-import platform
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from ggml_oracle import datasets, ggml_deq, ggml_ref, importances, libggml, mismatches  # noqa: F401 - libggml is a fixture
 from qconv.core import ggml
 from qconv.core.ggml._common import nearest_int, roundf, seq_sum
 from qconv.core.ggml._schedule import ChunkTuner
 
 QTYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
-
-# qconv reproduces the x86-64 build of libggml, whose C code is compiled without FMA contraction.
-# Compilers for other targets (aarch64 gcc/clang) may fuse ``a*b - c*d`` into FMAs, which moves
-# the last bit of a few K-quant scales; there we only require near-total agreement.
-STRICT = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-
-
-# ------------------------------------------------------------------------------------ oracle
-
-@pytest.fixture(scope="module")
-def libggml():
-    try:
-        import llama_cpp
-    except Exception as exc:  # noqa: BLE001 - any import failure means "no oracle"
-        pytest.skip(f"llama_cpp (llama-cpp-python) not importable, no libggml oracle: {exc}")
-    libdir = Path(llama_cpp.__file__).resolve().parent / "lib"
-    cands = sorted(libdir.glob("libggml-base.*")) + sorted(libdir.glob("libggml.*"))
-    lib = None
-    for path in cands:
-        try:
-            cand = ctypes.CDLL(str(path))
-            cand.ggml_quantize_chunk  # noqa: B018 - symbol probe
-        except (OSError, AttributeError):
-            continue
-        lib = cand
-        break
-    if lib is None:
-        pytest.skip(f"no libggml with ggml_quantize_chunk under {libdir}")
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    lib.ggml_quantize_init.restype = None
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    return lib
-
-
-def ggml_ref(lib, x: np.ndarray, qtype: str) -> np.ndarray:
-    from gguf import GGMLQuantizationType
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    rows, n = x.shape
-    qk, nbytes = ggml.block_size(qtype)
-    out = np.zeros((rows, n // qk * nbytes), dtype=np.uint8)
-    t = int(GGMLQuantizationType[qtype])
-    lib.ggml_quantize_init(t)
-    written = lib.ggml_quantize_chunk(t, x.ctypes.data, out.ctypes.data, 0, rows, n, None)
-    assert written == out.size
-    return out
-
-
-def ggml_deq(lib, data: np.ndarray, qtype: str, n: int) -> np.ndarray:
-    fn = getattr(lib, f"dequantize_row_{qtype.lower().replace('_k', '_K')}")
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    fn.restype = None
-    data = np.ascontiguousarray(data)
-    out = np.empty((data.shape[0], n), dtype=np.float32)
-    fn(data.ctypes.data, out.ctypes.data, out.size)
-    return out
-
-
-# ------------------------------------------------------------------------------------ data
-
-def datasets(rows: int, n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs that exercise every branch of the reference code."""
-    rng = np.random.default_rng(seed)
-    g: dict[str, np.ndarray] = {}
-    g["normal"] = rng.standard_normal((rows, n))
-    w = rng.standard_normal((rows, n)).astype(np.float32) * 0.02  # bf16-rounded weights: many ties
-    g["bf16"] = (w.view(np.uint32) & 0xFFFF0000).view(np.float32)
-    o = rng.standard_normal((rows, n))
-    o[rng.random((rows, n)) < 0.01] *= 100.0
-    g["outliers"] = o
-    g["heavy_tail"] = rng.standard_cauchy((rows, n))
-    z = rng.standard_normal((rows, n))
-    z[::2] = 0.0
-    g["zero_rows"] = z
-    g["const_rows"] = np.ones((rows, n)) * rng.standard_normal((rows, 1))
-    g["tiny"] = rng.standard_normal((rows, n)) * 1e-20
-    g["subnormal"] = rng.standard_normal((rows, n)) * 1e-39
-    g["large"] = rng.standard_normal((rows, n)) * 3e4  # fp16 scales near overflow
-    g["fp16_overflow"] = rng.standard_normal((rows, n)) * 1e9  # d, dmin become fp16 inf
-    g["f32_overflow"] = rng.standard_normal((rows, n)) * 1e30  # x*x overflows: NaN scales
-    # a few ulps of the smallest subnormal: scales round badly (or overflow when inverted)
-    g["denormal"] = rng.integers(-40, 41, (rows, n)).astype(np.float32) * np.float32(1.4e-45)
-    mag = np.abs(rng.standard_normal((rows, n // 32, 32)))
-    sign = np.where(rng.random((rows, n // 32, 1)) < 0.5, 1.0, -1.0)
-    g["posneg_blocks"] = (mag * sign).reshape(rows, n)
-    # sub-blocks of wildly different scales: some get 6-bit scale 0 (the d == 0 path)
-    sc = np.exp(rng.uniform(-14, 0, (rows, n // 16, 1)))
-    g["mixed_scales"] = (rng.standard_normal((rows, n // 16, 16)) * sc).reshape(rows, n)
-    g["shifted"] = (rng.standard_normal((rows, n // 32, 32)) + rng.uniform(-40, 40, (rows, n // 32, 1))).reshape(rows, n)
-    sp = rng.standard_normal((rows, n))
-    sp[rng.random((rows, n)) < 0.7] = 0.0
-    g["sparse"] = sp
-    nz = rng.standard_normal((rows, n))
-    nz[rng.random((rows, n)) < 0.3] = -0.0
-    g["neg_zero"] = nz
-    g["signed_zeros"] = np.where(rng.random((rows, n)) < 0.5, -0.0, 0.0)
-    g["integers"] = rng.integers(-8, 9, (rows, n)).astype(np.float64)  # exact rounding ties
-    g["halves"] = rng.integers(-40, 41, (rows, n)) / 2.0
-    g["uniform_pos"] = rng.uniform(0.0, 1.0, (rows, n))
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in g.items()}
-
-
-def _mismatches(a: np.ndarray, b: np.ndarray, qtype: str) -> int:
-    """Number of blocks whose bytes differ (0 required on x86-64, < 1% elsewhere)."""
-    nbytes = ggml.block_size(qtype)[1]
-    bad = int((a.reshape(-1, nbytes) != b.reshape(-1, nbytes)).any(axis=1).sum())
-    if not STRICT and bad * 100 < a.size // nbytes:
-        return 0
-    return bad
+_mismatches = mismatches
 
 
 # ------------------------------------------------------------------------------------ byte equality
@@ -147,6 +34,45 @@ def test_bytes_match_libggml(libggml, qtype, shape):
         if bad:
             failures.append(f"{name}: {bad} blocks differ")
     assert not failures, f"{qtype} {shape}: " + "; ".join(failures)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("shape", [(6, 512), (3, 1536)])
+def test_imatrix_bytes_match_libggml(libggml, qtype, shape):
+    """With an importance vector: llama.cpp's weighted searches (``quantize_row_<type>_impl``)."""
+    failures = []
+    data = datasets(*shape, seed=shape[1])
+    for iname, qw in importances(shape[1], seed=shape[0]).items():
+        for name, x in data.items():
+            bad = _mismatches(ggml.quantize(x, qtype, imatrix=qw), ggml_ref(libggml, x, qtype, qw), qtype)
+            if bad:
+                failures.append(f"{iname}/{name}: {bad} blocks differ")
+    assert not failures, f"{qtype} {shape}: " + "; ".join(failures)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_imatrix_large_random_on_threads(libggml, qtype):
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((96, 2048)) * 0.03).astype(np.float32)
+    qw = importances(2048, seed=2)["lognormal"]
+    ref = ggml_ref(libggml, x, qtype, qw)
+    assert _mismatches(ggml.quantize(x, qtype, imatrix=qw, threads=2, chunk_blocks=40), ref, qtype) == 0
+    assert _mismatches(ggml.quantize(x[3:8], qtype, imatrix=qw, threads=1), ref[3:8], qtype) == 0
+
+
+def test_imatrix_changes_what_it_should():
+    """An imatrix moves the error toward the unimportant columns (Q8_0 ignores it)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((32, 1024)).astype(np.float32)
+    qw = np.where(np.arange(1024) % 2 == 0, 100.0, 0.01).astype(np.float32)
+    for qtype in ("Q4_0", "Q4_K", "Q6_K"):
+        plain = ggml.dequantize(ggml.quantize(x, qtype), qtype, 1024) - x
+        weighted = ggml.dequantize(ggml.quantize(x, qtype, imatrix=qw), qtype, 1024) - x
+        assert (weighted ** 2 * qw).mean() < (plain ** 2 * qw).mean(), qtype
+    np.testing.assert_array_equal(ggml.quantize(x, "Q8_0"), ggml.quantize(x, "Q8_0", imatrix=qw))
+    assert ggml.uses_imatrix("Q4_K") and not ggml.uses_imatrix("Q8_0")
+    with pytest.raises(ValueError, match="imatrix has 512 values"):
+        ggml.quantize(x, "Q4_K", imatrix=qw[:512])
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -228,7 +154,7 @@ def test_api_shapes_and_errors():
     with pytest.raises(ValueError):
         ggml.quantize(np.zeros((2, 100), np.float32), "Q4_K")
     with pytest.raises(ValueError):
-        ggml.quantize(np.zeros((2, 256), np.float32), "Q2_K")
+        ggml.quantize(np.zeros((2, 256), np.float32), "IQ2_XXS")
     with pytest.raises(ValueError):
         ggml.dequantize(np.zeros((2, 100), np.uint8), "Q4_K", 256)
 
@@ -254,15 +180,18 @@ def test_chunk_tuner_times_real_work_and_keeps_its_choice():
     assert tuner.trial_blocks(threads=2) == 2 * 3 * 2 * 8
     blocks = np.arange(300 * 4, dtype=np.float64).reshape(300, 4)
     out = np.zeros((300, 1))
-    tuner.run("k", blocks[:50], out[:50], fn, threads=2)  # too small to tune: fallback chunks
+    def span(offset: int):
+        return lambda a, b: fn(blocks[offset + a:offset + b], out[offset + a:offset + b])
+
+    tuner.run("k", 50, span(0), threads=2)  # too small to tune: fallback chunks
     assert tuner.chosen("k") is None and max(sizes) == 3
     sizes.clear()
-    tuner.run("k", blocks[50:], out[50:], fn, threads=2)
+    tuner.run("k", 250, span(50), threads=2)
     np.testing.assert_array_equal(out[:, 0], blocks.sum(axis=1) + 1)
     assert sum(sizes) == 250 and {2, 4, 8} <= set(sizes)
     assert tuner.chosen("k") in (2, 4, 8)
     sizes.clear()
-    tuner.run("k", blocks[:20], out[:20], fn, threads=1)
+    tuner.run("k", 20, span(0), threads=1)
     assert len(sizes) == -(-20 // tuner.chosen("k")) and max(sizes) <= tuner.chosen("k")
 
 

@@ -38,7 +38,11 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", 
 @pytest.fixture(scope="module", params=ARCHS)
 def export_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) -> Path:
     """A tiny checkpoint (with tokenizer) whose rows exercise both the K-quant and fallback paths."""
-    arch = request.param
+    return build_export_model(request.param, tmp_path_factory.mktemp(f"export-{request.param}"), tiny_hf_model_builder)
+
+
+def build_export_model(arch: str, path: Path, tiny_hf_model_builder) -> Path:
+    """The checkpoint of :func:`export_model` for ``arch``, saved in ``path``."""
     overrides = dict(hidden_size=256, intermediate_size=320, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=384)
     if arch in ("mistral", "qwen3", "qwen3_moe"):
@@ -58,7 +62,6 @@ def export_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     if arch == "llama":
         overrides["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    path = tmp_path_factory.mktemp(f"export-{arch}")
     model = tiny_hf_model_builder(arch, **overrides)
     with torch.no_grad():
         # Trained-model-like numerics: small weights (a random net with large ones is chaotic and
@@ -136,7 +139,8 @@ def _runner_logits(path: Path, ids: list[int]) -> np.ndarray:
         return load_model(src)(torch.tensor([ids]))[0].double().numpy()
 
 
-@pytest.mark.parametrize("file_type", ["f32", "f16", "bf16", "q8_0", "q4_0", "q5_1", "q4_k_m", "q5_k_s", "q6_k"])
+@pytest.mark.parametrize("file_type", ["f32", "f16", "bf16", "q8_0", "q4_0", "q5_1", "q4_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k",
+                                       "iq4_xs"])
 def test_llama_cpp_loads_and_agrees_with_runner(export_model: Path, tmp_path: Path, file_type: str) -> None:
     """llama.cpp runs every file qconv writes, and means by it what qconv's runner does.
 

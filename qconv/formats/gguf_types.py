@@ -3,12 +3,15 @@
 A file type such as ``q4_k_m`` is a *mix*: a default tensor type plus rules that spend more bits
 where quantization hurts most (attn_v and ffn_down in a subset of layers, the output matrix),
 and fallbacks for rows whose length is not a multiple of the block size. The rules follow
-llama.cpp's ``src/llama-quant.cpp`` (non-Falcon models, no imatrix; for mixtures of experts
-its 8-expert rules) so that qconv's files are byte-identical to ``llama_model_quantize``'s.
+llama.cpp's ``src/llama-quant.cpp`` (``llama_tensor_get_type``: non-Falcon models; for mixtures
+of experts its 8-expert rules; the rules that depend on whether an imatrix is given), including
+its ``--tensor-type PATTERN=TYPE`` overrides, so that qconv's files are byte-identical to
+``llama_model_quantize``'s.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +40,12 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("f16", F.MOSTLY_F16, T.F16),
         FileType("bf16", F.MOSTLY_BF16, T.BF16),
         FileType("q8_0", F.MOSTLY_Q8_0, T.Q8_0),
+        FileType("q2_k", F.MOSTLY_Q2_K, T.Q2_K),
+        FileType("q3_k_s", F.MOSTLY_Q3_K_S, T.Q3_K),
+        FileType("q3_k_m", F.MOSTLY_Q3_K_M, T.Q3_K),
+        FileType("q3_k_l", F.MOSTLY_Q3_K_L, T.Q3_K),
+        FileType("iq4_nl", F.MOSTLY_IQ4_NL, T.IQ4_NL),
+        FileType("iq4_xs", F.MOSTLY_IQ4_XS, T.IQ4_XS),
         FileType("q4_0", F.MOSTLY_Q4_0, T.Q4_0),
         FileType("q4_1", F.MOSTLY_Q4_1, T.Q4_1),
         FileType("q5_0", F.MOSTLY_Q5_0, T.Q5_0),
@@ -50,7 +59,8 @@ FILE_TYPES: dict[str, FileType] = {
 }
 
 #: Where a row length is not a multiple of the block, llama.cpp demotes to a 32-block type.
-_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0,
+             T.IQ4_XS: T.IQ4_NL}
 
 
 def file_type(name: str) -> FileType:
@@ -84,60 +94,155 @@ def fallback(t: T, row: int) -> T:
     return t if row % block_elems(t) == 0 else T.F16
 
 
-def _attn_v_like(name: str) -> bool:
-    """llama.cpp treats a fused q/k/v matrix (``attn_qkv``, Phi-3) by the rules of ``attn_v``."""
-    return "attn_v.weight" in name or "attn_qkv.weight" in name
+@dataclass(frozen=True)
+class TypeOverride:
+    """``--tensor-type PATTERN=TYPE``: tensors whose GGUF name the regex matches (``re.search``,
+    lower-cased pattern, as llama-quantize lower-cases it) get ``type``; the first match wins."""
+
+    pattern: str
+    type: T
+
+    @classmethod
+    def parse(cls, spec: str, allowed: Sequence[str]) -> "TypeOverride":
+        name, sep, tname = spec.partition("=")
+        if not sep or not name or not tname:
+            raise InvalidOption(f"--tensor-type {spec!r}: expected PATTERN=TYPE, e.g. attn_v=q8_0")
+        try:
+            t = T[tname.upper()]
+        except KeyError:
+            t = None
+        if t is None or t.name not in allowed:
+            raise InvalidOption(f"--tensor-type {spec!r}: unknown or unsupported tensor type {tname!r} "
+                                f"(valid: {', '.join(a.lower() for a in allowed)})")
+        try:
+            re.compile(name.lower())
+        except re.error as e:
+            raise InvalidOption(f"--tensor-type {spec!r}: bad pattern ({e})") from None
+        return cls(name.lower(), t)
+
+    def matches(self, name: str) -> bool:
+        return re.search(self.pattern, name) is not None
 
 
-def tensor_types(tensors: Sequence[tuple[str, tuple[int, ...]]], ft: FileType, n_layer: int,
-                 is_70b: bool = False, n_expert: int = 0) -> dict[str, T]:
-    """GGML type of every tensor (GGUF name, numpy shape), in llama.cpp's processing order;
-    ``n_expert``: experts per MoE layer (llama.cpp spends more bits on attention at exactly 8).
+@dataclass(frozen=True)
+class MixModel:
+    """What llama.cpp's type rules read of the model besides tensor names and shapes."""
+
+    n_layer: int
+    n_gqa: int = 1
+    n_expert: int = 0
+    is_70b: bool = False
+
+
+def _category(name: str, tied: bool) -> str:
+    """llama.cpp's ``tensor_get_category`` (tied models quantize token_embd as the output)."""
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return "output"
+    if name == "token_embd.weight":
+        return "token_embd"
+    for key, cat in (("attn_qkv.weight", "attn_v"), ("attn_v.weight", "attn_v"), ("attn_k.weight", "attn_k"),
+                     ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"), ("ffn_up", "ffn_up"),
+                     ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down")):
+        if key in name:
+            return cat
+    return "other"
+
+
+#: file types whose attn_output in 8-expert models gets Q5_K
+_MOE8_ATTN_OUTPUT_Q5K = ("q2_k", "q3_k_s", "q3_k_m", "iq4_nl", "q4_k_s", "q4_k_m", "iq4_xs")
+
+
+class _Mixer:
+    """``llama_tensor_get_type_impl``: the mix's type for one tensor, in processing order (the
+    attn_v and ffn_down rules count the tensors seen so far)."""
+
+    def __init__(self, ft: FileType, model: MixModel, n_attn_v: int, has_imatrix: bool) -> None:
+        self.ft, self.m, self.n_attn_v, self.has_imatrix = ft, model, n_attn_v, has_imatrix
+        self.i_attn_v = self.i_ffn_down = 0
+
+    def __call__(self, name: str, category: str, row: int) -> T:
+        ft, m, new = self.ft.name, self.m, self.ft.default
+        if category == "output":
+            if row % block_elems(new) != 0:
+                return T.Q8_0
+            return new if new == T.Q8_0 else T.Q6_K
+        if category == "attn_v":
+            i = self.i_attn_v
+            self.i_attn_v += 1
+            if ft == "q2_k":
+                new = T.Q4_K if m.n_gqa >= 4 else T.Q3_K
+            elif ft == "q3_k_m":
+                new = T.Q5_K if i < 2 else T.Q4_K
+            elif ft == "q3_k_l":
+                new = T.Q5_K
+            elif ft in ("iq4_nl", "iq4_xs") and m.n_gqa >= 4:
+                new = T.Q5_K
+            elif ft in ("q4_k_m", "q5_k_m") and use_more_bits(i, self.n_attn_v):
+                new = T.Q6_K
+            elif ft == "q4_k_s" and i < 4:
+                new = T.Q5_K
+            if m.is_70b and new in (T.Q3_K, T.Q4_K):
+                new = T.Q5_K
+            if m.n_expert == 8:  # 8-expert models (Mixtral): attention is a small share of the bytes
+                new = T.Q8_0
+            return new
+        if category == "attn_k":
+            return T.Q8_0 if m.n_expert == 8 else new
+        if category == "ffn_down":
+            i, n = self.i_ffn_down, m.n_layer
+            self.i_ffn_down += 1
+            if m.n_expert > 1:  # expert tensors are not in layer order: llama.cpp reads the layer
+                i = int(name.split(".")[1])
+            if ft == "q2_k":
+                new = T.Q3_K
+            elif ft == "q3_k_m":
+                new = T.Q5_K if i < n // 16 else T.Q4_K
+            elif ft == "q3_k_l":
+                new = T.Q5_K
+            elif ft == "q4_k_m":
+                if use_more_bits(i, n):
+                    new = T.Q6_K
+            elif i < n // 8 and ft in ("iq4_nl", "iq4_xs") and not self.has_imatrix:
+                new = T.Q5_K
+            elif ft == "q5_k_m" and use_more_bits(i, n):
+                new = T.Q6_K
+            elif ft == "q4_k_s" and i < n // 8:
+                new = T.Q5_K
+            elif ft in ("q4_0", "q5_0") and self.has_imatrix and i < n // 8:
+                new = T.Q4_1 if ft == "q4_0" else T.Q5_1
+            return new
+        if category == "attn_output":
+            if m.n_expert == 8:
+                return T.Q5_K if ft in _MOE8_ATTN_OUTPUT_Q5K else new
+            return {"q2_k": T.Q3_K, "q3_k_m": T.Q4_K, "q3_k_l": T.Q5_K}.get(ft, new)
+        return new
+
+
+def tensor_types(tensors: Sequence[tuple[str, tuple[int, ...]]], ft: FileType, model: MixModel,
+                 has_imatrix: bool = False, overrides: Sequence[TypeOverride] = ()) -> dict[str, T]:
+    """GGML type of every tensor (GGUF name, numpy shape), in llama.cpp's processing order.
 
     ``tensors`` must be in the order llama-quantize visits them (globals, then layer by layer):
     the attn_v(-like) / ffn_down rules count occurrences. Non-quantizable tensors are F32.
+    ``has_imatrix``: a few rules differ when an importance matrix is given. ``overrides``
+    replace the mix's choice for the tensors they match (the fallback for the row length still
+    applies), as llama-quantize's ``--tensor-type``; a tensor they take is not counted by the
+    mix's layer rules, as in llama.cpp.
     """
-    has_output = any(name == "output.weight" for name, _ in tensors)
-    n_attn_v = sum(_attn_v_like(name) for name, _ in tensors)
-    i_attn_v = i_ffn_down = 0
+    tied = not any(name == "output.weight" for name, _ in tensors)
+    n_attn_v = sum(_category(name, tied) == "attn_v" for name, _ in tensors)
+    mixer = _Mixer(ft, model, n_attn_v, has_imatrix)
     types: dict[str, T] = {}
     for name, shape in tensors:
         if not quantizable(name, len(shape)):
             types[name] = T.F32
             continue
-        new = ft.default
         if not ft.quantized:
-            types[name] = new
+            types[name] = ft.default
             continue
-        row = shape[-1]
-        if name == "output.weight" or (not has_output and name == "token_embd.weight"):
-            if row % block_elems(new) != 0:
-                new = T.Q8_0
-            elif new != T.Q8_0:
-                new = T.Q6_K
-        elif _attn_v_like(name):
-            if ft.name in ("q4_k_m", "q5_k_m") and use_more_bits(i_attn_v, n_attn_v):
-                new = T.Q6_K
-            elif ft.name == "q4_k_s" and i_attn_v < 4:
-                new = T.Q5_K
-            if is_70b and new in (T.Q3_K, T.Q4_K):
-                new = T.Q5_K
-            if n_expert == 8:  # 8-expert models (Mixtral): attention is a small share of the bytes
-                new = T.Q8_0
-            i_attn_v += 1
-        elif "attn_k.weight" in name:
-            if n_expert == 8:
-                new = T.Q8_0
-        elif "attn_output.weight" in name:
-            if n_expert == 8 and ft.name in ("q4_k_s", "q4_k_m"):
-                new = T.Q5_K
-        elif "ffn_down" in name:
-            if ft.name in ("q4_k_m", "q5_k_m") and use_more_bits(i_ffn_down, n_layer):
-                new = T.Q6_K
-            elif ft.name == "q4_k_s" and i_ffn_down < n_layer // 8:
-                new = T.Q5_K
-            i_ffn_down += 1
-        types[name] = fallback(new, row)
+        manual = next((o.type for o in overrides if o.matches(name)), None)
+        new = manual if manual is not None else mixer(name, _category(name, tied), shape[-1])
+        types[name] = fallback(new, shape[-1])
     return types
 
 

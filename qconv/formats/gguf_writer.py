@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,10 @@ from qconv.atomic import atomic_output
 from qconv.arch.config import ModelConfig
 from qconv.arch.rope_layout import permute_rows
 from qconv.checkpoint.source import ModelSource
-from qconv.errors import UnsupportedModel
+from qconv.errors import CorruptFile, InvalidOption, UnsupportedModel
+from qconv.checkpoint.imatrix_file import Imatrix, read_imatrix
 from qconv.formats.gguf_tokenizer import gguf_tokenizer_metadata
-from qconv.formats.gguf_types import FileType, llama_cpp_order, tensor_types
+from qconv.formats.gguf_types import FileType, MixModel, file_type, TypeOverride, llama_cpp_order, tensor_types
 from qconv.core import ggml
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,25 @@ class GGUFExportResult:
         return asdict(self)
 
 
-def plan_tensors(config: ModelConfig, ft: FileType) -> list[PlannedTensor]:
-    """Every output tensor in llama.cpp's order, with its GGML type."""
+def gguf_options(type_name: str, tensor_types: Sequence[str] = (), imatrix: Path | str | None = None,
+                 ) -> tuple[FileType, tuple[TypeOverride, ...], Imatrix | None]:
+    """Parse the GGUF export options of the CLI and API: ``--type``, ``--tensor-type`` (repeated)
+    and ``--imatrix`` (read here, so a bad file fails before any output exists)."""
+    ft = file_type(type_name)
+    allowed = [*ggml.QTYPES, "F16", "F32", "BF16"]
+    overrides = tuple(TypeOverride.parse(spec, allowed) for spec in tensor_types)
+    imx = None
+    if imatrix is not None:
+        imx = read_imatrix(imatrix)
+        if not ft.quantized:
+            raise InvalidOption(f"--imatrix: a {ft.name} file is not quantized, there is nothing to weight")
+    return ft, overrides, imx
+
+
+def plan_tensors(config: ModelConfig, ft: FileType, has_imatrix: bool = False,
+                 overrides: tuple[TypeOverride, ...] = ()) -> list[PlannedTensor]:
+    """Every output tensor in llama.cpp's order, with its GGML type (``has_imatrix``,
+    ``overrides``: see :func:`tensor_types`)."""
     hf_shapes = config.expected_shapes()
     shapes: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
     for name, hfs in config.spec.gguf_tensors(config).items():
@@ -73,10 +91,32 @@ def plan_tensors(config: ModelConfig, ft: FileType) -> list[PlannedTensor]:
     for name, values in computed_tensors(config).items():
         shapes[name] = (values.shape, ())
     order = llama_cpp_order(list(shapes))
-    types = tensor_types([(n, shapes[n][0]) for n in order], ft, config.num_layers,
-                         is_70b=config.spec.gguf_arch == "llama" and config.num_layers == 80
-                         and config.num_heads != config.num_kv_heads, n_expert=config.num_experts)
+    model = MixModel(config.num_layers, n_gqa=config.num_heads // config.num_kv_heads,
+                     n_expert=config.num_experts,
+                     is_70b=config.spec.gguf_arch == "llama" and config.num_layers == 80
+                     and config.num_heads != config.num_kv_heads)
+    types = tensor_types([(n, shapes[n][0]) for n in order], ft, model, has_imatrix, overrides)
+    for o in overrides:
+        if not any(o.matches(n) for n in order):
+            raise InvalidOption(f"--tensor-type {o.pattern}={o.type.name.lower()}: the pattern matches no tensor "
+                                f"of this model (names look like {order[-1]})")
     return [PlannedTensor(n, shapes[n][1], shapes[n][0], types[n]) for n in order]
+
+
+def check_imatrix(plan: list[PlannedTensor], imatrix: Imatrix) -> None:
+    """Refuse an importance matrix that was made for another model: an entry naming no tensor of
+    this one, a width that differs, or a layer weight the mix quantizes with it that it lacks
+    (llama.cpp would quietly quantize that one without)."""
+    names = {p.name for p in plan}
+    stray = sorted(set(imatrix.entries) - names)
+    if stray:
+        more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+        raise CorruptFile(f"imatrix entry {stray[0]}{more} names no tensor of this model: an imatrix of "
+                          "another model?", imatrix.path)
+    for p in plan:
+        if p.type.name in ggml.QTYPES and ggml.uses_imatrix(p.type):
+            if imatrix.for_tensor(p.name, p.shape) is None and p.name.startswith("blk."):
+                raise CorruptFile(f"imatrix has no entry for {p.name}: an imatrix of another model?", imatrix.path)
 
 
 def computed_tensors(config: ModelConfig) -> dict[str, np.ndarray]:
@@ -165,6 +205,22 @@ def check_llama_cpp_runs(config: ModelConfig) -> None:
                                f"{expected:g} llama.cpp's {arch} scales attention by")
 
 
+def _importance(imatrix: Imatrix | None, p: PlannedTensor) -> np.ndarray | None:
+    if imatrix is None or p.type.name not in ggml.QTYPES or not ggml.uses_imatrix(p.type):
+        return None
+    return imatrix.for_tensor(p.name, p.shape)
+
+
+def _add_imatrix_metadata(w: gguf.GGUFWriter, imatrix: Imatrix) -> None:
+    """The keys llama-quantize adds when given ``--imatrix`` (its integers are written as u32)."""
+    w.add_string("quantize.imatrix.file", str(imatrix.path))
+    if imatrix.datasets:
+        w.add_string("quantize.imatrix.dataset", imatrix.datasets[0])
+    w.add_uint32("quantize.imatrix.entries_count", len(imatrix.entries))
+    if imatrix.chunk_count > 0:
+        w.add_uint32("quantize.imatrix.chunks_count", imatrix.chunk_count)
+
+
 _V = gguf.GGUFValueType
 
 
@@ -208,31 +264,106 @@ def _pack_list(val: Any) -> bytes | None:
     return struct.pack("<IQ", ltype, len(val)) + data
 
 
-def _encode(x: np.ndarray, t: T) -> np.ndarray:
-    """float32 array (HF layout) -> the bytes (or float array) stored for type ``t``."""
+def _encode(x: np.ndarray, t: T, importance: np.ndarray | None = None) -> np.ndarray:
+    """float32 array (HF layout) -> the bytes (or float array) stored for type ``t``;
+    ``importance``: the tensor's imatrix rows ``[n_mat, in]`` (one per expert of a merged
+    ``[experts, out, in]`` tensor), used by the types whose quantizer reads one."""
     if t == T.F32:
         return np.ascontiguousarray(x, dtype=np.float32)
     if t == T.F16:
         return x.astype(np.float16)
     if t == T.BF16:
         return gguf.quants.quantize(x, T.BF16)
-    return ggml.quantize(x.reshape(-1, x.shape[-1]), t)
+    if importance is None:
+        return ggml.quantize(x.reshape(-1, x.shape[-1]), t)
+    mats = x.reshape(importance.shape[0], -1, x.shape[-1])
+    out = [ggml.quantize(m, t, imatrix=v) for m, v in zip(mats, importance)]
+    return out[0] if len(out) == 1 else np.concatenate(out)
 
 
-def _tensor_data(source: ModelSource, p: PlannedTensor) -> np.ndarray:
-    config = source.config
+def tensor_data(get_array: Callable[[str], np.ndarray], config: ModelConfig, p: PlannedTensor) -> np.ndarray:
+    """A planned tensor's data in llama.cpp's layout, from its HF tensors (``get_array``: HF name ->
+    float array, or a quantized Linear's ggml bytes ``uint8 [out, row_bytes]``): experts stacked,
+    norm offsets added, Q/K rows permuted (bytes too: a ggml row is one output channel)."""
     if not p.sources:  # computed from the config, never stored in HF checkpoints
         return computed_tensors(config)[p.name]
     if len(p.sources) > 1:  # llama.cpp's merged experts: [experts, out, in]
-        return np.stack([source.get_array(hf) for hf in p.sources])
+        return np.stack([get_array(hf) for hf in p.sources])
     hf = p.sources[0]
-    x = source.get_array(hf)
+    x = get_array(hf)
     if config.spec.norm_offset and config.spec.is_norm(hf):  # llama.cpp stores offset + weight
         x = x + np.float32(config.spec.norm_offset)
     heads = config.spec.rope_heads(hf, config)
     if heads:
         x = permute_rows(x, heads)
     return x
+
+
+def encode(x: np.ndarray, t: T, importance: np.ndarray | None = None) -> np.ndarray:
+    """A planned tensor's data (float, or already ggml bytes) -> what the file stores for type ``t``."""
+    if x.dtype == np.uint8 and t not in (T.F32, T.F16, T.BF16):
+        return x  # quantized by a method, in the layer pipeline
+    return _encode(x, t, importance)
+
+
+class GGUFStream:
+    """A GGUF file written in one pass: header, metadata and tensor table first (the plan gives
+    every tensor's type and byte size), then each tensor's data in plan order, so peak memory is
+    one tensor. A context manager: the file appears (renamed from a temp path) only when every
+    planned tensor was written; a failure leaves nothing."""
+
+    def __init__(self, out: Path | str, config: ModelConfig, tokenizer_files: Any, ft: FileType,
+                 plan: list[PlannedTensor], force: bool = False, tokenizer_pre: str | None = None,
+                 imatrix: Imatrix | None = None, extra: dict[str, str] | None = None) -> None:
+        self.out, self.config, self.ft, self.plan, self.force = Path(out), config, ft, plan, force
+        self._meta = gguf_tokenizer_metadata(tokenizer_files, config.vocab_size, tokenizer_pre)
+        self._imatrix, self._extra = imatrix, extra or {}
+        self._next = 0
+
+    def __enter__(self) -> "GGUFStream":
+        self._atomic = atomic_output(self.out, force=self.force)
+        tmp = self._atomic.__enter__()
+        try:
+            w = self._w = _Writer(str(tmp), self.config.spec.gguf_arch)
+            _add_model_metadata(w, self.config, self.ft, self.out.stem)
+            if self._imatrix is not None:
+                _add_imatrix_metadata(w, self._imatrix)
+            for key, value in self._extra.items():
+                w.add_string(key, value)
+            for key, (value, vtype) in self._meta.items():
+                w.add_key_value(key, value, vtype)
+            for p in self.plan:
+                w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.type)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+        except BaseException as e:
+            self._atomic.__exit__(type(e), e, e.__traceback__)
+            raise
+        return self
+
+    @property
+    def pending(self) -> PlannedTensor | None:
+        """The tensor the file expects next (None: all written)."""
+        return self.plan[self._next] if self._next < len(self.plan) else None
+
+    def write(self, name: str, data: np.ndarray) -> None:
+        """Append tensor ``name``'s stored form (``encode``'s output); names must come in plan order."""
+        p = self.pending
+        if p is None or p.name != name:
+            raise RuntimeError(f"GGUF tensors out of order: got {name}, expected {p.name if p else 'none'}")
+        if data.nbytes != p.nbytes:
+            raise RuntimeError(f"{name}: {data.nbytes} bytes for a planned {p.nbytes}")
+        self._w.write_tensor_data(data)
+        self._next += 1
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._w.close()
+        if exc_type is None and self.pending is not None:
+            exc = RuntimeError(f"GGUF file incomplete: {self.pending.name} and later tensors were never written")
+            self._atomic.__exit__(RuntimeError, exc, None)
+            raise exc
+        self._atomic.__exit__(exc_type, exc, tb)  # renames the file, or removes it and lets exc go on
 
 
 def write_gguf(
@@ -242,30 +373,24 @@ def write_gguf(
     force: bool = False,
     tokenizer_pre: str | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    imatrix: Imatrix | None = None,
+    overrides: tuple[TypeOverride, ...] = (),
 ) -> GGUFExportResult:
-    """Write ``source`` as a GGUF file of file type ``ft``."""
+    """Write ``source`` as a GGUF file of file type ``ft``; with ``imatrix``, the types that
+    read one use llama.cpp's importance-weighted searches (as ``llama-quantize --imatrix``);
+    ``overrides``: ``--tensor-type`` choices."""
     t0 = time.perf_counter()
     out = Path(out)
     config = source.config
     check_llama_cpp_runs(config)
-    arch = config.spec.gguf_arch
-    plan = plan_tensors(config, ft)
-    tok_meta = gguf_tokenizer_metadata(source.tokenizer_files(), config.vocab_size, tokenizer_pre)
-    with atomic_output(out, force=force) as tmp:
-        w = _Writer(str(tmp), arch)
-        _add_model_metadata(w, config, ft, out.stem)
-        for key, (value, vtype) in tok_meta.items():
-            w.add_key_value(key, value, vtype)
-        for p in plan:
-            w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+    plan = plan_tensors(config, ft, imatrix is not None, overrides)
+    if imatrix is not None:
+        check_imatrix(plan, imatrix)
+    with GGUFStream(out, config, source.tokenizer_files(), ft, plan, force, tokenizer_pre, imatrix) as stream:
         for p in plan:  # one expression, so no tensor outlives its write
-            w.write_tensor_data(_encode(_tensor_data(source, p), p.type))
+            stream.write(p.name, _encode(tensor_data(source.get_array, config, p), p.type, _importance(imatrix, p)))
             if on_tensor:
                 on_tensor(p.name)
-        w.close()
     counts: dict[str, int] = {}
     for p in plan:
         counts[p.type.name] = counts.get(p.type.name, 0) + 1

@@ -69,6 +69,11 @@ def signed_absmax(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
         sub = np.take(x, idx, axis=1 - axis)  # x is 2-D
         first = np.abs(sub).argmax(axis=axis)
         mx[idx] = np.take_along_axis(sub, np.expand_dims(first, axis), axis=axis).squeeze(axis)
+    nan = np.isnan(amax)
+    if nan.any():  # `fabsf(NaN) > amax` is false: C never picks a NaN (Q3_K's scales of scales)
+        idx = np.flatnonzero(nan)
+        sub = np.take(x, idx, axis=1 - axis)
+        amax[idx], mx[idx] = signed_absmax(np.where(np.isnan(sub), F32(0.0), sub), axis)
     return amax, mx
 
 
@@ -102,6 +107,21 @@ def seq_sum(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
             return out
         return acc
     return np.add.reduce(a, axis=0, out=out)
+
+
+def transposed(a: np.ndarray, n: int, name: str = "X") -> np.ndarray:
+    """The ``n``-element groups (blocks, sub-blocks) of ``a`` as a C-contiguous ``[n, groups]``
+    scratch array: the layout in which every per-element step of the C loops is one numpy
+    operation over all groups and every C accumulation is :func:`seq_sum`."""
+    T = scratch(name, (n, a.size // n))
+    np.copyto(T, a.reshape(-1, n).T)
+    return T
+
+
+def superblock_sum_sq(xb: np.ndarray) -> np.ndarray:
+    """``sum x[j]*x[j]`` over each 256-element super-block (row) of ``xb`` ``[B, 256]``, in element
+    order: the start of every importance-weighted K-quant and IQ4 search's ``sigma2``."""
+    return seq_sum(transposed(np.square(xb, dtype=F32), xb.shape[1], "XT256"))
 
 
 def quiet(fn):

@@ -1,7 +1,9 @@
 """The 32-element "legacy" ggml types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
 
 Reproduces ``quantize_row_{q8_0,q4_0,q4_1,q5_0,q5_1}_ref`` from llama.cpp's ggml-quants.c (the
-path ``ggml_quantize_chunk`` takes without an importance matrix; ``quantize_q8_0`` always takes it).
+path ``ggml_quantize_chunk`` takes without an importance matrix; ``quantize_q8_0`` always takes it)
+and, with one, ``quantize_row_{q4_0,q4_1,q5_0,q5_1}_impl``: the scale searches of
+:mod:`._search` weighted by ``qw * sqrt(sigma2 + x^2)``, ``sigma2`` the mean square of the row.
 Each function maps float32 blocks ``[nb, 32]`` to the packed block bytes ``[nb, block_bytes]``.
 
 The per-block reductions (max, min) run on a transposed ``[32, nb]`` copy, where numpy reduces over
@@ -14,13 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import F32, fp16_bits, quiet, scratch, signed_absmax
-
-
-def _transposed(x: np.ndarray) -> np.ndarray:
-    XT = scratch("LX", (x.shape[1], x.shape[0]))
-    np.copyto(XT, x.T)
-    return XT
+from ._common import F32, fp16_bits, quiet, scratch, signed_absmax, transposed
+from ._kernel import Kernel
+from ._search import first_extreme, importance_weights, qkx, qx, qx_L, search_L_affine
 
 
 def _inv(d: np.ndarray) -> np.ndarray:
@@ -39,17 +37,6 @@ def _signed_absmax0(XT: np.ndarray) -> np.ndarray:
     amax, mx = signed_absmax(XT, axis=0)
     mx[amax == 0] = 0
     return mx
-
-
-def _first_extreme(XT: np.ndarray, ext: np.ndarray) -> np.ndarray:
-    """The C running ``if (v < min) min = v`` loop keeps the *first* element equal to the extreme;
-    that only differs from numpy's min/max for the sign of a zero (which reaches the fp16 ``m``
-    field of Q4_1/Q5_1 and the sign of ``d``), so fix up the blocks whose extreme is 0."""
-    z = np.flatnonzero(ext == 0)
-    if z.size:
-        sub = XT[:, z]
-        ext[z] = sub[(sub == 0).argmax(axis=0), np.arange(z.size)]
-    return ext
 
 
 def _cast_i8(v: np.ndarray) -> np.ndarray:
@@ -124,7 +111,7 @@ _HALF_DOWN = np.nextafter(F32(0.5), F32(0.0))  # 0.49999997f
 
 @quiet
 def q8_0(x: np.ndarray, out: np.ndarray) -> None:
-    XT = _transposed(x)
+    XT = transposed(x, 32, "LX")
     amax = np.maximum(XT.max(axis=0), np.negative(XT.min(axis=0)))
     amax += F32(0.0)  # MAX(0.0f, fabsf(v)) is never -0.0
     d = np.divide(amax, F32(127.0), dtype=F32)
@@ -139,7 +126,7 @@ def q8_0(x: np.ndarray, out: np.ndarray) -> None:
 
 def _symmetric(x: np.ndarray, nmax: int, bias: float) -> tuple[np.ndarray, np.ndarray]:
     """Q4_0/Q5_0: ``d = max / -nmax``; ``q = MIN(2*nmax-1, (int8_t)(x*id + bias))``."""
-    mx = _signed_absmax0(_transposed(x))
+    mx = _signed_absmax0(transposed(x, 32, "LX"))
     d = np.divide(mx, F32(-nmax), dtype=F32)
     v = _scaled(x, d)
     v += F32(bias)
@@ -168,9 +155,9 @@ def q5_0(x: np.ndarray, out: np.ndarray) -> None:
 def _affine(x: np.ndarray, nmax: int, clamp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q4_1/Q5_1: ``d = (max - min) / nmax``; ``q = (uint8)((x - min)*id + 0.5f)``, and for
     Q4_1 ``MIN(15, (int8_t)(.))`` (kept for fidelity; it cannot bind for finite input)."""
-    XT = _transposed(x)
-    mn = _first_extreme(XT, XT.min(axis=0))
-    mx = _first_extreme(XT, XT.max(axis=0))
+    XT = transposed(x, 32, "LX")
+    mn = first_extreme(XT, XT.min(axis=0))
+    mx = first_extreme(XT, XT.max(axis=0))
     d = np.divide(mx - mn, F32(nmax), dtype=F32)
     v = np.subtract(x, mn[:, None], out=scratch("Lv", x.shape))
     v *= _inv(d)[:, None]
@@ -200,11 +187,73 @@ def q5_1(x: np.ndarray, out: np.ndarray) -> None:
     _put_nibbles(f, q)
 
 
-#: qtype name -> block function ``fn(x_blocks [nb, 32] float32, out [nb, block_bytes] uint8)``
+# ------------------------------------------------------------------ with an importance matrix
+
+def _weighted_search_input(x: np.ndarray, qw: np.ndarray, row_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks transposed to ``[32, nb]`` and their search weights ``qw*sqrt(sigma2 + x^2)``,
+    ``sigma2`` being the mean square of the block's whole row (``quantize_row_q*_impl``)."""
+    X = transposed(x, 32, "LX")
+    QW = scratch("LQW", X.shape)
+    np.copyto(QW, qw.T)
+    return X, importance_weights(X, QW, row_ms)
+
+
+def _symmetric_weighted(x: np.ndarray, qw: np.ndarray, row_ms: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0/Q5_0 with an imatrix: ``make_qx_quants(32, nmax, x, L, 1, weights)``; the levels are
+    the search's own (no re-rounding with the fp16 scale). Returns (d [nb], q [nb, 32] uint8)."""
+    X, W = _weighted_search_input(x, qw, row_ms)
+    d, l_iscale, zero = qx(X, nmax, W)
+    return d, qx_L(x, l_iscale, zero, nmax)
+
+
+def _affine_weighted(x: np.ndarray, qw: np.ndarray, row_ms: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1/Q5_1 with an imatrix: ``make_qkx3_quants(32, nmax, x, weights, L, &min, Laux, -0.9f,
+    0.05f, 36, false)``. Returns (d [nb], m [nb] = the fitted offset, q [nb, 32] uint8)."""
+    X, W = _weighted_search_input(x, qw, row_ms)
+    d, the_min, l_iscale, l_min, flat = qkx(X, W, nmax, -0.9, 0.05, 36)
+    return d, np.negative(the_min), search_L_affine(x, l_iscale, l_min, flat, nmax)
+
+
+@quiet
+def q4_0_w(x: np.ndarray, out: np.ndarray, qw: np.ndarray, row_ms: np.ndarray) -> None:
+    d, q = _symmetric_weighted(x, qw, row_ms, 8)
+    f = _fields(out, {"d": (0, "<u2"), **_qs_layout(2)})
+    f["d"] = fp16_bits(d)
+    _put_nibbles(f, q)
+
+
+@quiet
+def q5_0_w(x: np.ndarray, out: np.ndarray, qw: np.ndarray, row_ms: np.ndarray) -> None:
+    d, q = _symmetric_weighted(x, qw, row_ms, 16)
+    f = _fields(out, {"d": (0, "<u2"), "qh": (2, "<u4"), **_qs_layout(6)})
+    f["d"] = fp16_bits(d)
+    _put_high_bits(f, q)
+    _put_nibbles(f, q)
+
+
+@quiet
+def q4_1_w(x: np.ndarray, out: np.ndarray, qw: np.ndarray, row_ms: np.ndarray) -> None:
+    d, mn, q = _affine_weighted(x, qw, row_ms, 15)
+    f = _fields(out, {"d": (0, "<u2"), "m": (2, "<u2"), **_qs_layout(4)})
+    f["d"] = fp16_bits(d)
+    f["m"] = fp16_bits(mn)
+    _put_nibbles(f, q)
+
+
+@quiet
+def q5_1_w(x: np.ndarray, out: np.ndarray, qw: np.ndarray, row_ms: np.ndarray) -> None:
+    d, mn, q = _affine_weighted(x, qw, row_ms, 31)
+    f = _fields(out, {"d": (0, "<u2"), "m": (2, "<u2"), "qh": (4, "<u4"), **_qs_layout(8)})
+    f["d"] = fp16_bits(d)
+    f["m"] = fp16_bits(mn)
+    _put_high_bits(f, q)
+    _put_nibbles(f, q)
+
+
 LEGACY = {
-    "Q8_0": q8_0,
-    "Q4_0": q4_0,
-    "Q4_1": q4_1,
-    "Q5_0": q5_0,
-    "Q5_1": q5_1,
+    "Q8_0": Kernel(q8_0),  # quantize_q8_0 ignores the imatrix
+    "Q4_0": Kernel(q4_0, q4_0_w, row_ms=True),
+    "Q4_1": Kernel(q4_1, q4_1_w, row_ms=True),
+    "Q5_0": Kernel(q5_0, q5_0_w, row_ms=True),
+    "Q5_1": Kernel(q5_1, q5_1_w, row_ms=True),
 }

@@ -18,9 +18,8 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
-BlockFn = Callable[[np.ndarray, np.ndarray], None]
+#: ``work(a, b)``: quantize blocks ``a`` to ``b`` of a tensor into its output
+SpanFn = Callable[[int, int], None]
 
 
 def default_threads() -> int:
@@ -37,13 +36,14 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def run_chunked(blocks: np.ndarray, out: np.ndarray, fn: BlockFn, chunk_blocks: int, threads: int) -> None:
-    """Apply ``fn(blocks[a:b], out[a:b])`` over chunks of rows of ``blocks``, optionally in threads.
+def run_chunked(nb: int, work: SpanFn, chunk_blocks: int, threads: int) -> None:
+    """Run ``work(a, b)`` over spans that cover blocks ``0 .. nb``, optionally in threads.
 
     numpy releases the GIL inside its loops, so chunks overlap on several cores; the chunks are
     made as large as ``chunk_blocks`` allows and balanced across the threads.
     """
-    nb = blocks.shape[0]
+    if nb <= 0:
+        return
     nthreads = max(1, int(threads))
     nchunks = -(-nb // max(1, chunk_blocks))
     if nthreads > 1:
@@ -53,10 +53,10 @@ def run_chunked(blocks: np.ndarray, out: np.ndarray, fn: BlockFn, chunk_blocks: 
     nthreads = min(nthreads, len(spans))
     if nthreads <= 1:
         for a, b in spans:
-            fn(blocks[a:b], out[a:b])
+            work(a, b)
         return
     with ThreadPoolExecutor(max_workers=nthreads) as ex:
-        for f in [ex.submit(fn, blocks[a:b], out[a:b]) for a, b in spans]:
+        for f in [ex.submit(work, a, b) for a, b in spans]:
             f.result()
 
 
@@ -87,16 +87,16 @@ class ChunkTuner:
         """The size chosen for ``key`` so far (None: not tuned yet)."""
         return self._chosen.get(key)
 
-    def run(self, key: Hashable, blocks: np.ndarray, out: np.ndarray, fn: BlockFn, threads: int) -> None:
+    def run(self, key: Hashable, nb: int, work: SpanFn, threads: int) -> None:
         """:func:`run_chunked` with the size chosen for ``key``, tuning on these blocks if none is yet."""
         size = self._chosen.get(key)
-        if size is None and blocks.shape[0] >= 2 * self.trial_blocks(threads):
-            done, size = self._tune(blocks, out, fn, threads)
+        done = 0
+        if size is None and nb >= 2 * self.trial_blocks(threads):
+            done, size = self._tune(work, threads)
             self._chosen.setdefault(key, size)  # a concurrent tuning of the same key may have won
-            blocks, out = blocks[done:], out[done:]
-        run_chunked(blocks, out, fn, size or self.fallback, threads)
+        run_chunked(nb - done, lambda a, b: work(done + a, done + b), size or self.fallback, threads)
 
-    def _tune(self, blocks: np.ndarray, out: np.ndarray, fn: BlockFn, threads: int) -> tuple[int, int]:
+    def _tune(self, work: SpanFn, threads: int) -> tuple[int, int]:
         """Quantize the leading blocks in timed trials; returns (blocks done, fastest size)."""
         per_trial = threads * max(self.candidates)
         best = {c: math.inf for c in self.candidates}
@@ -104,7 +104,8 @@ class ChunkTuner:
         for r in range(self.ROUNDS):
             for c in (self.candidates if r % 2 == 0 else self.candidates[::-1]):
                 t0 = time.perf_counter()
-                run_chunked(blocks[done:done + per_trial], out[done:done + per_trial], fn, c, threads)
+                start = done
+                run_chunked(per_trial, lambda a, b: work(start + a, start + b), c, threads)
                 best[c] = min(best[c], time.perf_counter() - t0)
                 done += per_trial
         return done, min(self.candidates, key=best.__getitem__)
