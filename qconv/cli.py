@@ -189,13 +189,17 @@ def calibrate(
 @app.command()
 def quantize(
     model: Path = typer.Argument(..., help="Model: HF checkpoint directory, .gguf file or Hub id (owner/name)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output checkpoint directory (compressed-tensors)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output: checkpoint directory (compressed-tensors), or a .gguf file."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML recipe (see recipes/)."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help="rtn, gptq, awq or smoothquant (instead of a recipe)."),
     scheme: Optional[str] = typer.Option(None, "--scheme", "-s",
                                          help="Named scheme: fp8 (W8A8 FP8 dynamic), fp8a16 (FP8 weight-only), fp8-static, fp8-block (128x128), nvfp4, nvfp4a16, mxfp4, mxfp4a16; int = --bits/--group-size."),
-    output_format: Optional[str] = typer.Option(None, "--output-format",
-                                                help="compressed-tensors (default), or fp8: the published FP8 block layout (weight_scale_inv; --scheme fp8-block)."),
+    output_format: Optional[str] = typer.Option(None, "--output-format", "--format",
+                                                help="compressed-tensors (default), fp8: the published FP8 block layout (weight_scale_inv; --scheme fp8-block), or gguf (also when -o ends in .gguf)."),
+    gguf_type: Optional[str] = typer.Option(None, "--type", "-t",
+                                            help="GGUF output: llama.cpp file type (q4_k_m, q4_k_s, q4_0, q3_k_m, q2_k, iq4_xs, ...), whose mix gives every Linear's type; the method rounds onto it."),
+    tensor_type: list[str] = typer.Option([], "--tensor-type",
+                                          help="GGUF output: PATTERN=TYPE override of the mix, as llama-quantize --tensor-type (repeatable)."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", "--kv",
                                            help="fp8: calibrate FP8 KV-cache scales (k_scale/v_scale per layer) for vLLM's fp8 KV cache; fp: none."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Weight bits, 2..8."),
@@ -232,9 +236,14 @@ def quantize(
     quiet: bool = QuietOpt,
 ) -> None:
     """Quantize a model with RTN, GPTQ, AWQ or SmoothQuant into a compressed-tensors checkpoint
-    (loadable by vLLM and transformers). Flags override the recipe's fields.
+    (loadable by vLLM and transformers), or with RTN, GPTQ or AWQ into a GGUF file (llama.cpp).
+    Flags override the recipe's fields.
 
     Examples:
+
+      qconv quantize model-dir --recipe recipes/gguf-q4_k_m.yaml --data c4-sample.jsonl -o model-Q4_K_M.gguf
+
+      qconv quantize model-dir --method gptq --format gguf --type q3_k_m --data c4-sample.jsonl -o model-Q3_K_M.gguf
 
       qconv quantize model-dir --recipe recipes/w4a16-gptq.yaml --data c4-sample.jsonl -o model-w4
 
@@ -247,7 +256,9 @@ def quantize(
     from qconv import api
 
     r = api.quantize(model, output, recipe=recipe, method=method, force=force, device=device,
-                     quiet=quiet or json_out, dry_run=dry_run, scheme=scheme, output_format=output_format, kv_cache=kv_cache, bits=bits, group_size=group_size, symmetric=symmetric,
+                     quiet=quiet or json_out, dry_run=dry_run, scheme=scheme,
+                     output_format=output_format or ("gguf" if output.suffix.lower() == ".gguf" else None),
+                     gguf_type=gguf_type, tensor_types=tensor_type or None, kv_cache=kv_cache, bits=bits, group_size=group_size, symmetric=symmetric,
                      data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field, dtype=calib_dtype,
                      act_dtype=act_dtype, memory=memory_mode, chat_template=chat_template, max_memory=max_memory, act_order=act_order, damp=damp, alpha=alpha, mse=mse, fp_targets=fp_targets, refine=refine,
                      rotate=rotate)

@@ -10,16 +10,23 @@ Two pieces, kept free of modules and hooks so a pipeline can drive them however 
 The codes, scales and zero points it returns live on :mod:`qconv.core.grid`'s one convention,
 and ``grid.dequantize(q, scale, zero, scheme)`` is bit for bit the fake-quantized weight GPTQ
 optimized: the column quantizer below performs exactly ``grid.quantize``'s float32 operations.
+:func:`gptq_quantize_ggml` runs the same column loop on a llama.cpp block type's grid, whose
+scales llama.cpp's own search fixes first; its decoded values are the dequantizer's, bit for bit.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from qconv.core import ggml
+from qconv.core.ggml import levels
+from qconv.core.ggml_target import GGMLScheme, GGMLWeight
 
 from qconv.errors import InvalidOption
 from qconv.quant.distributed import DataParallel
@@ -384,8 +391,8 @@ def gptq_quantize(
                     col_scale[g0 : g0 + width] = gs
                     col_zero[g0 : g0 + width] = gz.to(torch.float32)
             block_err = err[: i2 - i1]
-            _quantize_block(Wt[i1:i2], codes[i1:i2], block_err, col_scale[i1:i2], col_zero[i1:i2],
-                            Hinv[i1:i2, i1:i2], scheme)
+            _quantize_block(Wt[i1:i2], codes[i1:i2], block_err, Hinv[i1:i2, i1:i2],
+                            _grid_rounder(col_scale[i1:i2], col_zero[i1:i2], scheme))
             loss += block_err.square().sum(dtype=torch.float64)
             if i2 < n:
                 Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, block_err, alpha=-1.0)
@@ -515,14 +522,64 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+#: ``round_column(i, w, q, e)``: column ``i`` of a block, ``w``, rounded: codes into ``q``, the
+#: dequantized values into ``e`` (rows of preallocated tensors, written in place)
+ColumnRounder = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def _grid_rounder(S1: torch.Tensor, Z1: torch.Tensor, scheme: WeightScheme) -> ColumnRounder:
+    """The columns of a block on a :mod:`qconv.core.grid` grid, ``grid.quantize``'s and
+    ``grid.dequantize``'s float32 ops in their order: ``round(w / scale) + zero``, clamped (a
+    float grid: the nearest element value, zero being 0), then ``(q - zero) * scale``."""
+    qmin, qmax, bits = float(scheme.qmin), float(scheme.qmax), scheme.bits if scheme.is_float else 0
+
+    def round_column(i: int, w: torch.Tensor, q: torch.Tensor, e: torch.Tensor) -> None:
+        s, z = S1[i], Z1[i]
+        torch.div(w, s, out=q)
+        if bits:
+            q.copy_(round_float(q, bits))
+        else:
+            q.round_().add_(z).clamp_(qmin, qmax)
+        torch.sub(q, z, out=e)
+        e.mul_(s)
+
+    return round_column
+
+
+def _levels_rounder(S1: torch.Tensor, D1: torch.Tensor, O1: torch.Tensor | None, values: torch.Tensor) -> ColumnRounder:
+    """The columns of a block on a ggml type's fixed grid ``ŵ = scale * values[L] + offset``: the
+    level nearest to ``(w - offset) / scale`` (``D1``: the scales with 0 replaced by 1, so a
+    group whose scale is 0 rounds harmlessly: all its levels decode to ``offset``). ``q`` gets
+    the level index, ``e`` the decoded value in the dequantizer's float32 order."""
+    v0, k = float(values[0]), values.numel()
+    uniform = bool(torch.equal(values, torch.arange(k, dtype=values.dtype, device=values.device) + v0))
+    mids = (values[1:] + values[:-1]) / 2
+
+    def round_column(i: int, w: torch.Tensor, q: torch.Tensor, e: torch.Tensor) -> None:
+        if O1 is None:
+            torch.div(w, D1[i], out=q)
+        else:
+            torch.sub(w, O1[i], out=q)
+            q.div_(D1[i])
+        if uniform:
+            q.sub_(v0).round_().clamp_(0, k - 1)
+            torch.add(q, v0, out=e)
+        else:
+            q.copy_(torch.bucketize(q, mids))
+            torch.index_select(values, 0, q.long(), out=e)
+        e.mul_(S1[i])
+        if O1 is not None:
+            e.add_(O1[i])
+
+    return round_column
+
+
 def _quantize_block(
     W1: torch.Tensor,
     Q1: torch.Tensor,
     E1: torch.Tensor,
-    S1: torch.Tensor,
-    Z1: torch.Tensor,
     Hinv1: torch.Tensor,
-    scheme: WeightScheme,
+    round_column: ColumnRounder,
 ) -> None:
     """Quantize the rows of ``W1 [count, out]`` (columns of W) in place, one after another.
 
@@ -532,20 +589,87 @@ def _quantize_block(
     """
     count = W1.shape[0]
     inv_diag = Hinv1.diagonal().reciprocal().tolist()
-    qmin, qmax, bits = float(scheme.qmin), float(scheme.qmax), scheme.bits if scheme.is_float else 0
-    rows = zip(W1.unbind(0), Q1.unbind(0), E1.unbind(0), S1.unbind(0), Z1.unbind(0), Hinv1.unbind(0))
-    for i, (w, q, e, s, z, h) in enumerate(rows):
-        # grid.quantize's ops, in its order: round(w / scale) + zero, clamped (a float grid:
-        # the nearest element value, zero being 0)
-        torch.div(w, s, out=q)
-        if bits:
-            q.copy_(round_float(q, bits))
-        else:
-            q.round_().add_(z).clamp_(qmin, qmax)
-        # grid.dequantize's ops: (q - zero) * scale, then the scaled error
-        torch.sub(q, z, out=e)
-        e.mul_(s)
+    for i, (w, q, e, h) in enumerate(zip(W1.unbind(0), Q1.unbind(0), E1.unbind(0), Hinv1.unbind(0))):
+        round_column(i, w, q, e)
         torch.sub(w, e, out=e)
         e.mul_(inv_diag[i])
         if i + 1 < count:
             W1[i + 1 :].addr_(h[i + 1 :], e, alpha=-1.0)
+
+
+@dataclass(frozen=True)
+class GGMLGPTQResult:
+    """One Linear's GPTQ output on a ggml type: its blocks, and as :class:`GPTQResult` says."""
+
+    weight: GGMLWeight
+    loss: float
+    damp_used: float
+    fell_back_to_rtn: bool
+
+
+def gptq_quantize_ggml(w: torch.Tensor, H: torch.Tensor, scheme: GGMLScheme, block_size: int = 128,
+                       damp: float = 0.1, act_order: bool = False) -> GGMLGPTQResult:
+    """GPTQ of ``w [out, in]`` onto the ggml type of ``scheme``, against the Hessian ``H``.
+
+    Every block's scales come first, fixed: llama.cpp's own quantizer searches them, weighted by
+    ``diag(H)`` (each input's mean squared activation: an imatrix of the calibration inputs), on
+    the un-updated weight — static groups, so activation order needs no reordering in the file.
+    Then the columns are rounded in (activation) order onto those grids — each value to its
+    group's nearest level, ``ŵ = scale * values[L] + offset`` (:mod:`qconv.core.ggml.levels`) —
+    with GPTQ's error feedback, and the levels are written into the blocks. A Hessian that
+    cannot be factored leaves llama.cpp's importance-weighted rounding (``fell_back_to_rtn``).
+    """
+    out, n = w.shape
+    if H.shape != (n, n):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match a weight with {n} input columns")
+    if block_size < 1:
+        raise InvalidOption(f"GPTQ block size must be positive, got {block_size}")
+    qtype = scheme.qtype
+    W = w.detach().to(torch.float32, copy=True)
+    H = H.detach().to(torch.float32, copy=True)
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0.0
+    importance = H.diagonal().clone()
+    importance[dead] = 0.0
+    data = ggml.quantize(W.cpu().numpy(), qtype, imatrix=importance.cpu().numpy())
+    grid = levels.block_grid(data, qtype, n)
+
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    factor = inverse_hessian_factor(H, damp)
+    if factor is None:
+        return GGMLGPTQResult(GGMLWeight(data, scheme, (out, n)), math.nan, math.nan, True)
+    Hinv, damp_used = factor
+
+    column_group = torch.arange(n, device=W.device) // grid.group
+    if perm is not None:
+        column_group = column_group[perm]
+
+    def per_column(a: np.ndarray) -> torch.Tensor:  # [out, groups] -> [n, out] in processing order
+        return torch.from_numpy(a).to(W.device).T[column_group].contiguous()
+
+    S = per_column(grid.scale)
+    D = torch.where(S == 0, torch.ones_like(S), S)
+    O = per_column(grid.offset) if grid.offset is not None else None
+    values = torch.from_numpy(grid.values).to(W.device)
+
+    Wt = (W[:, perm] if perm is not None else W).T.contiguous()
+    codes = torch.empty_like(Wt)
+    err = torch.empty(min(block_size, n), out, dtype=torch.float32, device=W.device)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    with _one_thread():
+        for i1 in range(0, n, block_size):
+            i2 = min(i1 + block_size, n)
+            block_err = err[: i2 - i1]
+            _quantize_block(Wt[i1:i2], codes[i1:i2], block_err, Hinv[i1:i2, i1:i2],
+                            _levels_rounder(S[i1:i2], D[i1:i2], None if O is None else O[i1:i2], values))
+            loss += block_err.square().sum(dtype=torch.float64)
+            if i2 < n:
+                Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, block_err, alpha=-1.0)
+    L = codes.T
+    if perm is not None:
+        L = L[:, torch.argsort(perm)]
+    data = levels.with_levels(data, qtype, n, L.to(torch.uint8).cpu().numpy())
+    return GGMLGPTQResult(GGMLWeight(data, scheme, (out, n)), loss.item() / 2, damp_used, False)

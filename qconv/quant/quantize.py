@@ -165,7 +165,8 @@ def quantize_model(
             raise UnsupportedModel(f"{what}: not implemented for mixture-of-experts models "
                                    f"({source.config.model_type}) yet; use gptq or rtn", source.path)
         model_dtype = parse_dtype(source.config.torch_dtype)
-        schemes = recipe.schemes(scale_dtype=model_dtype)
+        gguf_plan = _gguf_plan(source.config, recipe) if recipe.output_format == "gguf" else None
+        schemes = recipe.schemes(scale_dtype=model_dtype) if gguf_plan is None else gguf_plan.schemes
         widths = _linear_widths(source)
         schemes.check_shapes(widths)
         store_dtype = activation_dtype(calib.act_dtype, model_dtype)
@@ -202,6 +203,14 @@ def quantize_model(
         pipeline = LayerPipeline(source, tokens, torch_device, batch_size, arithmetic,
                                  quantizer.fp_stream, store_dtype, memory.mode, parallel, placement=memory.placement)
         writes = parallel is None or parallel.writes
+        if gguf_plan is not None:
+            with progress(f"quantizing ({recipe.name})", source.config.num_layers, quiet) as advance:
+                _write_gguf(source, out, recipe, gguf_plan, pipeline, transforms, quantizer, force, writes,
+                            fingerprint(original), advance)
+            if parallel is not None:
+                parallel.finish()
+            return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, False,
+                                  memory.estimate, memory.to_dict())
         writer_class = Fp8BlockWriter if recipe.output_format == "fp8" else CompressedTensorsWriter
         writer = writer_class(
             out, source.config, source.tokenizer_files(), parse_size(recipe.max_shard_size), force,
@@ -233,6 +242,76 @@ def quantize_model(
         parallel.finish()
     return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, False,
                           memory.estimate, memory.to_dict())
+
+
+@dataclass
+class _GGUFPlan:
+    """A GGUF output's tensors (llama.cpp's order and mix) and the scheme map they give the methods."""
+
+    ft: Any
+    tensors: list[Any]
+    schemes: Any
+
+
+def _gguf_plan(config: ModelConfig, recipe: Recipe) -> _GGUFPlan:
+    """The file type's mix for this model, as ``llama-quantize --imatrix`` chooses it (the methods
+    calibrate, so the imatrix rules apply: files compare at equal size with llama.cpp's)."""
+    from qconv.core.ggml_target import GGMLScheme
+    from qconv.core import ggml
+    from qconv.formats.gguf_writer import check_llama_cpp_runs, gguf_options, plan_tensors
+    from qconv.quant.schemes import GGUFSchemeMap
+
+    check_llama_cpp_runs(config)
+    ft, overrides, _ = gguf_options(str(recipe.gguf_type), recipe.tensor_types)
+    tensors = plan_tensors(config, ft, True, overrides)
+    types: dict[str, GGMLScheme] = {}
+    linears = set(config.spec.linear_modules(config))
+    for p in tensors:
+        for hf in p.sources:
+            module = hf.removesuffix(".weight")
+            if module in linears and module != LM_HEAD and p.type.name in ggml.QTYPES:
+                types[module] = GGMLScheme(p.type.name)
+    return _GGUFPlan(ft, tensors, GGUFSchemeMap(types))
+
+
+def _write_gguf(source: ModelSource, out: Path, recipe: Recipe, plan: _GGUFPlan, pipeline: LayerPipeline,
+                transforms: list[Transform], quantizer: Quantizer, force: bool, writes: bool, input_sha256: str,
+                advance: Any) -> None:
+    """The layer pipeline into a GGUF file, streamed in llama.cpp's tensor order: the tensors
+    outside the layers (embeddings, head, final norm) first, from the source and quantized by
+    the writer as llama-quantize would (no imatrix entry), then each layer's as the pipeline
+    finishes it: its quantized Linears as the method's ggml blocks, the rest (norms with AWQ's
+    folded scales, biases) from the layer."""
+    import json
+
+    from qconv.formats.gguf_writer import GGUFStream, encode, tensor_data
+
+    config = source.config
+    extra = {"qconv.recipe": json.dumps(recipe.to_dict(), sort_keys=True), "qconv.version": __version__,
+             "qconv.input_sha256": input_sha256}
+    stream = GGUFStream(out, config, source.tokenizer_files(), plan.ft, plan.tensors, force, extra=extra) \
+        if writes else None
+    with stream if stream is not None else _Discard():
+        while stream is not None and stream.pending is not None and not stream.pending.name.startswith("blk."):
+            p = stream.pending
+            stream.write(p.name, encode(tensor_data(source.get_array, config, p), p.type))
+        for ctx in pipeline.layers():
+            for t in transforms:
+                t.apply(ctx, plan.schemes)
+            qweights = quantizer.quantize(ctx, plan.schemes)
+            if stream is not None:
+                prefix = LAYER_PREFIX.format(ctx.index)
+                state = ctx.layer.state_dict()
+                blocks = {f"{prefix}{inner}.weight": qw.data for inner, qw in qweights.items()}
+
+                def get(hf: str) -> Any:
+                    return blocks[hf] if hf in blocks else state[hf[len(prefix):]].detach().float().cpu().numpy()
+
+                layer = f"blk.{ctx.index}."
+                while stream.pending is not None and stream.pending.name.startswith(layer):
+                    p = stream.pending
+                    stream.write(p.name, encode(tensor_data(get, config, p), p.type))
+            advance()
 
 
 def _method_memory(stages: list[Method], config: ModelConfig, work: Workload) -> dict[str, int]:

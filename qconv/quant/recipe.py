@@ -33,8 +33,9 @@ from qconv.quant.methods.base import Quantizer, Transform
 from qconv.core.quantized import ActivationScheme
 from qconv.quant.schemes import DEFAULT_IGNORE, PRESETS, Override, SchemeMap, preset_scheme
 
-#: compressed-tensors (every scheme), or the FP8 block layout published models use (fp8-block only)
-OUTPUT_FORMATS = ("compressed-tensors", "fp8")
+#: compressed-tensors (every scheme), the FP8 block layout published models use (fp8-block only),
+#: or a GGUF file of a llama.cpp file type (``output.type``: q4_k_m, q3_k_m, ...)
+OUTPUT_FORMATS = ("compressed-tensors", "fp8", "gguf")
 #: the calibration passes' arithmetic; "auto": see :func:`qconv.quant.quantize.compute_dtype`
 CALIBRATION_DTYPES = ("auto", "float32", "bfloat16")
 #: what calibration activations may be stored in; "auto": the checkpoint's 16-bit dtype, or float32
@@ -87,6 +88,10 @@ class Recipe:
     stages: tuple[Stage, ...] = (Stage("rtn"),)
     output_format: str = "compressed-tensors"
     max_shard_size: str = "5GB"
+    #: GGUF output: the llama.cpp file type (its mix gives every Linear's ggml type) and
+    #: ``--tensor-type`` style ``PATTERN=TYPE`` overrides of the mix
+    gguf_type: str | None = None
+    tensor_types: tuple[str, ...] = ()
     #: "fp8": calibrate FP8 KV-cache scales (``k_scale`` / ``v_scale`` per layer) and declare the
     #: cache in the checkpoint (vLLM ``kv_cache_dtype="fp8"``); None: no KV-cache scheme
     kv_cache: str | None = None
@@ -122,7 +127,8 @@ class Recipe:
             "overrides": [{"pattern": o.pattern, **o.changes} for o in self.overrides],
             "calibration": asdict(self.calibration),
             "stages": [{"method": s.method, **s.options} for s in self.stages],
-            "output": {"format": self.output_format, "max_shard_size": self.max_shard_size},
+            "output": {"format": self.output_format, **({"type": self.gguf_type, "tensor_types": list(self.tensor_types)}
+                       if self.output_format == "gguf" else {"max_shard_size": self.max_shard_size})},
             **({"kv_cache": self.kv_cache} if self.kv_cache else {}),
         }
 
@@ -135,7 +141,7 @@ _TOP = {"name", "description", "scheme", "ignore", "overrides", "calibration", "
 KV_CACHES = ("fp8",)
 _SCHEME = {"bits", "group_size", "symmetric", "activations", "preset"}
 _CALIB = {f for f in Calibration.__dataclass_fields__}
-_OUTPUT = {"format", "max_shard_size"}
+_OUTPUT = {"format", "max_shard_size", "type", "tensor_types"}
 _OVERRIDE = {"pattern", "bits", "group_size", "symmetric"}
 
 
@@ -229,6 +235,9 @@ def recipe_from_dict(raw: Any, origin: str = "recipe") -> Recipe:
         stages=tuple(stages),
         output_format=_typed(output.get("format", "compressed-tensors"), str, "output.format"),
         max_shard_size=str(output.get("max_shard_size", "5GB")),
+        gguf_type=None if output.get("type") is None else _typed(output["type"], str, "output.type"),
+        tensor_types=tuple(_typed(t, str, "output.tensor_types[]")
+                           for t in _typed(output.get("tensor_types") or [], list, "output.tensor_types")),
         kv_cache=raw.get("kv_cache"),
     )
     return validate(recipe)
@@ -236,13 +245,9 @@ def recipe_from_dict(raw: Any, origin: str = "recipe") -> Recipe:
 
 def validate(recipe: Recipe) -> Recipe:
     """Checks that need the whole recipe (after flags were applied too)."""
-    recipe.schemes()  # bits / group size / patterns / preset
-    for o in recipe.overrides:
-        replace(recipe.schemes().default, **o.changes)
-    default = recipe.schemes().default
     methods = [get_method(s.method)(**s.options) for s in recipe.stages]  # each checks its own options
     for method in methods:
-        for scheme in (default, *(replace(default, **o.changes) for o in recipe.overrides)):
+        for scheme in _target_schemes(recipe):
             method.check_scheme(scheme)
     roles = [m.role for m in methods]
     if roles.count("quantizer") != 1 or roles[-1] != "quantizer":
@@ -257,6 +262,8 @@ def validate(recipe: Recipe) -> Recipe:
                                 f"with gptq fp_targets that stage must be the last transform")
     if recipe.output_format not in OUTPUT_FORMATS:
         raise InvalidOption(f"recipe: unknown output.format {recipe.output_format!r} (valid: {', '.join(OUTPUT_FORMATS)})")
+    if recipe.output_format != "gguf" and (recipe.gguf_type is not None or recipe.tensor_types):
+        raise InvalidOption("recipe: output.type and output.tensor_types are for output.format gguf")
     if recipe.output_format == "fp8" and (recipe.preset != "fp8-block" or recipe.overrides):
         raise InvalidOption("recipe: output.format fp8 (the published FP8 block layout) holds the fp8-block scheme "
                             "only, without overrides")
@@ -281,6 +288,31 @@ def validate(recipe: Recipe) -> Recipe:
     if c.memory not in MEMORY_MODES:
         raise InvalidOption(f"recipe: calibration.memory must be one of {', '.join(MEMORY_MODES)}, got {c.memory!r}")
     return recipe
+
+
+def _target_schemes(recipe: Recipe) -> list[Any]:
+    """What the recipe's methods will round onto, checked against their options: the grid and its
+    overrides, or for a GGUF output the file type's default ggml type (every ggml type asks the
+    same of a method; which Linear gets which is the mix's choice, made once the model is read)."""
+    if recipe.output_format != "gguf":
+        recipe.schemes()  # bits / group size / patterns / preset
+        default = recipe.schemes().default
+        return [default, *(replace(default, **o.changes) for o in recipe.overrides)]
+    from qconv.core.ggml_target import GGMLScheme
+    from qconv.formats.gguf_types import TypeOverride, file_type
+    from qconv.core import ggml
+
+    if recipe.gguf_type is None:
+        raise InvalidOption("recipe: output.format gguf needs output.type (a llama.cpp file type such as q4_k_m)")
+    ft = file_type(recipe.gguf_type)
+    if not ft.quantized:
+        raise InvalidOption(f"recipe: output.type {ft.name} is not quantized: use `qconv convert` for it")
+    for spec in recipe.tensor_types:
+        TypeOverride.parse(spec, [*ggml.QTYPES, "F16", "F32", "BF16"])
+    if recipe.preset is not None or recipe.act_bits or recipe.kv_cache is not None or recipe.overrides:
+        raise InvalidOption("recipe: a GGUF output takes its types from output.type (no scheme preset, activation "
+                            "bits, kv_cache or overrides; use output.tensor_types)")
+    return [GGMLScheme(ft.default.name)]
 
 
 def load_recipe(path: Path | str) -> Recipe:
@@ -327,10 +359,15 @@ def apply_flags(recipe: Recipe, **flags: Any) -> Recipe:
         top = {"preset": None if preset == "int" else preset, "act_bits": None}
     elif recipe.preset is not None and top:
         top["preset"] = None  # explicit bits replace the recipe's named scheme
-    for key in ("output_format", "kv_cache"):
+    for key in ("output_format", "kv_cache", "gguf_type"):
         value = flags.pop(key, None)
         if value is not None:
             top[key] = None if key == "kv_cache" and value == "fp" else value
+    tensor_types = flags.pop("tensor_types", None)
+    if tensor_types:
+        top["tensor_types"] = tuple(tensor_types)
+    if top.get("gguf_type") is not None and "output_format" not in top:
+        top["output_format"] = "gguf"
     calib = {k: flags.pop(k) for k in ("data", "samples", "seqlen", "seed", "text_field", "dtype", "act_dtype", "memory",
                                         "chat_template")
              if flags.get(k) is not None}

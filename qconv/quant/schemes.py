@@ -13,6 +13,7 @@ from typing import Any
 
 from qconv.errors import InvalidOption
 from qconv.arch.spec import LM_HEAD
+from qconv.core.ggml_target import GGMLScheme
 from qconv.core.grid import E8M0, FP8, WeightScheme
 from qconv.core.quantized import ActivationScheme
 
@@ -109,3 +110,21 @@ class SchemeMap:
             if act is not None and not act.fits(scheme):
                 raise InvalidOption(f"{name}: {act.type}{act.bits} activations do not go with its "
                                     f"{scheme.bits}-bit {scheme.type} weights")
+
+
+@dataclass(frozen=True)
+class GGUFSchemeMap:
+    """The scheme map of a GGUF output: each Linear's ggml type, as the file type's mix (and
+    ``--tensor-type`` overrides) chose it for the model; the types already fit each row's length
+    (llama.cpp's fallbacks). Modules absent from ``types`` (the head and embeddings, which the
+    GGUF writer quantizes itself, and tensors stored in 16/32 bits) stay in full precision."""
+
+    types: dict[str, GGMLScheme]
+    #: GGUF files hold no activation quantization
+    activations: None = None
+
+    def scheme_for(self, module: str) -> GGMLScheme | None:
+        return self.types.get(module)
+
+    def check_shapes(self, modules: dict[str, int]) -> None:
+        """Nothing to check: the mix chose every type for its row length."""

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from qconv.arch.config import ModelConfig
-from qconv.core.grid import WeightScheme, fake_quantize
+from qconv.core.ggml_target import GGMLScheme
+from qconv.core.target import Scheme, fake_quantize
 from qconv.errors import InvalidOption
 from qconv.quant.gptq import HessianAccumulator
 from qconv.arch.spec import LAYER_PREFIX
@@ -64,7 +65,7 @@ def column_sum(x: torch.Tensor) -> torch.Tensor:
     return (torch.ones(1, x.shape[0], dtype=x.dtype, device=x.device) @ x)[0]
 
 
-def w_mean(weights: list[torch.Tensor], scheme: WeightScheme) -> torch.Tensor:
+def w_mean(weights: list[torch.Tensor], scheme: Scheme) -> torch.Tensor:
     """Mean over rows of |W| / (group max of |W|): how large each input column is relative to
     the quantization range it shares."""
     w = torch.cat([x.float() for x in weights])
@@ -85,10 +86,10 @@ def quadratic_error(d: torch.Tensor, h: torch.Tensor) -> float:
     return math.fsum(((d @ h) * d).sum(-1).double().tolist())
 
 
-def clip_search(w: torch.Tensor, h: torch.Tensor, scheme: WeightScheme, steps: int = 10, grid: int = 20) -> torch.Tensor:
+def clip_search(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, steps: int = 10, grid: int = 20) -> torch.Tensor:
     """Per (row, group) max |w| that minimizes the group's output error ``d H_g dᵀ`` (``H_g`` =
     the group's diagonal block of the input second moments ``h [in, in]``); returns the clipped
-    weight."""
+    weight. The rounding is weighted by ``diag(h)`` where the target uses importances."""
     out, n = w.shape
     ng, gw = scheme.groups(n), scheme.group_width(n)
     blocks = torch.stack([h[i * gw:(i + 1) * gw, i * gw:(i + 1) * gw] for i in range(ng)])  # [ng, gw, gw]
@@ -98,7 +99,7 @@ def clip_search(w: torch.Tensor, h: torch.Tensor, scheme: WeightScheme, steps: i
     best_max = org_max.clone()
     for i in range(steps):
         m = org_max * (1 - i / grid)
-        d = fake_quantize(torch.clamp(wg, -m, m).reshape(out, n), scheme).reshape(out, ng, gw) - wg
+        d = fake_quantize(torch.clamp(wg, -m, m).reshape(out, n), scheme, h.diagonal()).reshape(out, ng, gw) - wg
         err = (torch.bmm(d.transpose(0, 1), blocks).transpose(0, 1) * d).sum(-1)  # [out, ng]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -171,12 +172,12 @@ class AWQ(Transform):
         hessians: dict[str, torch.Tensor] = {}
         with torch.inference_mode():
             for pair in self._pairs(ctx):
-                scheme = schemes.scheme_for(ctx.module_name(pair.balance[0]))
+                member_schemes = [schemes.scheme_for(ctx.module_name(b)) for b in pair.balance]
                 source = layer.get_submodule(pair.source)
-                if scheme is None or not self._reached(feats, pair.feature) \
+                if None in member_schemes or not self._reached(feats, pair.feature) \
                         or source.weight.shape[0] != self._width(feats, pair.feature):
                     continue  # not quantized, not reached, or no exact source (a value Linear under GQA)
-                s = self._search(ctx, pair, feats, hessians, scheme)
+                s = self._search(ctx, pair, feats, hessians, member_schemes)
                 fold_scales(source, [layer.get_submodule(b) for b in (*pair.also, *pair.balance)], s)
                 for name in {feature_of[n] for n in (*pair.also, *pair.balance)}:  # their inputs are now x / s
                     for per in feats.values():
@@ -258,7 +259,11 @@ class AWQ(Transform):
         return acc.hessian
 
     def _search(self, ctx: LayerContext, pair: _Pair, feats: Features, hessians: dict[str, torch.Tensor],
-                scheme: WeightScheme) -> torch.Tensor:
+                schemes: list[Scheme]) -> torch.Tensor:
+        """The best scale for the pair, each of its Linears rounded onto its own scheme (the
+        first one's groups normalize ``w_mean``). A target that weights its rounding by the
+        inputs' mean squares (a ggml type's imatrix search) gets those of the scaled inputs,
+        ``x / s``, at every grid point."""
         p = ctx.pipeline
         mods = [ctx.layer.get_submodule(b) for b in pair.balance]
         originals = [m.weight.data.clone() for m in mods]
@@ -267,13 +272,19 @@ class AWQ(Transform):
         x_sum = p.reduce(((b, column_sum(x.float().abs())) for b, x in rows.items()), width)
         tokens = p.count(sum(x.shape[0] for x in rows.values()))
         x_mean = (x_sum / max(tokens, 1)).to(originals[0].device)
-        wm = w_mean(originals, scheme)
+        x_sq = None
+        if any(isinstance(s, GGMLScheme) for s in schemes):
+            x_sq = p.reduce(((b, column_sum(x.float().square())) for b, x in rows.items()), width)
+            x_sq = (x_sq / max(tokens, 1)).to(originals[0].device)
+        wm = w_mean(originals, schemes[0])
         grid = int(self.config["grid"])
         scales = [candidate_scales(x_mean, wm, i / grid) for i in range(grid)]
 
         def trial(i: int) -> None:
-            for m, w in zip(mods, originals):
-                m.weight.data = fake_quantize(w * scales[i][None, :], scheme) / scales[i][None, :]
+            s = scales[i]
+            importance = None if x_sq is None else x_sq / s.square()
+            for m, w, scheme in zip(mods, originals, schemes):
+                m.weight.data = fake_quantize(w * s[None, :], scheme, importance) / s[None, :]
 
         if pair.branch is None:  # a single Linear: its error through H, no pass over the tokens
             if pair.feature not in hessians:

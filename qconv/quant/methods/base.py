@@ -21,10 +21,12 @@ from typing import Any, ClassVar
 
 from qconv.arch.config import ModelConfig
 from qconv.checkpoint.source import ModelSource
+from qconv.core.ggml_target import GGMLWeight
 from qconv.core.quantized import QuantizedWeight
 import torch
 
-from qconv.core.grid import WeightScheme, dequantize, tensor_global_scale
+from qconv.core.grid import tensor_global_scale
+from qconv.core.target import Scheme
 from qconv.quant.memory import Workload
 from qconv.quant.pipeline import LayerContext
 from qconv.quant.schemes import SchemeMap
@@ -60,7 +62,7 @@ class Method(ABC):
         samples)."""
         return samples if self.needs_calibration else 0
 
-    def check_scheme(self, scheme: WeightScheme) -> None:
+    def check_scheme(self, scheme: Scheme) -> None:
         """Raise InvalidOption if the method's options cannot serve ``scheme`` (checked when the
         recipe is read, before any model is)."""
 
@@ -110,9 +112,10 @@ class Quantizer(Method):
         return False
 
     @abstractmethod
-    def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
-        """Quantize the layer's Linears (inner name -> codes); ``ctx.layer`` ends up holding the
-        dequantized weights. May set ``ctx.outputs`` if it ran the final layer over all inputs."""
+    def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight | GGMLWeight]:
+        """Quantize the layer's Linears (inner name -> codes, or ggml blocks for a GGUF output);
+        ``ctx.layer`` ends up holding the dequantized weights. May set ``ctx.outputs`` if it ran
+        the final layer over all inputs."""
 
 
 def shared_global_scales(ctx: LayerContext, schemes: SchemeMap, linears: list[str] | None = None
@@ -138,7 +141,7 @@ def shared_global_scales(ctx: LayerContext, schemes: SchemeMap, linears: list[st
     return out
 
 
-def set_weight(ctx: LayerContext, inner: str, qw: QuantizedWeight) -> None:
+def set_weight(ctx: LayerContext, inner: str, qw: QuantizedWeight | GGMLWeight) -> None:
     """Make the layer compute with exactly the weights the checkpoint will hold."""
     linear = ctx.layer.get_submodule(inner)
-    linear.weight.data = dequantize(qw.q, qw.scale, qw.zero, qw.scheme).to(linear.weight.device, linear.weight.dtype)
+    linear.weight.data = qw.dequantize().to(linear.weight.device, linear.weight.dtype)

@@ -26,10 +26,12 @@ import logging
 
 import torch
 
-from qconv.core.grid import WeightScheme
+from qconv.core import ggml
+from qconv.core.ggml_target import GGMLScheme, GGMLWeight
 from qconv.core.quantized import QuantizedWeight
+from qconv.core.target import Scheme
 from qconv.errors import InvalidOption
-from qconv.quant.gptq import CrossAccumulator, HessianAccumulator, gptq_quantize, retarget
+from qconv.quant.gptq import CrossAccumulator, HessianAccumulator, gptq_quantize, gptq_quantize_ggml, retarget
 from qconv.quant.methods.base import Quantizer, set_weight, shared_global_scales
 from qconv.quant.methods.rtn import rtn_weight
 from qconv.arch.spec import GroupSpec
@@ -60,7 +62,12 @@ class GPTQ(Quantizer):
         if int(self.config["refine"]) < 0:
             raise InvalidOption(f"gptq: refine must be a non-negative number of rounds, got {self.config['refine']}")
 
-    def check_scheme(self, scheme: WeightScheme) -> None:
+    def check_scheme(self, scheme: Scheme) -> None:
+        if isinstance(scheme, GGMLScheme):
+            if self.config["mse"] or int(self.config["refine"]) or not self.config["static_groups"]:
+                raise InvalidOption("gptq onto a ggml type: its scales come from llama.cpp's search, fixed before "
+                                    "the columns (static groups; no mse, no refine)")
+            return
         if scheme.is_float and (int(self.config["refine"]) or not self.config["static_groups"]):
             raise InvalidOption("gptq on a float grid (FP8/FP4) needs static groups and no refine")
         if self.config["mse"] and scheme.block_rows != 1:
@@ -85,7 +92,7 @@ class GPTQ(Quantizer):
         widest = max(i for _, i in shapes)
         return {"hessians": 28 * widest * widest + 20 * max(o * i for o, i in shapes)}
 
-    def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight]:
+    def quantize(self, ctx: LayerContext, schemes: SchemeMap) -> dict[str, QuantizedWeight | GGMLWeight]:
         def todo(group: GroupSpec) -> list[str]:
             return [m for m in group.linears if schemes.scheme_for(ctx.module_name(m)) is not None]
 
@@ -150,7 +157,7 @@ class GPTQ(Quantizer):
         return acc.cross
 
     def _quantize_group(self, ctx: LayerContext, schemes: SchemeMap, group: list[str], H: torch.Tensor,
-                        C: torch.Tensor | None = None) -> dict[str, QuantizedWeight]:
+                        C: torch.Tensor | None = None) -> dict[str, QuantizedWeight | GGMLWeight]:
         """GPTQ of each Linear in ``group`` against ``H``; with the fp cross products ``C``, of
         its fp-target weight (:func:`retarget`) instead of its own."""
         out: dict[str, QuantizedWeight] = {}
@@ -164,6 +171,9 @@ class GPTQ(Quantizer):
             # data-parallel: the group's Linears are shared out over the ranks (every rank has the
             # same H and weights), and each result is broadcast from the rank that computed it
             owner = j % parallel.world if parallel is not None else 0
+            if isinstance(scheme, GGMLScheme):
+                out[inner] = self._quantize_ggml(ctx, inner, w, scheme, H, C, owner)
+                continue
             if parallel is None or parallel.rank == owner:
                 r = gptq_quantize(w if C is None else retarget(ctx.fp_weight(inner), H, C, damp), H, scheme,
                                   block_size=int(self.config["block_size"]), damp=damp,
@@ -187,3 +197,26 @@ class GPTQ(Quantizer):
             set_weight(ctx, inner, qw)
             out[inner] = qw
         return out
+
+    def _quantize_ggml(self, ctx: LayerContext, inner: str, w: torch.Tensor, scheme: GGMLScheme, H: torch.Tensor,
+                       C: torch.Tensor | None, owner: int) -> GGMLWeight:
+        """GPTQ onto a ggml type (:func:`qconv.quant.gptq.gptq_quantize_ggml`); under data
+        parallelism the owner's blocks are broadcast."""
+        damp = float(self.config["damp"])
+        parallel = ctx.pipeline.parallel
+        if parallel is None or parallel.rank == owner:
+            r = gptq_quantize_ggml(w if C is None else retarget(ctx.fp_weight(inner), H, C, damp), H, scheme,
+                                   block_size=int(self.config["block_size"]), damp=damp,
+                                   act_order=bool(self.config["act_order"]))
+            if r.fell_back_to_rtn:
+                log.warning("%s: Hessian not positive definite even with extra damping; used llama.cpp's rounding",
+                            ctx.module_name(inner))
+            data = torch.from_numpy(r.weight.data)
+        else:
+            row_bytes = w.shape[1] // scheme.block * ggml.block_size(scheme.qtype)[1]
+            data = torch.empty(w.shape[0], row_bytes, dtype=torch.uint8)
+        if parallel is not None:
+            parallel.broadcast(owner, data)
+        qw = GGMLWeight(data.numpy(), scheme, (int(w.shape[0]), int(w.shape[1])))
+        set_weight(ctx, inner, qw)
+        return qw
