@@ -92,11 +92,13 @@ def _size(path: Path) -> int:
 #: The demo's AWQ job; its calibration is small enough to finish in minutes on 2 cores
 #: (bench/quality.py runs the full 128 x 2048 protocol).
 DEMO_AWQ = ("--method", "awq", "--bits", "4", "--group-size", "64", "--samples", "8", "--seqlen", "512")
+#: The demo's calibrated GGUF: GPTQ onto llama.cpp's Q4_K_M types (bench/gguf_quality.py: the full protocol)
+DEMO_GGUF = ("--method", "gptq", "--format", "gguf", "--type", "q4_k_m", "--samples", "16", "--seqlen", "512")
 
 
 def demo(cache: Path, eval_text: Path | None, windows: int, calib: Path | None) -> None:
     """The main job end to end: fetch, convert, inspect, generate, export GGUF, quantize with
-    AWQ (W4 g64), compare perplexity and size."""
+    AWQ (W4 g64) and into a calibrated GGUF (GPTQ, Q4_K_M), compare perplexity and size."""
     model = example_model(cache)
     print(f"== example model: {model}", flush=True)
     subprocess.run([*QCONV, "inspect", str(model)], check=True)
@@ -114,6 +116,11 @@ def demo(cache: Path, eval_text: Path | None, windows: int, calib: Path | None) 
         subprocess.run([*QCONV, "quantize", str(model), *DEMO_AWQ, "--data", str(calib), "-o", str(out), "--force"],
                        check=True)
         outputs.append(("AWQ W4 g64 (compressed-tensors)", out))
+        out = cache / "SmolLM2-135M-Instruct.Q4_K_M.gptq.gguf"
+        print(f"== quantize {' '.join(DEMO_GGUF)} -> {out}", flush=True)
+        subprocess.run([*QCONV, "quantize", str(model), *DEMO_GGUF, "--data", str(calib), "-o", str(out), "--force"],
+                       check=True)
+        outputs.append(("q4_k_m, GPTQ onto llama.cpp's grids", out))
     else:
         print("== no calibration text found; skipping AWQ quantization", flush=True)
     if not (eval_text and eval_text.is_file()):
