@@ -100,11 +100,13 @@ def _calibration(tmp_path: Path) -> Path:
                                                    ("qwen3_moe", "q4_k_m"), ("gemma2", "q2_k")],
                          indirect=["gguf_model"])
 def test_awq_gptq_gguf_loads_and_agrees(gguf_model: Path, tmp_path: Path, file_type: str) -> None:
-    """The shipped recipe's stages into GGUF: llama.cpp's mix (tensor types and sizes as
-    ``convert --imatrix`` plans them), loaded by llama.cpp, which computes what the runner
-    computes on the same file (only llama.cpp's activation rounding between them)."""
+    """AWQ then GPTQ into GGUF: llama.cpp's mix (tensor types and sizes as ``convert --imatrix``
+    plans them), loaded by llama.cpp, which computes what the runner computes on the same file
+    (only llama.cpp's activation rounding between them)."""
     out = tmp_path / "m.gguf"
-    r = qconv("quantize", gguf_model, "--recipe", RECIPES / "gguf-q4_k_m.yaml", "--type", file_type,
+    recipe = tmp_path / "awq-gptq.yaml"
+    recipe.write_text("name: awq-gptq\nstages: [{method: awq}, {method: gptq}]\noutput: {format: gguf, type: q4_k_m}\n")
+    r = qconv("quantize", gguf_model, "--recipe", recipe, "--type", file_type,
               "--data", _calibration(tmp_path), "--samples", 6, "--seqlen", 32, "-o", out, "--quiet")
     assert r.returncode == 0, r.stderr
     ours = gguf.GGUFReader(str(out))
@@ -115,13 +117,14 @@ def test_awq_gptq_gguf_loads_and_agrees(gguf_model: Path, tmp_path: Path, file_t
     api.convert(gguf_model, tmp_path / "imatrix.gguf", gguf_type=file_type, imatrix=imx)
     planned = {t.name: (t.tensor_type, int(t.n_bytes)) for t in gguf.GGUFReader(str(tmp_path / "imatrix.gguf")).tensors}
     assert {t.name: (t.tensor_type, int(t.n_bytes)) for t in ours.tensors} == planned
-    assert json.loads(bytes(ours.fields["qconv.recipe"].parts[-1]).decode())["name"] == "gguf-q4_k_m"
+    assert json.loads(bytes(ours.fields["qconv.recipe"].parts[-1]).decode())["name"] == "awq-gptq"
     ids = [(i * 37 + 11) % 384 for i in range(40)]
     top1, kl = _agreement(_runner_logits(out, ids), _llama_logits(out, ids))
     assert kl <= 2e-2, (top1, kl)
 
 
 def test_gguf_quantize_is_deterministic_and_rank_independent(model: Path, calib: Path, tmp_path: Path) -> None:
+    """The shipped recipe (GPTQ with fp targets), at another type than its own."""
     args = ["quantize", str(model), "--data", str(calib), "--samples", "10", "--seqlen", "32", "--quiet",
             "--recipe", str(RECIPES / "gguf-q4_k_m.yaml"), "--type", "q4_0"]
     for name in ("one", "again"):  # the file name is the model name in the metadata: the same in both
