@@ -16,14 +16,16 @@ Rows per file type:
 
 - ``plain``: ``llama-quantize F16 T``; ``imatrix``: ``llama-quantize --imatrix`` with
   llama-imatrix's file;
-- ``qconv-imatrix``: ``qconv convert --type T --imatrix`` (llama-imatrix's file): the table says
-  how many tensors are byte-identical to the ``imatrix`` row (all, or the bench fails);
+- ``qconv-imatrix``: ``qconv convert F16.gguf --type T --imatrix`` (llama-imatrix's file, from
+  llama-quantize's F16 input): the table says how many tensors are byte-identical to the
+  ``imatrix`` row (all, or the bench fails);
 - ``awq`` (AWQ + llama.cpp's importance-weighted rounding), ``gptq``, ``awq-gptq``:
   ``qconv quantize --format gguf --type T``; ``recipe``: the shipped ``recipes/gguf-<type>.yaml``
   (only for types that have one).
 
 Columns: file size, bits per weight (over all tensors), PPL and Δ vs F16 on both texts, and the
-quantize wall time (qconv rows include their calibration). ``--tensor-errors`` adds, for the
+quantize wall time (qconv rows include their calibration). The qconv method rows read the f32 HF
+checkpoint (the dequantized Q4_1 weights), llama.cpp's rows its F16 GGUF of it. ``--tensor-errors`` adds, for the
 ``ffn_down`` tensors (SmolLM2's only rows that fit 256-element super-blocks: the K-quant grids
 themselves), each row's output error ``Σ_j imp_j (w - ŵ)²`` relative to ``Σ_j imp_j w²``,
 ``imp`` the mean squared activation on the held-out text (qconv calibrate), per tensor.
@@ -155,8 +157,8 @@ def main() -> None:
 
     def qconv(row: str, qtype: str, out: Path) -> list[str]:
         data = ["--data", str(calib), "--samples", str(args.samples), "--seqlen", str(args.seqlen)]
-        if row == "qconv-imatrix":
-            return [*QCONV, "convert", str(model), "-o", str(out), "--type", qtype, "--imatrix", str(imatrix)]
+        if row == "qconv-imatrix":  # from llama-quantize's own input, so the bytes can be compared
+            return [*QCONV, "convert", str(f16), "-o", str(out), "--type", qtype, "--imatrix", str(imatrix)]
         if row in ("awq", "gptq"):
             return [*QCONV, "quantize", str(model), "--method", row, "--format", "gguf", "--type", qtype, *data,
                     "-o", str(out)]
