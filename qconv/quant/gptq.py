@@ -375,27 +375,19 @@ def gptq_quantize(
         col_scale = torch.empty_like(Wt)
         col_zero = torch.empty_like(Wt)
 
-    codes = torch.empty_like(Wt)
-    err = torch.empty(min(block_size, n), out, dtype=torch.float32, device=W.device)
-    loss = torch.zeros((), dtype=torch.float64, device=W.device)
-    with _one_thread():
-        for i1 in range(0, n, block_size):
-            i2 = min(i1 + block_size, n)
-            if not static:
-                # Wt[i1:] holds exactly the previous blocks' lazy updates until this block ends,
-                # so the parameters of every group starting in the block can be taken now.
-                for g0 in range(-(-i1 // width) * width, i2, width):
-                    g = g0 // width
-                    gs, gz = qparams(Wt[g0 : g0 + width].amin(0), Wt[g0 : g0 + width].amax(0), scheme)
-                    scale[:, g], zero[:, g] = gs, gz
-                    col_scale[g0 : g0 + width] = gs
-                    col_zero[g0 : g0 + width] = gz.to(torch.float32)
-            block_err = err[: i2 - i1]
-            _quantize_block(Wt[i1:i2], codes[i1:i2], block_err, Hinv[i1:i2, i1:i2],
-                            _grid_rounder(col_scale[i1:i2], col_zero[i1:i2], scheme))
-            loss += block_err.square().sum(dtype=torch.float64)
-            if i2 < n:
-                Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, block_err, alpha=-1.0)
+    def rounder(i1: int, i2: int) -> ColumnRounder:
+        if not static:
+            # Wt[i1:] holds exactly the previous blocks' lazy updates until this block ends,
+            # so the parameters of every group starting in the block can be taken now.
+            for g0 in range(-(-i1 // width) * width, i2, width):
+                g = g0 // width
+                gs, gz = qparams(Wt[g0 : g0 + width].amin(0), Wt[g0 : g0 + width].amax(0), scheme)
+                scale[:, g], zero[:, g] = gs, gz
+                col_scale[g0 : g0 + width] = gs
+                col_zero[g0 : g0 + width] = gz.to(torch.float32)
+        return _grid_rounder(col_scale[i1:i2], col_zero[i1:i2], scheme)
+
+    codes, loss = _gptq_columns(Wt, Hinv, block_size, rounder)
 
     q = codes.T
     unperm = torch.argsort(perm) if perm is not None else None
@@ -574,6 +566,27 @@ def _levels_rounder(S1: torch.Tensor, D1: torch.Tensor, O1: torch.Tensor | None,
     return round_column
 
 
+def _gptq_columns(Wt: torch.Tensor, Hinv: torch.Tensor, block_size: int,
+                  rounder: Callable[[int, int], ColumnRounder]) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's pass over ``Wt [in, out]`` (columns of W in processing order, updated in place):
+    blocks of ``block_size`` columns, each quantized by :func:`_quantize_block` with the rounding
+    ``rounder(i1, i2)`` gives when the block starts, then its error pushed onto the later
+    columns. Returns the codes ``[in, out]`` and the float64 sum of squared scaled errors."""
+    n, out = Wt.shape
+    codes = torch.empty_like(Wt)
+    err = torch.empty(min(block_size, n), out, dtype=torch.float32, device=Wt.device)
+    loss = torch.zeros((), dtype=torch.float64, device=Wt.device)
+    with _one_thread():
+        for i1 in range(0, n, block_size):
+            i2 = min(i1 + block_size, n)
+            block_err = err[: i2 - i1]
+            _quantize_block(Wt[i1:i2], codes[i1:i2], block_err, Hinv[i1:i2, i1:i2], rounder(i1, i2))
+            loss += block_err.square().sum(dtype=torch.float64)
+            if i2 < n:
+                Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, block_err, alpha=-1.0)
+    return codes, loss
+
+
 def _quantize_block(
     W1: torch.Tensor,
     Q1: torch.Tensor,
@@ -656,18 +669,8 @@ def gptq_quantize_ggml(w: torch.Tensor, H: torch.Tensor, scheme: GGMLScheme, blo
     values = torch.from_numpy(grid.values).to(W.device)
 
     Wt = (W[:, perm] if perm is not None else W).T.contiguous()
-    codes = torch.empty_like(Wt)
-    err = torch.empty(min(block_size, n), out, dtype=torch.float32, device=W.device)
-    loss = torch.zeros((), dtype=torch.float64, device=W.device)
-    with _one_thread():
-        for i1 in range(0, n, block_size):
-            i2 = min(i1 + block_size, n)
-            block_err = err[: i2 - i1]
-            _quantize_block(Wt[i1:i2], codes[i1:i2], block_err, Hinv[i1:i2, i1:i2],
-                            _levels_rounder(S[i1:i2], D[i1:i2], None if O is None else O[i1:i2], values))
-            loss += block_err.square().sum(dtype=torch.float64)
-            if i2 < n:
-                Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, block_err, alpha=-1.0)
+    codes, loss = _gptq_columns(Wt, Hinv, block_size, lambda i1, i2: _levels_rounder(
+        S[i1:i2], D[i1:i2], None if O is None else O[i1:i2], values))
     L = codes.T
     if perm is not None:
         L = L[:, torch.argsort(perm)]
