@@ -143,3 +143,18 @@ def mismatches(a: np.ndarray, b: np.ndarray, qtype: str) -> int:
     if not STRICT and bad * 100 < a.size // nbytes:
         return 0
     return bad
+
+
+def byte_failures(lib, qtype: str, shape: tuple[int, int], imatrices: dict[str, np.ndarray | None]) -> list[str]:
+    """Every :func:`datasets` input of ``shape`` quantized by qconv and by libggml with each of
+    ``imatrices`` (name -> importance vector, None: none): one line per pair whose blocks differ."""
+    failures = []
+    for name, x in datasets(*shape, seed=shape[1]).items():
+        for iname, qw in imatrices.items():
+            ours = ggml.quantize(x, qtype, imatrix=qw)
+            ref = ggml_ref(lib, x, qtype, qw)
+            assert ours.shape == ref.shape and ours.dtype == np.uint8
+            bad = mismatches(ours, ref, qtype)
+            if bad:
+                failures.append(f"{name}/{iname}: {bad} blocks differ")
+    return failures

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ggml_oracle import datasets, ggml_deq, ggml_ref, importances, libggml, mismatches  # noqa: F401 - libggml is a fixture
+from ggml_oracle import byte_failures, datasets, ggml_deq, ggml_ref, importances, libggml, mismatches  # noqa: F401 - libggml is a fixture
 from qconv.core import ggml
 from qconv.core.ggml._iq4 import KVALUES, best_index, best_index_int8
 
@@ -21,15 +21,7 @@ QTYPES = ("IQ4_NL", "IQ4_XS")
 @pytest.mark.parametrize("shape", [(6, 512), (3, 1536)])
 def test_bytes_match_libggml(libggml, qtype, shape):
     imps = {"none": None, **importances(shape[1], seed=shape[0])}
-    failures = []
-    for name, x in datasets(*shape, seed=shape[1]).items():
-        for iname, qw in imps.items():
-            ours = ggml.quantize(x, qtype, imatrix=qw)
-            ref = ggml_ref(libggml, x, qtype, qw)
-            assert ours.shape == ref.shape and ours.dtype == np.uint8
-            bad = mismatches(ours, ref, qtype)
-            if bad:
-                failures.append(f"{name}/{iname}: {bad} blocks differ")
+    failures = byte_failures(libggml, qtype, shape, imps)
     assert not failures, f"{qtype} {shape}: " + "; ".join(failures)
 
 

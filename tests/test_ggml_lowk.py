@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ggml_oracle import datasets, ggml_deq, ggml_ref, importances, libggml, mismatches  # noqa: F401 - libggml is a fixture
+from ggml_oracle import byte_failures, datasets, ggml_deq, ggml_ref, importances, libggml, mismatches  # noqa: F401 - libggml is a fixture
 from qconv.core import ggml
 
 LOWK = ("Q2_K", "Q3_K")
@@ -21,15 +21,7 @@ LOWK = ("Q2_K", "Q3_K")
 @pytest.mark.parametrize("shape", [(6, 512), (3, 1536)])
 def test_bytes_match_libggml(libggml, qtype, shape):
     imatrices = {"none": None, **importances(shape[1], seed=shape[1])}
-    failures = []
-    for name, x in datasets(*shape, seed=shape[1]).items():
-        for iname, qw in imatrices.items():
-            ours = ggml.quantize(x, qtype, imatrix=qw)
-            ref = ggml_ref(libggml, x, qtype, qw)
-            assert ours.shape == ref.shape and ours.dtype == np.uint8
-            bad = mismatches(ours, ref, qtype)
-            if bad:
-                failures.append(f"{name}/{iname}: {bad} blocks differ")
+    failures = byte_failures(libggml, qtype, shape, imatrices)
     assert not failures, f"{qtype} {shape}: " + "; ".join(failures)
 
 

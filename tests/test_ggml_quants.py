@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ggml_oracle import datasets, ggml_deq, ggml_ref, importances, libggml, mismatches  # noqa: F401 - libggml is a fixture
+from ggml_oracle import byte_failures, datasets, ggml_deq, ggml_ref, importances, libggml, mismatches  # noqa: F401 - libggml is a fixture
 from qconv.core import ggml
 from qconv.core.ggml._common import nearest_int, roundf, seq_sum
 from qconv.core.ggml._schedule import ChunkTuner
@@ -25,14 +25,7 @@ _mismatches = mismatches
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("shape", [(6, 512), (3, 1536)])
 def test_bytes_match_libggml(libggml, qtype, shape):
-    failures = []
-    for name, x in datasets(*shape, seed=shape[1]).items():
-        ours = ggml.quantize(x, qtype)
-        ref = ggml_ref(libggml, x, qtype)
-        assert ours.shape == ref.shape and ours.dtype == np.uint8
-        bad = _mismatches(ours, ref, qtype)
-        if bad:
-            failures.append(f"{name}: {bad} blocks differ")
+    failures = byte_failures(libggml, qtype, shape, {"none": None})
     assert not failures, f"{qtype} {shape}: " + "; ".join(failures)
 
 
@@ -40,13 +33,7 @@ def test_bytes_match_libggml(libggml, qtype, shape):
 @pytest.mark.parametrize("shape", [(6, 512), (3, 1536)])
 def test_imatrix_bytes_match_libggml(libggml, qtype, shape):
     """With an importance vector: llama.cpp's weighted searches (``quantize_row_<type>_impl``)."""
-    failures = []
-    data = datasets(*shape, seed=shape[1])
-    for iname, qw in importances(shape[1], seed=shape[0]).items():
-        for name, x in data.items():
-            bad = _mismatches(ggml.quantize(x, qtype, imatrix=qw), ggml_ref(libggml, x, qtype, qw), qtype)
-            if bad:
-                failures.append(f"{iname}/{name}: {bad} blocks differ")
+    failures = byte_failures(libggml, qtype, shape, importances(shape[1], seed=shape[0]))
     assert not failures, f"{qtype} {shape}: " + "; ".join(failures)
 
 
