@@ -21,7 +21,8 @@ Rows per file type:
   ``imatrix`` row (all, or the bench fails);
 - ``awq`` (AWQ + llama.cpp's importance-weighted rounding), ``gptq``, ``awq-gptq``:
   ``qconv quantize --format gguf --type T``; ``recipe``: the shipped ``recipes/gguf-<type>.yaml``
-  (only for types that have one).
+  (``gguf-q4_k_m.yaml``'s stages with ``--type T`` for types without their own). The
+  ``qconv-imatrix`` row's PPL is the ``imatrix`` row's when every tensor is identical.
 
 Columns: file size, bits per weight (over all tensors), PPL and Δ vs F16 on both texts, and the
 quantize wall time (qconv rows include their calibration). The qconv method rows read the f32 HF
@@ -58,6 +59,12 @@ LABELS = {"plain": "llama.cpp", "imatrix": "llama.cpp + imatrix", "qconv-imatrix
           "awq": "qconv AWQ", "gptq": "qconv GPTQ", "awq-gptq": "qconv AWQ + GPTQ", "recipe": "qconv recipe"}
 #: the stages of the awq-gptq row (the shipped recipes' stages are their own)
 AWQ_GPTQ = [{"method": "awq"}, {"method": "gptq", "damp": 0.1, "act_order": True}]
+
+
+def shipped_recipe(qtype: str) -> Path:
+    """The type's own shipped recipe, else Q4_K_M's stages (the recipe row passes ``--type``)."""
+    own = ROOT / "recipes" / f"gguf-{qtype}.yaml"
+    return own if own.is_file() else ROOT / "recipes" / "gguf-q4_k_m.yaml"
 
 
 def perplexity(tool: Path, model: Path, text: Path, chunks: int, threads: int, log_file: Path) -> float:
@@ -162,7 +169,7 @@ def main() -> None:
         if row in ("awq", "gptq"):
             return [*QCONV, "quantize", str(model), "--method", row, "--format", "gguf", "--type", qtype, *data,
                     "-o", str(out)]
-        recipe = ROOT / "recipes" / f"gguf-{qtype}.yaml"
+        recipe = shipped_recipe(qtype)
         if row == "awq-gptq":
             recipe = work / "awq-gptq.yaml"
             recipe.write_text(json.dumps({"name": "awq-gptq", "stages": AWQ_GPTQ,
@@ -172,8 +179,6 @@ def main() -> None:
     files: dict[str, dict[str, Path]] = {}
     for qtype in types:
         for row in rows:
-            if row == "recipe" and not (ROOT / "recipes" / f"gguf-{qtype}.yaml").is_file():
-                continue
             out = work / f"{qtype}.{row}.gguf"
 
             def make(qtype: str = qtype, row: str = row, out: Path = out) -> dict:
@@ -189,14 +194,19 @@ def main() -> None:
 
             results.get(f"{qtype}.{row}.make", make)
             files.setdefault(qtype, {})[row] = out
+    identical = {q: results.get(f"{q}.identical", lambda q=q: list(same_tensors(d["qconv-imatrix"], d["imatrix"])))
+                 for q, d in files.items() if "qconv-imatrix" in d and "imatrix" in d}
     evaluated = {"F16": f16, **{f"{q}.{r}": p for q, d in files.items() for r, p in d.items()}}
     ppl = {}
     for key, path in evaluated.items():
+        qtype, _, row = key.partition(".")
+        same = identical.get(qtype)
         for name, text in texts.items():
+            if row == "qconv-imatrix" and same and same[0] == same[1]:  # the same tensors: the same PPL
+                ppl[key, name] = ppl[f"{qtype}.imatrix", name]
+                continue
             ppl[key, name] = results.get(f"{key}.ppl.{name}", lambda path=path, text=text, key=key, name=name: perplexity(
                 tools["llama-perplexity"], path, text, args.chunks, args.threads, work / f"{key}.ppl.{name}.log"))
-    identical = {q: results.get(f"{q}.identical", lambda q=q: list(same_tensors(d["qconv-imatrix"], d["imatrix"])))
-                 for q, d in files.items() if "qconv-imatrix" in d and "imatrix" in d}
 
     print(f"\nSmolLM2-135M-Instruct, llama-perplexity -c 512 --chunks {args.chunks}; calibration "
           f"{args.samples} x {args.seqlen} tokens of C4 documents; F16: WikiText-2 {ppl['F16', 'wiki']:.3f}, "
@@ -211,6 +221,10 @@ def main() -> None:
                 p = ppl[f"{qtype}.{row}", name]
                 cells += [f"{p:.3f}", f"{100 * (p / ppl['F16', name] - 1):+.2f}%"]
             label = LABELS[row]
+            if row == "recipe":
+                label += f" ({shipped_recipe(qtype).name})"
+            if m.get("note"):
+                label += f" [time: {m['note']}]"
             if row == "qconv-imatrix" and qtype in identical:
                 label += f" ({identical[qtype][0]}/{identical[qtype][1]} tensors identical to the row above)"
             print(f"| {qtype} | {label} | {m['bytes']:,} | {m['bpw']:.3f} | {' | '.join(cells)} | {m['seconds']:.0f} |")

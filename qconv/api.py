@@ -368,6 +368,7 @@ def quantize(
     quiet: bool = True,
     dry_run: bool = False,
     max_memory: str | None = None,
+    resume: bool = False,
     **flags: Any,
 ) -> Any:
     """Quantize with a YAML recipe or a method name; ``flags`` (scheme (a named scheme: fp8,
@@ -375,7 +376,8 @@ def quantize(
     samples, seqlen, seed, text_field, dtype (calibration arithmetic), act_dtype (activation
     storage), memory (mode), damp, act_order, alpha, mse, fp_targets, refine, rotate; None = not
     given) override it. ``max_memory``: the memory the run may use, ``"20GB"`` (host) or
-    ``"cpu=20GB,cuda=70GB"``."""
+    ``"cpu=20GB,cuda=70GB"``. ``resume``: continue a killed run with the same arguments from its
+    last finished layer (:mod:`qconv.quant.resume`)."""
     from qconv.quant.memory import parse_memory_limits
     from qconv.quant.quantize import quantize_model
     from qconv.quant.recipe import apply_flags, load_recipe, recipe_for_method
@@ -386,4 +388,4 @@ def quantize(
     resolved = apply_flags(base, **flags)
     host, gpu = parse_memory_limits(max_memory) if max_memory else (None, None)
     return quantize_model(model_path, out, resolved, force=force, device=str(resolve_device(device)),
-                          quiet=quiet, dry_run=dry_run, max_memory=host, max_device_memory=gpu)
+                          quiet=quiet, dry_run=dry_run, max_memory=host, max_device_memory=gpu, resume=resume)

@@ -6,13 +6,14 @@ the CLI) removes the temp path, so users and CI never see a half-written model.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from qconv.errors import OutputExists
+from qconv.errors import DiskFull, OutputExists
 
 
 def _remove(path: Path) -> None:
@@ -22,6 +23,23 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _size(path: Path) -> int:
+    if path.is_dir() and not path.is_symlink():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.is_file() else 0
+
+
+def disk_full(e: BaseException, path: Path, written: int, needed: int | None = None) -> BaseException:
+    """``e`` as :class:`DiskFull` when it is the filesystem's ENOSPC (else ``e``); also a
+    RuntimeError with less than 1 MiB left: torch.save reports a full disk as its zip writer's
+    "unexpected pos" RuntimeError."""
+    free = shutil.disk_usage(path.parent).free
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or \
+            isinstance(e, RuntimeError) and free < 1 << 20:
+        return DiskFull(path, written, free, needed)
+    return e
+
+
 def check_output(path: Path, force: bool) -> None:
     """Refuse an existing output unless forced. Call before any long work starts."""
     if path.exists() and not force:
@@ -29,8 +47,11 @@ def check_output(path: Path, force: bool) -> None:
 
 
 @contextmanager
-def atomic_output(path: Path | str, force: bool = False, directory: bool = False) -> Iterator[Path]:
-    """Yield a temp path to write to; on success it replaces ``path``."""
+def atomic_output(path: Path | str, force: bool = False, directory: bool = False,
+                  needed: int | None = None) -> Iterator[Path]:
+    """Yield a temp path to write to; on success it replaces ``path``. A full disk while
+    writing becomes :class:`DiskFull` (the bytes written, the bytes free once the temp path is
+    removed, and ``needed``: what the output takes, where the writer knows it)."""
     path = Path(path)
     check_output(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,8 +61,12 @@ def atomic_output(path: Path | str, force: bool = False, directory: bool = False
         tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
+        written = _size(tmp)
         _remove(tmp)
+        full = disk_full(e, path, written, needed)
+        if full is not e:
+            raise full from None
         raise
     if path.exists() or path.is_symlink():
         old = path.parent / f".{path.name}.qconv-old-{os.getpid()}"

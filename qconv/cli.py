@@ -1,7 +1,8 @@
 """The ``qconv`` command line: parse flags, call :mod:`qconv.api`, print.
 
 Contract for scripts: exit 0 on success, 2 on bad input or usage, 1 on an internal failure,
-130 when interrupted; ``--json`` prints exactly one JSON object on stdout; progress bars go to
+3 when another rank of a ``torchrun`` run failed or was lost, 130 when interrupted (Ctrl-C),
+143 when terminated (SIGTERM); ``--json`` prints exactly one JSON object on stdout; progress bars go to
 stderr and only when it is a terminal; nothing ever prompts.
 """
 
@@ -33,11 +34,19 @@ JsonOpt = typer.Option(False, "--json", help="Print one machine-readable JSON ob
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or informational output.")
 ForceOpt = typer.Option(False, "--force", "-f", help="Overwrite the output if it exists.")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
+ResumeOpt = typer.Option(False, "--resume", help="Continue a killed or failed run with the same arguments from its "
+                         "last finished layer (kept in .OUTPUT.qconv-resume/ beside the output until it is written).")
 DtypeOpt = typer.Option("auto", "--dtype", help="Runner arithmetic: auto (bf16 GEMMs where native: AMX/AVX512-BF16 CPUs, CUDA; else f32), f32, f16 or bf16.")
 
 
 def _print_json(data: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _reports() -> bool:
+    """Whether this process prints a command's result: under ``torchrun`` rank 0 alone does
+    (``--json`` gives one object per run, not one per rank)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _console():
@@ -162,6 +171,7 @@ def calibrate(
     chat_template: bool = typer.Option(False, "--chat-template",
                                        help="Rows are conversations (--text-field messages): render them with the model's chat template."),
     fmt: str = typer.Option("safetensors", "--format", help="safetensors (qconv statistics) or imatrix (llama.cpp)."),
+    resume: bool = ResumeOpt,
     device: str = DeviceOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
@@ -179,7 +189,10 @@ def calibrate(
     from qconv import api
 
     r = api.calibrate(model, data, output, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field,
-                      fmt=fmt, force=force, device=device, quiet=quiet or json_out, chat_template=chat_template)
+                      fmt=fmt, force=force, device=device, quiet=quiet or json_out, chat_template=chat_template,
+                      resume=resume)
+    if not _reports():
+        return
     if json_out:
         _print_json(r.to_dict())
     elif not quiet:
@@ -230,6 +243,7 @@ def quantize(
     rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate",
                                           help="Rotate the residual stream (Hadamard, folded into the weights) first."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan and memory estimate; write nothing."),
+    resume: bool = ResumeOpt,
     device: str = DeviceOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
@@ -261,7 +275,9 @@ def quantize(
                      gguf_type=gguf_type, tensor_types=tensor_type or None, kv_cache=kv_cache, bits=bits, group_size=group_size, symmetric=symmetric,
                      data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field, dtype=calib_dtype,
                      act_dtype=act_dtype, memory=memory_mode, chat_template=chat_template, max_memory=max_memory, act_order=act_order, damp=damp, alpha=alpha, mse=mse, fp_targets=fp_targets, refine=refine,
-                     rotate=rotate)
+                     rotate=rotate, resume=resume)
+    if not _reports():
+        return
     if json_out:
         _print_json(r.to_dict())
         return
@@ -387,14 +403,22 @@ def _print_kv(report: dict[str, Any] | None) -> None:
         )
 
 
-_interrupted = False
+#: the signal that interrupted the run (None: not interrupted)
+_interrupted: int | None = None
 
 
 def _on_signal(signum: int, frame: object) -> None:
-    """SIGINT/SIGTERM: unwind (so atomic outputs are cleaned up), then exit 130."""
+    """SIGINT/SIGTERM: unwind (so atomic outputs are cleaned up and a layer run's resumable
+    state is kept), then exit 128 + the signal's number (130, 143), as shells report it."""
     global _interrupted
-    _interrupted = True
+    _interrupted = signum
     raise KeyboardInterrupt
+
+
+def _exit_interrupted() -> None:
+    signum = _interrupted or signal.SIGINT
+    sys.stderr.write(f"error: {'terminated' if signum == signal.SIGTERM else 'interrupted'}\n")
+    sys.exit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -406,20 +430,32 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     try:
-        app(args=argv, prog_name="qconv")
-    except QconvError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(e.exit_code)
-    except SystemExit:
-        if _interrupted:
-            sys.stderr.write("error: interrupted\n")
-            sys.exit(130)
-        raise
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
-        sys.exit(130)
-    except Exception as e:  # anything else is our bug: say so in one line, traceback on request
-        if os.environ.get("QCONV_DEBUG"):
+        try:
+            app(args=argv, prog_name="qconv")
+        except SystemExit:
+            if _interrupted:  # click turned the interrupt into an exit: take it back
+                raise KeyboardInterrupt from None
             raise
-        sys.stderr.write(f"internal error: {type(e).__name__}: {e} (set QCONV_DEBUG=1 for a traceback)\n")
-        sys.exit(1)
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 -- every outcome gets its exit code here
+        _exit_for(e)
+
+
+def _exit_for(e: BaseException) -> None:
+    """Print one line for ``e`` (none where another data-parallel rank tells) and exit with its code."""
+    for s in (signal.SIGINT, signal.SIGTERM):  # on the way out already (torchrun may signal the survivors)
+        signal.signal(s, signal.SIG_IGN)
+    parallel = sys.modules.get("qconv.quant.distributed")  # imported by every data-parallel run
+    if parallel is not None:
+        e = parallel.explain(e)
+    if isinstance(e, QconvError):
+        if not getattr(e, "silent", False):
+            sys.stderr.write(f"error: {e}\n")
+        sys.exit(e.exit_code)
+    if isinstance(e, KeyboardInterrupt):
+        _exit_interrupted()
+    if os.environ.get("QCONV_DEBUG"):  # anything else is our bug: say so in one line, traceback on request
+        raise e
+    sys.stderr.write(f"internal error: {type(e).__name__}: {e} (set QCONV_DEBUG=1 for a traceback)\n")
+    sys.exit(1)

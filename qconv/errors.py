@@ -47,3 +47,14 @@ class OutputExists(QconvError):
 
 class InvalidOption(QconvError):
     """An option value is impossible (unknown dtype, bad context length, ...)."""
+
+
+class DiskFull(QconvError):
+    """The output's filesystem filled up while writing. Exit code 4: nothing is wrong with the
+    input; free space (or write elsewhere) and run again, with ``--resume`` for a layer run."""
+
+    exit_code = 4
+
+    def __init__(self, path: str | Path, written: int, free: int, needed: int | None = None) -> None:
+        need = f"; the output needs about {needed:,} bytes" if needed else ""
+        super().__init__(f"no space left on the device ({written:,} bytes written, {free:,} bytes free{need})", path)

@@ -670,3 +670,86 @@ def test_fp8_block_layout_round_trip_and_transformers(base_dirs: dict[str, Path]
     with torch.no_grad():
         logits = theirs(TOKENS).logits.float()
     assert torch.allclose(logits, ours, atol=1e-4, rtol=0), (logits - ours).abs().max()
+
+
+def _corrupted(src: Path, dst: Path, tensors: Callable[[dict], dict] | None = None,
+               config: Callable[[dict], None] | None = None) -> Path:
+    """A copy of checkpoint ``src`` with its tensors and/or config.json edited."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    if tensors is not None:
+        save_file(tensors(load_file(dst / "model.safetensors")), dst / "model.safetensors", metadata={"format": "pt"})
+    if config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        config(cfg["quantization_config"])
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _run_fails(path: Path, *needles: str) -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "qconv", "run", str(path), "--prompt", "a", "-n", "1", "--quiet"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-static", "nvfp4a16", "nvfp4", "mxfp4a16", "fp8-block",
+                                    "fp8-block-published"])
+def test_corrupt_float_checkpoints_one_line(scheme: str, tmp_path: Path, tiny_hf_model_builder) -> None:
+    """FP8 / NVFP4 / MXFP4 checkpoints (and the published FP8 block layout) with a scale missing
+    or mis-shaped, a block size that does not divide the weights, or an unknown format: one
+    line naming the problem, exit 2."""
+    import subprocess
+    import sys
+
+    from tests_support import write_tokenizer
+
+    block = scheme.startswith("fp8-block")
+    base = tmp_path / "base"  # fp8-block: 128 x 128 blocks need 128-wide Linears
+    tiny_hf_model_builder("llama", rope_scaling=None, vocab_size=384,
+                          **(dict(hidden_size=128, intermediate_size=256) if block else {})).save_pretrained(base)
+    write_tokenizer(base, 384)
+    good = tmp_path / "good"
+    fmt = ["--format", "fp8"] if scheme == "fp8-block-published" else []
+    res = subprocess.run([sys.executable, "-m", "qconv", "quantize", str(base), "--method", "rtn", "--scheme",
+                          scheme.removesuffix("-published"), *fmt, "-o", str(good), "--quiet",
+                          *(["--data", str(_calib_file(tmp_path))] if scheme in ("fp8-static", "nvfp4") else [])],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    scale = "model.layers.0.self_attn.q_proj." + ("weight_scale_inv" if fmt else "weight_scale")
+    _run_fails(_corrupted(good, tmp_path / "missing", tensors=lambda t: {k: v for k, v in t.items() if k != scale}),
+               f"{scale} is missing")
+    def three(x: torch.Tensor) -> torch.Tensor:  # 3 scales fit no Linear (float8 has no repeat)
+        raw = x.flatten()[:1].view(torch.uint8) if x.element_size() == 1 else x.flatten()[:1]
+        return raw.repeat(3).view(x.dtype)
+    _run_fails(_corrupted(good, tmp_path / "shape", tensors=lambda t: {**t, scale: three(t[scale])}),
+               scale, "has shape [3]")
+
+    def unknown(q: dict) -> None:
+        if fmt:
+            q["quant_method"] = "fp9"
+        else:
+            q["format"] = "foo-quantized"
+    _run_fails(_corrupted(good, tmp_path / "format", config=unknown), "fp9" if fmt else "'foo-quantized'")
+    if block:
+        def blocks(q: dict) -> None:
+            if fmt:
+                q["weight_block_size"] = [96, 96]
+            else:
+                q["config_groups"]["group_0"]["weights"]["block_structure"] = [96, 96]
+        _run_fails(_corrupted(good, tmp_path / "block", config=blocks), "96")
+
+
+def _calib_file(tmp_path: Path) -> Path:
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"Calibration line {i} for static scales. " * 6}) for i in range(20)))
+    return path

@@ -368,7 +368,11 @@ class Fp8BlockSource(CompressedTensorsSource):
 
     def _ct_config(self) -> Any:
         qcfg = self.config.raw.get("quantization_config")
+        linears = self.config.spec.linear_modules(self.config)
+        fp8 = {m for m in linears if f"{m}.weight" in self._shard_of and self.dtype_of(f"{m}.weight").startswith("F8")}
         try:
-            return as_compressed_tensors(qcfg, self.config.spec.linear_modules(self.config), set(self._shard_of))
+            return as_compressed_tensors(qcfg, linears, set(self._shard_of), fp8)
         except ValueError as e:
             raise _unsupported(f"quant_method fp8 with {e}", self.path) from None
+        except KeyError as e:
+            raise CheckpointMismatch(e.args[0], self.path) from None

@@ -9,6 +9,7 @@ decode without torch keep GGUF export free of torch's import time and memory.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,3 +70,16 @@ class ModelSource(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def fingerprint(source: ModelSource) -> str:
+    """sha256 of the input's files (config and weights): which checkpoint an output came from."""
+    h = hashlib.sha256()
+    files = [source.path] if source.path.is_file() else sorted(
+        p for p in source.path.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
+    for p in files:
+        h.update(p.name.encode())
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()

@@ -22,12 +22,15 @@ QUANT_METHOD = "fp8"
 RENAMES = {"weight_scale": "weight_scale_inv"}
 
 
-def as_compressed_tensors(qcfg: dict[str, Any], linears: list[str], stored: set[str]) -> dict[str, Any]:
+def as_compressed_tensors(qcfg: dict[str, Any], linears: list[str], stored: set[str],
+                          fp8_weights: set[str]) -> dict[str, Any]:
     """The compressed-tensors ``quantization_config`` describing the same checkpoint (block FP8
     weights, dynamic 1 x block activations), or ValueError naming what has no equivalent.
 
-    Which Linears are quantized is read from the files (``stored``: the tensor names), not from
-    ``modules_to_not_convert``, whose spelling varies between publishers."""
+    Which Linears are quantized is read from the files (``stored``: the tensor names;
+    ``fp8_weights``: the Linears whose weight is stored in float8), not from
+    ``modules_to_not_convert``, whose spelling varies between publishers: an FP8 weight
+    without its ``weight_scale_inv`` is a damaged file, not an unquantized Linear."""
     if not isinstance(qcfg, dict):
         raise ValueError("a quantization_config that is not an object")
     block = qcfg.get("weight_block_size")
@@ -38,6 +41,9 @@ def as_compressed_tensors(qcfg: dict[str, Any], linears: list[str], stored: set[
     if qcfg.get("fmt", "e4m3") != "e4m3" or qcfg.get("scale_fmt", "float") != "float":
         raise ValueError("FP8 formats other than e4m3 with float32 scales")
     ignore = [m for m in linears if f"{m}.{RENAMES['weight_scale']}" not in stored]
+    unscaled = [m for m in ignore if m in fp8_weights]
+    if unscaled:
+        raise KeyError(f"tensor {unscaled[0]}.{RENAMES['weight_scale']} is missing (its weight is float8)")
     return {
         "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
         "config_groups": {"group_0": {

@@ -52,7 +52,8 @@ class CompressedTensorsWriter:
 
     ``dtype`` re-types plain floating tensors (None keeps them); scales keep
     ``scheme.scale_dtype``, which should match the model dtype for loaders that cast scales to it.
-    ``metadata`` (JSON-serializable) is stored as ``config.json["qconv"]``.
+    ``metadata`` (JSON-serializable) is stored as ``config.json["qconv"]``; ``expected_bytes``
+    (an estimate of the checkpoint's size) is named if the disk fills up.
     """
 
     def __init__(
@@ -64,8 +65,11 @@ class CompressedTensorsWriter:
         force: bool = False,
         metadata: dict[str, Any] | None = None,
         dtype: torch.dtype | None = None,
+        expected_bytes: int | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
+        #: about what the checkpoint takes on disk (named when the disk fills up)
+        self.expected_bytes = expected_bytes
         self.config = config
         self.tokenizer_files = dict(tokenizer_files or {})
         self.max_shard_size = max_shard_size
@@ -85,7 +89,8 @@ class CompressedTensorsWriter:
 
     def __enter__(self) -> "CompressedTensorsWriter":
         stack = ExitStack()
-        tmp = stack.enter_context(atomic_output(self.out_dir, force=self.force, directory=True))
+        tmp = stack.enter_context(atomic_output(self.out_dir, force=self.force, directory=True,
+                                                needed=self.expected_bytes))
         self._stack, self._shards = stack, ShardWriter(tmp, self.max_shard_size)
         return self
 

@@ -321,7 +321,7 @@ class GGUFStream:
         self._next = 0
 
     def __enter__(self) -> "GGUFStream":
-        self._atomic = atomic_output(self.out, force=self.force)
+        self._atomic = atomic_output(self.out, force=self.force, needed=sum(p.nbytes for p in self.plan))
         tmp = self._atomic.__enter__()
         try:
             w = self._w = _Writer(str(tmp), self.config.spec.gguf_arch)
@@ -358,12 +358,20 @@ class GGUFStream:
         self._next += 1
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self._w.close()
+        closing = None
+        try:
+            self._w.close()
+        except BaseException as e:  # flushing the last bytes (a full disk): the temp file goes too
+            closing = e
+            if exc is None:
+                exc_type, exc, tb = type(e), e, e.__traceback__
         if exc_type is None and self.pending is not None:
             exc = RuntimeError(f"GGUF file incomplete: {self.pending.name} and later tensors were never written")
             self._atomic.__exit__(RuntimeError, exc, None)
             raise exc
         self._atomic.__exit__(exc_type, exc, tb)  # renames the file, or removes it and lets exc go on
+        if closing is not None and exc is closing:
+            raise closing
 
 
 def write_gguf(

@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
+from qconv import __version__
 from qconv.atomic import atomic_output, check_output
 from qconv.checkpoint import open_model
+from qconv.checkpoint.source import fingerprint
 from qconv.checkpoint.safetensors_file import SafetensorsFileWriter
 from qconv.errors import InvalidOption
 from qconv.progress import progress
@@ -19,6 +21,7 @@ from qconv.quant.calibration import ActivationStats, calibration_windows, load_c
 from qconv.quant.distributed import data_parallel
 from qconv.quant.pipeline import LayerPipeline
 from qconv.quant.reduce import BUCKETS
+from qconv.quant.resume import RunState, resumable
 
 FORMATS = ("safetensors", "imatrix")
 
@@ -50,12 +53,19 @@ def save_sorted(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
         raise
 
 
-def collect_stats(pipeline: LayerPipeline, on_layer: Any = None) -> ActivationStats:
+def collect_stats(pipeline: LayerPipeline, on_layer: Any = None, state: RunState | None = None) -> ActivationStats:
     """One fp pass through every layer, recording the input statistics of every Linear, bucket
     by bucket of the samples (so a data-parallel run sums them in the fixed tree). Each bucket's
-    outputs replace its inputs in place: they are the next layer's inputs."""
-    p, stats = pipeline, ActivationStats()
-    for ctx in p.layers():
+    outputs replace its inputs in place: they are the next layer's inputs. ``state``: a
+    resumable run's, which carries the statistics so far from layer to layer."""
+    p = pipeline
+    stats = state.carry if state is not None and state.carry is not None else ActivationStats()
+    if state is not None:
+        state.carry = stats
+        for _ in range(state.done + 1):
+            if on_layer:
+                on_layer()
+    for ctx in p.layers(state):
         for bucket, part in p.subset(p.samples):
             ctx.inputs[part] = ctx.forward(lambda name, x, b=bucket, ctx=ctx: stats.add(ctx.module_name(name), b, x),
                                            inputs=ctx.inputs[part])
@@ -80,8 +90,10 @@ def calibrate(
     device: str = "cpu",
     quiet: bool = True,
     chat_template: bool = False,
+    resume: bool = False,
 ) -> CalibrateResult:
-    """Record per-channel input statistics of every Linear; write safetensors or a llama.cpp imatrix."""
+    """Record per-channel input statistics of every Linear; write safetensors or a llama.cpp
+    imatrix. ``resume``: continue a killed run of the same inputs (:mod:`qconv.quant.resume`)."""
     if fmt not in FORMATS:
         raise InvalidOption(f"unknown stats format {fmt!r} (valid: {', '.join(FORMATS)})")
     t0 = time.perf_counter()
@@ -102,8 +114,10 @@ def calibrate(
         del rows
         config = source.config
         pipeline = LayerPipeline(source, tokens, torch_device, parallel=parallel)
+        state = resumable(out, resume, parallel, input=fingerprint(source), tokens=tokens, format=fmt,
+                          data=Path(data).name, version=__version__)
         with progress("calibrating", source.config.num_layers, quiet) as advance:
-            stats = collect_stats(pipeline, advance)
+            stats = collect_stats(pipeline, advance, state)
     if parallel is not None and not parallel.writes:
         parallel.finish()  # rank 0 writes
         return CalibrateResult(str(out), fmt, len(stats.modules), samples, seqlen, int(tokens.numel()),
@@ -118,5 +132,6 @@ def calibrate(
             save_sorted(stats.to_tensors(), tmp, meta)
     if parallel is not None:
         parallel.finish()
+    state.remove()
     return CalibrateResult(str(out), fmt, len(stats.modules), samples, seqlen, int(tokens.numel()),
                            time.perf_counter() - t0)

@@ -47,6 +47,7 @@ from qconv.core.device import native_bf16
 from qconv.quant.distributed import DataParallel
 from qconv.quant.memory import PLACEMENTS, release_memory
 from qconv.quant.reduce import BUCKETS, TreeSum, bucket_sizes, bucket_span
+from qconv.quant.resume import RunState
 from qconv.model.kv_cache import KVCache
 from qconv.model.decoder import (
     DecoderLayer,
@@ -566,18 +567,30 @@ class LayerPipeline:
             return _mapped(shape, dtype, self._scratch)
         return torch.empty(shape, dtype=dtype, device=self.store_device, pin_memory=self.placement == "pinned")
 
-    def layers(self) -> Iterator[LayerContext]:
+    def layers(self, state: RunState | None = None) -> Iterator[LayerContext]:
         """Yield each layer's context in order; after the caller is done with a context (the
         layer possibly modified in place), its forward output feeds the next layer, and its
         inputs buffer is recycled or, after a sequential pass, holds the outputs (so a consumer
         must not keep views of ``ctx.inputs``).
 
         With the fp stream, each context also carries ``fp_inputs``, and the consumer must run
-        :meth:`LayerContext.sequential` (which computes ``fp_outputs`` before the layer changes)."""
-        hidden = self.embeddings()
-        fp_hidden = self._buffer(tuple(hidden.shape), hidden.dtype).copy_(hidden) if self.fp_stream else None
-        for i in range(self.config.num_layers):
+        :meth:`LayerContext.sequential` (which computes ``fp_outputs`` before the layer changes).
+
+        ``state``: a resumable run's (:mod:`qconv.quant.resume`): the layers start after its last
+        finished one, from the hidden states it saved, and each finished layer is saved to it."""
+        start = 0 if state is None else state.done + 1
+        if start:
+            saved, fp_saved = state.hidden()
+            hidden = self._buffer(tuple(saved.shape), saved.dtype).copy_(saved)
+            fp_hidden = None if fp_saved is None else self._buffer(tuple(fp_saved.shape), fp_saved.dtype).copy_(fp_saved)
+            del saved, fp_saved
+        else:
+            hidden = self.embeddings()
+            fp_hidden = self._buffer(tuple(hidden.shape), hidden.dtype).copy_(hidden) if self.fp_stream else None
+        for i in range(start, self.config.num_layers):
             ctx = LayerContext(self, i, self.load_layer(i), hidden, fp_hidden)
+            if state is not None:
+                state.begin(i)
             yield ctx
             hidden = ctx.outputs if ctx.outputs is not None else ctx.forward()
             if fp_hidden is not None:
@@ -589,6 +602,8 @@ class LayerPipeline:
             if ctx.inputs.numel() and ctx.inputs is not hidden:
                 self.recycle(ctx.inputs)
             del ctx
+            if state is not None:
+                state.finish(i, hidden, fp_hidden)
             release_memory()
 
 

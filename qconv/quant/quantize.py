@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -18,7 +18,7 @@ from qconv.arch.config import ModelConfig
 from qconv.arch.spec import EMBED, FINAL_NORM, LAYER_PREFIX, LM_HEAD
 from qconv.checkpoint import open_model
 from qconv.checkpoint.hf_writer import parse_dtype, parse_size
-from qconv.checkpoint.source import ModelSource
+from qconv.checkpoint.source import ModelSource, fingerprint
 from qconv.errors import InvalidOption, UnsupportedModel
 from qconv.progress import progress
 from qconv.quant.calibration import calibration_windows, load_calibration_rows
@@ -30,6 +30,7 @@ from qconv.core.compressed_layout import FP8_KV
 from qconv.quant.observe import static_ranges
 from qconv.quant.pipeline import LayerPipeline
 from qconv.quant.recipe import Recipe
+from qconv.quant.resume import RunState, resumable
 from qconv.quant.reduce import BUCKETS, bucket_sizes, bucket_span
 
 log = logging.getLogger(__name__)
@@ -48,19 +49,6 @@ class QuantizeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def fingerprint(source: ModelSource) -> str:
-    """sha256 of the input's files (config and weights): which checkpoint an output came from."""
-    h = hashlib.sha256()
-    files = [source.path] if source.path.is_file() else sorted(
-        p for p in source.path.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
-    for p in files:
-        h.update(p.name.encode())
-        with p.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def _linear_widths(source: ModelSource) -> dict[str, int]:
@@ -120,6 +108,7 @@ def quantize_model(
     batch_size: int = 4,
     max_memory: int | None = None,
     max_device_memory: int | None = None,
+    resume: bool = False,
 ) -> QuantizeResult:
     """Quantize ``model_path`` with ``recipe`` into a compressed-tensors checkpoint at ``out``.
 
@@ -127,7 +116,9 @@ def quantize_model(
     memory mode is chosen to fit it (:func:`qconv.quant.memory.plan`); on a CUDA device,
     ``max_device_memory`` (default: its free memory) decides whether the activations live on it. Started by ``torchrun``
     with several processes, each rank calibrates on its share of the samples and rank 0 writes
-    (:mod:`qconv.quant.distributed`)."""
+    (:mod:`qconv.quant.distributed`). Each finished layer is kept beside ``out`` until the
+    output is in place; ``resume`` continues a killed run of the same inputs from there
+    (:mod:`qconv.quant.resume`)."""
     from qconv.formats.compressed_tensors import CompressedTensorsWriter, Fp8BlockWriter
 
     t0 = time.perf_counter()
@@ -200,25 +191,34 @@ def quantize_model(
             log.warning("no memory mode fits %.1f GiB (the %s mode needs ~%.1f GiB): running it anyway",
                         memory.limit / 2**30, memory.mode, memory.estimate["total"] / 2**30)
         act = schemes.activations
+        input_sha256 = fingerprint(original)
+        state = resumable(out, resume, parallel, input=input_sha256, recipe=recipe.to_dict(), tokens=tokens,
+                          arithmetic=str(arithmetic), store=str(store_dtype), version=__version__)
         pipeline = LayerPipeline(source, tokens, torch_device, batch_size, arithmetic,
                                  quantizer.fp_stream, store_dtype, memory.mode, parallel, placement=memory.placement)
         writes = parallel is None or parallel.writes
         if gguf_plan is not None:
             with progress(f"quantizing ({recipe.name})", source.config.num_layers, quiet) as advance:
                 _write_gguf(source, out, recipe, gguf_plan, pipeline, transforms, quantizer, force, writes,
-                            fingerprint(original), advance)
+                            input_sha256, advance, state)
             if parallel is not None:
                 parallel.finish()
+            state.remove()
             return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, False,
                                   memory.estimate, memory.to_dict())
         writer_class = Fp8BlockWriter if recipe.output_format == "fp8" else CompressedTensorsWriter
-        writer = writer_class(
+        writer = state.recording(writer_class(
             out, source.config, source.tokenizer_files(), parse_size(recipe.max_shard_size), force,
-            {"recipe": recipe.to_dict(), "qconv_version": __version__, "input_sha256": fingerprint(original)},
-            dtype=model_dtype) if writes else _Discard()
+            {"recipe": recipe.to_dict(), "qconv_version": __version__, "input_sha256": input_sha256},
+            dtype=model_dtype, expected_bytes=_expected_bytes(source.config, schemes, model_dtype))) \
+            if writes else _Discard()
         with writer, progress(f"quantizing ({recipe.name})", source.config.num_layers, quiet) as advance:
             writer.add(f"{EMBED}.weight", source.get_tensor(f"{EMBED}.weight"))
-            for ctx in pipeline.layers():
+            if writes:
+                state.replay(writer)
+            for _ in range(state.done + 1):
+                advance()
+            for ctx in pipeline.layers(state):
                 for t in transforms:
                     t.apply(ctx, schemes)
                 # static activation and KV-cache scales: what the layer sees after its transforms
@@ -240,6 +240,7 @@ def quantize_model(
                 writer.add(f"{LM_HEAD}.weight", source.get_tensor(f"{LM_HEAD}.weight"))
     if parallel is not None:
         parallel.finish()
+    state.remove()
     return QuantizeResult(str(out), recipe.to_dict(), len(quantized), time.perf_counter() - t0, False,
                           memory.estimate, memory.to_dict())
 
@@ -276,7 +277,7 @@ def _gguf_plan(config: ModelConfig, recipe: Recipe) -> _GGUFPlan:
 
 def _write_gguf(source: ModelSource, out: Path, recipe: Recipe, plan: _GGUFPlan, pipeline: LayerPipeline,
                 transforms: list[Transform], quantizer: Quantizer, force: bool, writes: bool, input_sha256: str,
-                advance: Any) -> None:
+                advance: Any, state: RunState) -> None:
     """The layer pipeline into a GGUF file, streamed in llama.cpp's tensor order: the tensors
     outside the layers (embeddings, head, final norm) first, from the source and quantized by
     the writer as llama-quantize would (no imatrix entry), then each layer's as the pipeline
@@ -289,29 +290,46 @@ def _write_gguf(source: ModelSource, out: Path, recipe: Recipe, plan: _GGUFPlan,
     config = source.config
     extra = {"qconv.recipe": json.dumps(recipe.to_dict(), sort_keys=True), "qconv.version": __version__,
              "qconv.input_sha256": input_sha256}
-    stream = GGUFStream(out, config, source.tokenizer_files(), plan.ft, plan.tensors, force, extra=extra) \
-        if writes else None
+    stream = state.recording(GGUFStream(out, config, source.tokenizer_files(), plan.ft, plan.tensors, force,
+                                        extra=extra)) if writes else None
     with stream if stream is not None else _Discard():
         while stream is not None and stream.pending is not None and not stream.pending.name.startswith("blk."):
             p = stream.pending
             stream.write(p.name, encode(tensor_data(source.get_array, config, p), p.type))
-        for ctx in pipeline.layers():
+        if stream is not None:
+            state.replay(stream)
+        for _ in range(state.done + 1):
+            advance()
+        for ctx in pipeline.layers(state):
             for t in transforms:
                 t.apply(ctx, plan.schemes)
             qweights = quantizer.quantize(ctx, plan.schemes)
             if stream is not None:
                 prefix = LAYER_PREFIX.format(ctx.index)
-                state = ctx.layer.state_dict()
+                tensors = ctx.layer.state_dict()
                 blocks = {f"{prefix}{inner}.weight": qw.data for inner, qw in qweights.items()}
 
                 def get(hf: str) -> Any:
-                    return blocks[hf] if hf in blocks else state[hf[len(prefix):]].detach().float().cpu().numpy()
+                    return blocks[hf] if hf in blocks else tensors[hf[len(prefix):]].detach().float().cpu().numpy()
 
                 layer = f"blk.{ctx.index}."
                 while stream.pending is not None and stream.pending.name.startswith(layer):
                     p = stream.pending
                     stream.write(p.name, encode(tensor_data(get, config, p), p.type))
             advance()
+
+
+def _expected_bytes(config: ModelConfig, schemes: Any, dtype: torch.dtype) -> int:
+    """About what a compressed-tensors checkpoint of ``config`` under ``schemes`` takes: the
+    quantized Linears' codes and scales, every other tensor in ``dtype`` (config and tokenizer
+    files aside)."""
+    total, linears = 0, set(config.spec.linear_modules(config))
+    for name, shape in config.expected_shapes().items():
+        n, module = math.prod(shape), name.removesuffix(".weight")
+        s = schemes.scheme_for(module) if module in linears else None
+        total += n * dtype.itemsize if s is None else \
+            n * s.bits // 8 + shape[0] * s.groups(shape[1]) * s.scale_dtype.itemsize
+    return total
 
 
 def _method_memory(stages: list[Method], config: ModelConfig, work: Workload) -> dict[str, int]:
