@@ -167,3 +167,11 @@ def test_killed_process_resumes(deep_model: Path, calib: Path, tmp_path: Path, s
     assert resumed.returncode == 0, err
     assert _files(out) == _files(whole)
     assert not state_dir(out).exists()
+
+
+def test_data_free_runs_save_no_state(deep_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RTN without calibration keeps nothing beside the output (redoing it costs what saving would)."""
+    saved: list[int] = []
+    monkeypatch.setattr("qconv.quant.resume._save", lambda obj, path: saved.append(1))
+    api.quantize(deep_model, tmp_path / "out", method="rtn", bits=4, group_size=32)
+    assert not saved and not state_dir(tmp_path / "out").exists()

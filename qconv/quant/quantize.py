@@ -192,7 +192,8 @@ def quantize_model(
                         memory.limit / 2**30, memory.mode, memory.estimate["total"] / 2**30)
         act = schemes.activations
         input_sha256 = fingerprint(original)
-        state = resumable(out, resume, parallel, input=input_sha256, recipe=recipe.to_dict(), tokens=tokens,
+        # a data-free run (RTN without static scales) saves no state: redoing it costs what saving would
+        state = resumable(out, resume, parallel, recipe.needs_calibration, input=input_sha256, recipe=recipe.to_dict(), tokens=tokens,
                           arithmetic=str(arithmetic), store=str(store_dtype), version=__version__)
         pipeline = LayerPipeline(source, tokens, torch_device, batch_size, arithmetic,
                                  quantizer.fp_stream, store_dtype, memory.mode, parallel, placement=memory.placement)

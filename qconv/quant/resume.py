@@ -111,8 +111,11 @@ class RunState:
     run's inputs; ``resume``: continue from the state found (else start over); ``parallel``:
     this process's data-parallel place (None: a single process)."""
 
-    def __init__(self, out: Path, key: str, resume: bool, parallel: DataParallel | None = None) -> None:
+    def __init__(self, out: Path, key: str, resume: bool, parallel: DataParallel | None = None,
+                 enabled: bool = True) -> None:
         self.dir = state_dir(Path(out))
+        #: False: nothing is saved (a data-free run: redoing it costs what saving it would)
+        self.enabled = enabled
         self.key = key
         self.parallel = parallel
         self.rank = 0 if parallel is None else parallel.rank
@@ -123,6 +126,8 @@ class RunState:
         self.carry: Any = None
         #: the last finished layer the run resumes after (-1: none)
         self.done = -1
+        if not enabled:
+            return
         if resume:
             self.done = self._agreed(self._finished())
         if self.done < 0:
@@ -173,7 +178,7 @@ class RunState:
     # the run -----------------------------------------------------------------------
     def recording(self, writer: Any) -> Any:
         """``writer`` with its calls inside each layer recorded (rank 0's: the one that writes)."""
-        return _Recorder(self, writer)
+        return _Recorder(self, writer) if self.enabled else writer
 
     def replay(self, writer: Any) -> None:
         """Make the recorded writer calls of every finished layer again, in order."""
@@ -196,6 +201,8 @@ class RunState:
     def finish(self, index: int, hidden: torch.Tensor, fp_hidden: torch.Tensor | None) -> None:
         """Layer ``index`` is done and ``hidden`` feeds the next one: store both (the writer's
         calls first, so the hidden states never name a layer whose calls are missing)."""
+        if not self.enabled:
+            return
         if self.rank == 0:
             _save(self.calls, self.dir / f"layer-{index:05d}.pt")
         _save({"hidden": hidden, "fp": fp_hidden, "carry": self.carry},
@@ -205,11 +212,12 @@ class RunState:
 
     def remove(self) -> None:
         """The output is in place: the state is not needed any more."""
-        if self.rank == 0:
+        if self.enabled and self.rank == 0:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def resumable(out: Path, resume: bool, parallel: DataParallel | None, **key: Any) -> RunState:
-    """The :class:`RunState` of a run writing ``out``, keyed on ``key`` (see :func:`run_key`)."""
-    return RunState(out, run_key(**key, world=1 if parallel is None else parallel.world), resume, parallel)
+def resumable(out: Path, resume: bool, parallel: DataParallel | None, enabled: bool = True, **key: Any) -> RunState:
+    """The :class:`RunState` of a run writing ``out``, keyed on ``key`` (see :func:`run_key`);
+    ``enabled`` False: one that saves nothing."""
+    return RunState(out, run_key(**key, world=1 if parallel is None else parallel.world), resume, parallel, enabled)
 
