@@ -148,3 +148,17 @@ def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path.write_text("\n".join(json.dumps({"text": f"Once upon a time there were {i} tiny models. " * 8})
                               for i in range(40)))
     return path
+
+
+#: layers of :func:`deep_model`
+DEEP_LAYERS = 12
+
+
+@pytest.fixture(scope="session")
+def deep_model(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) -> Path:
+    """A 12-layer tiny Llama with a tokenizer: runs long enough to be stopped in the middle
+    (the resume and fault tests)."""
+    path = tmp_path_factory.mktemp("deep")
+    tiny_hf_model_builder("llama", rope_scaling=None, vocab_size=384, num_hidden_layers=DEEP_LAYERS).save_pretrained(path)
+    write_tokenizer(path, 384)
+    return path

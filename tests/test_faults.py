@@ -18,18 +18,9 @@ from pathlib import Path
 import pytest
 
 from qconv.quant.resume import state_dir
-from tests_support import write_tokenizer
+from tests_support import output_bytes
 
 HERE = Path(__file__).resolve().parent
-LAYERS = 8
-
-
-@pytest.fixture(scope="module")
-def deep_model(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) -> Path:
-    path = tmp_path_factory.mktemp("deep")
-    tiny_hf_model_builder("llama", rope_scaling=None, vocab_size=384, num_hidden_layers=LAYERS).save_pretrained(path)
-    write_tokenizer(path, 384)
-    return path
 
 
 def _port() -> int:
@@ -109,7 +100,7 @@ def test_killed_rank_is_named_and_run_resumes(deep_model: Path, calib: Path, tmp
     stdout, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert json.loads(stdout)["output"] == str(out)  # exactly one object: rank 0's
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in whole.iterdir()}
+    assert output_bytes(out) == output_bytes(whole)
     assert not state_dir(out).exists()
 
 
@@ -180,9 +171,7 @@ def test_disk_full_names_the_path_keeps_the_state(deep_model: Path, calib: Path,
     subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
     resumed = subprocess.run([sys.executable, "-m", "qconv", *args, "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    out = small_disk / f"out{suffix}"
-    got = out.read_bytes() if suffix else {p.name: p.read_bytes() for p in out.iterdir()}
-    assert got == (whole.read_bytes() if suffix else {p.name: p.read_bytes() for p in whole.iterdir()})
+    assert output_bytes(small_disk / f"out{suffix}") == output_bytes(whole)
 
 
 def test_atomic_output_reports_a_full_disk(tmp_path: Path) -> None:

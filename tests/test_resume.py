@@ -21,25 +21,11 @@ import pytest
 from qconv import api
 from qconv.quant.pipeline import LayerPipeline
 from qconv.quant.resume import RunState, state_dir
-from tests_support import write_tokenizer
 
-LAYERS = 12
+from conftest import DEEP_LAYERS as LAYERS
+from tests_support import output_bytes
+
 STOP_AFTER = 9  # the 10th layer
-
-
-@pytest.fixture(scope="module")
-def deep_model(tmp_path_factory: pytest.TempPathFactory, tiny_hf_model_builder) -> Path:
-    """A 12-layer tiny Llama with a tokenizer."""
-    path = tmp_path_factory.mktemp("deep")
-    tiny_hf_model_builder("llama", rope_scaling=None, vocab_size=384, num_hidden_layers=LAYERS).save_pretrained(path)
-    write_tokenizer(path, 384)
-    return path
-
-
-def _files(path: Path) -> dict[str, bytes]:
-    if path.is_file():
-        return {"": path.read_bytes()}
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
 class _Stop(KeyboardInterrupt):
@@ -99,7 +85,7 @@ def test_resumed_quantize_is_byte_identical(deep_model: Path, calib: Path, tmp_p
     loaded = _count_loads(monkeypatch)
     api.quantize(deep_model, out, resume=True, **opts)
     assert loaded == list(range(STOP_AFTER + 1, LAYERS)), "the resumed run computes only the layers left"
-    assert _files(out) == _files(whole)
+    assert output_bytes(out) == output_bytes(whole)
     assert not state_dir(out).exists()
 
 
@@ -165,7 +151,7 @@ def test_killed_process_resumes(deep_model: Path, calib: Path, tmp_path: Path, s
     resumed = _qconv(*args, "-o", out, "--resume")
     _, err = resumed.communicate()
     assert resumed.returncode == 0, err
-    assert _files(out) == _files(whole)
+    assert output_bytes(out) == output_bytes(whole)
     assert not state_dir(out).exists()
 
 

@@ -43,3 +43,10 @@ def extract_converter(sdist: Path, root: Path) -> Path:
             m.name = m.name[len(prefix):]
         tar.extractall(root, members=members, filter="data")
     return root
+
+
+def output_bytes(path: Path) -> dict[str, bytes]:
+    """An output's contents to compare runs by: a file's bytes, or a directory's files' by name."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}

@@ -213,5 +213,5 @@ def _is_collective_error(e: RuntimeError) -> bool:
     """Whether ``e`` comes from torch.distributed (a peer's connection, a timeout)."""
     import torch.distributed as dist
 
-    return isinstance(e, (dist.DistError,)) or any(w in str(e) for w in ("gloo", "Connection closed", "NCCL",
+    return isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "Connection closed", "NCCL",
                                                                            "Timed out", "timed out"))
