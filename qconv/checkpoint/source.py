@@ -72,12 +72,22 @@ class ModelSource(ABC):
         self.close()
 
 
+def _input_files(source: ModelSource) -> list[Path]:
+    """The files a checkpoint is read from (config and weights)."""
+    return [source.path] if source.path.is_file() else sorted(
+        p for p in source.path.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
+
+
+def file_identity(source: ModelSource) -> list[tuple[str, int, int]]:
+    """(name, size, mtime in ns) of the input's files: which checkpoint this is, without
+    reading it (what a resumed run checks, where hashing 16 GB would cost a minute)."""
+    return [(p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in _input_files(source)]
+
+
 def fingerprint(source: ModelSource) -> str:
     """sha256 of the input's files (config and weights): which checkpoint an output came from."""
     h = hashlib.sha256()
-    files = [source.path] if source.path.is_file() else sorted(
-        p for p in source.path.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
-    for p in files:
+    for p in _input_files(source):
         h.update(p.name.encode())
         with p.open("rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):

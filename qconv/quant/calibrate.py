@@ -13,7 +13,7 @@ import torch
 from qconv import __version__
 from qconv.atomic import atomic_output, check_output
 from qconv.checkpoint import open_model
-from qconv.checkpoint.source import fingerprint
+from qconv.checkpoint.source import file_identity
 from qconv.checkpoint.safetensors_file import SafetensorsFileWriter
 from qconv.errors import InvalidOption
 from qconv.progress import progress
@@ -114,7 +114,7 @@ def calibrate(
         del rows
         config = source.config
         pipeline = LayerPipeline(source, tokens, torch_device, parallel=parallel)
-        state = resumable(out, resume, parallel, input=fingerprint(source), tokens=tokens, format=fmt,
+        state = resumable(out, resume, parallel, input=file_identity(source), tokens=tokens, format=fmt,
                           data=Path(data).name, version=__version__)
         with progress("calibrating", source.config.num_layers, quiet) as advance:
             stats = collect_stats(pipeline, advance, state)
