@@ -81,7 +81,7 @@ class DataParallel:
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or torchrun stopping the survivors of a failed rank
             return self._roll_call() or e
         if isinstance(e, RuntimeError) and _is_collective_error(e):
-            return self._roll_call(cause=e) or RankLost(f"data-parallel rank {self.rank}: {e}")
+            return self._roll_call(cause=e) or e  # (with a cause the roll call always answers)
         if isinstance(e, Exception):
             return self._failed(e)
         return e
