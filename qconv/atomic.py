@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +40,26 @@ def disk_full(e: BaseException, path: Path, written: int, needed: int | None = N
             isinstance(e, RuntimeError) and free < 1 << 20:
         return DiskFull(path, written, free, needed)
     return e
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done, then deliver them to the handlers before it.
+    For a write that must not be cut (torch.save turns an exception raised inside it into its
+    zip writer's RuntimeError); only the main thread owns the handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda signum, _frame: pending.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def check_output(path: Path, force: bool) -> None:

@@ -187,3 +187,27 @@ def test_atomic_output_reports_a_full_disk(tmp_path: Path) -> None:
             tmp.write_bytes(b"abc")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert not list(tmp_path.iterdir())
+
+
+def test_interrupts_wait_for_a_state_file(tmp_path: Path) -> None:
+    """A SIGTERM while a state file is written is delivered once the file is whole (torch.save
+    would turn it into a RuntimeError and leave the run an internal error)."""
+    import qconv.quant.resume as resume
+
+    got: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, _frame: got.append(signum))
+    try:
+        real_save = resume.torch.save
+
+        def interrupted_save(obj: object, f: object) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler would run here, inside torch.save
+            real_save(obj, f)
+            assert not got, "held until the file is complete"
+
+        resume.torch.save = interrupted_save
+        resume._save({"x": 1}, tmp_path / "state.pt")
+    finally:
+        resume.torch.save = real_save
+        signal.signal(signal.SIGTERM, before)
+    assert got == [signal.SIGTERM] and (tmp_path / "state.pt").is_file()

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from qconv import __version__
-from qconv.atomic import disk_full
+from qconv.atomic import disk_full, interrupts_deferred
 from qconv.errors import InvalidOption
 from qconv.quant.distributed import DataParallel
 
@@ -59,21 +59,22 @@ def run_key(**parts: Any) -> str:
 
 def _save(obj: Any, path: Path) -> None:
     """``obj`` to ``path`` whole or not at all (temp file, fsync, rename; a full disk is
-    :class:`DiskFull`, the state saved before it kept)."""
+    :class:`DiskFull`, the state saved before it kept; a Ctrl-C or SIGTERM waits for the file)."""
     tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tmp.open("wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as e:
-        written = tmp.stat().st_size if tmp.exists() else 0
-        tmp.unlink(missing_ok=True)
-        full = disk_full(e, path, written)
-        if full is not e:
-            raise full from None
-        raise
-    os.replace(tmp, path)
+    with interrupts_deferred():
+        try:
+            with tmp.open("wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as e:
+            written = tmp.stat().st_size if tmp.exists() else 0
+            tmp.unlink(missing_ok=True)
+            full = disk_full(e, path, written)
+            if full is not e:
+                raise full from None
+            raise
+        os.replace(tmp, path)
 
 
 def _load(path: Path) -> Any:
