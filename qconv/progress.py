@@ -42,6 +42,8 @@ def _plain_lines(description: str, total: int | None) -> Callable[[], None]:
         if total and total > 100 and done != total and done * 20 // total == (done - 1) * 20 // total:
             return
         of = f"/{total}" if total else ""
-        print(f"{description}: {done}{of} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        # one write per line: processes sharing the stream (torchrun's ranks) do not split it
+        sys.stderr.write(f"{description}: {done}{of} ({time.perf_counter() - start:.0f} s)\n")
+        sys.stderr.flush()
 
     return advance

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,8 +44,9 @@ def _torchrun(*args: str, script: list[str] | None = None, env: dict[str, str] |
 
 
 def _qconv_lines(stderr: str) -> list[str]:
-    """The lines qconv printed (torchrun's own report aside)."""
-    return [line for line in stderr.splitlines() if line.startswith(("error:", "internal error:"))]
+    """The error lines qconv printed (torchrun's own report aside; another process's output may
+    precede one on its line)."""
+    return re.findall(r"(?:internal )?error: .*", stderr)
 
 
 def _rank_pid(parent: int, rank: int) -> int:
