@@ -2,7 +2,7 @@
 ``llama-quantize`` with and without ``llama-imatrix``, at llama.cpp's own file types.
 
     python bench/gguf_quality.py [--types q4_k_m,q4_k_s,q4_0,q3_k_m,q2_k,iq4_xs]
-                                 [--rows plain,imatrix,qconv-imatrix,awq,gptq,awq-gptq,recipe]
+                                 [--rows plain,imatrix,qconv-imatrix,awq,gptq,awq-gptq,awq-gptq-fp,recipe]
                                  [--samples 128] [--seqlen 512] [--chunks 100] [--cache .cache] [--fresh]
                                  [--tensor-errors]
 
@@ -19,7 +19,8 @@ Rows per file type:
 - ``qconv-imatrix``: ``qconv convert F16.gguf --type T --imatrix`` (llama-imatrix's file, from
   llama-quantize's F16 input): the table says how many tensors are byte-identical to the
   ``imatrix`` row (all, or the bench fails);
-- ``awq`` (AWQ + llama.cpp's importance-weighted rounding), ``gptq``, ``awq-gptq``:
+- ``awq`` (AWQ + llama.cpp's importance-weighted rounding), ``gptq``, ``awq-gptq``,
+  ``awq-gptq-fp`` (AWQ, then GPTQ with fp targets):
   ``qconv quantize --format gguf --type T``; ``recipe``: the shipped ``recipes/gguf-<type>.yaml``
   (``gguf-q4_k_m.yaml``'s stages with ``--type T`` for types without their own). The
   ``qconv-imatrix`` row's PPL is the ``imatrix`` row's when every tensor is identical.
@@ -54,11 +55,13 @@ from imatrix import Cached, llama_tools, log, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = ("q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k", "iq4_xs")
-ROWS = ("plain", "imatrix", "qconv-imatrix", "awq", "gptq", "awq-gptq", "recipe")
+ROWS = ("plain", "imatrix", "qconv-imatrix", "awq", "gptq", "awq-gptq", "awq-gptq-fp", "recipe")
 LABELS = {"plain": "llama.cpp", "imatrix": "llama.cpp + imatrix", "qconv-imatrix": "qconv convert --imatrix",
-          "awq": "qconv AWQ", "gptq": "qconv GPTQ", "awq-gptq": "qconv AWQ + GPTQ", "recipe": "qconv recipe"}
-#: the stages of the awq-gptq row (the shipped recipes' stages are their own)
-AWQ_GPTQ = [{"method": "awq"}, {"method": "gptq", "damp": 0.1, "act_order": True}]
+          "awq": "qconv AWQ", "gptq": "qconv GPTQ", "awq-gptq": "qconv AWQ + GPTQ",
+          "awq-gptq-fp": "qconv AWQ + GPTQ + fp targets", "recipe": "qconv recipe"}
+#: the stages of the awq-gptq rows (the shipped recipes' stages are their own)
+AWQ_GPTQ = {"awq-gptq": [{"method": "awq"}, {"method": "gptq", "damp": 0.1, "act_order": True}],
+            "awq-gptq-fp": [{"method": "awq"}, {"method": "gptq", "damp": 0.1, "act_order": True, "fp_targets": True}]}
 
 
 def shipped_recipe(qtype: str) -> Path:
@@ -170,9 +173,9 @@ def main() -> None:
             return [*QCONV, "quantize", str(model), "--method", row, "--format", "gguf", "--type", qtype, *data,
                     "-o", str(out)]
         recipe = shipped_recipe(qtype)
-        if row == "awq-gptq":
-            recipe = work / "awq-gptq.yaml"
-            recipe.write_text(json.dumps({"name": "awq-gptq", "stages": AWQ_GPTQ,
+        if row in AWQ_GPTQ:
+            recipe = work / f"{row}.yaml"
+            recipe.write_text(json.dumps({"name": row, "stages": AWQ_GPTQ[row],
                                           "output": {"format": "gguf", "type": qtype}}))
         return [*QCONV, "quantize", str(model), "--recipe", str(recipe), "--type", qtype, *data, "-o", str(out)]
 

@@ -301,6 +301,23 @@ def test_cross_products_match_definition_and_batching() -> None:
         acc.add(X, Y[:, :-1])
 
 
+def test_bf16_cross_products_are_close_and_match_the_bf16_hessian() -> None:
+    """The fp-target cross products follow the Hessian's ``bf16_matmul`` rule (a bf16
+    calibration pass turns both on): close to float32's, and on equal inputs the same sum."""
+    X = correlated_inputs()
+    Y = drifted(X)
+    fast = CrossAccumulator(IN, bf16_matmul=True)
+    for x, y in zip(X.split(500), Y.split(500)):
+        fast.add(x, y)
+    exact = cross_products(X, Y)
+    assert ((fast.cross - exact).norm() / exact.norm()).item() < 3e-3
+    same, hess = CrossAccumulator(IN, bf16_matmul=True), HessianAccumulator(IN, bf16_matmul=True)
+    same.add(X, X)
+    hess.add(X)
+    H = hess.hessian
+    assert ((same.cross - H).norm() / H.norm()).item() < 3e-3
+
+
 def test_retarget_is_the_damped_least_squares_fit() -> None:
     """``V = argmin |X_fp wᵀ - X̃ vᵀ|² + λ|w - v|²`` per row, λ = damp · mean diag H̃ · N/2."""
     X = correlated_inputs()

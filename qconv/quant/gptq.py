@@ -95,7 +95,9 @@ class BucketedProducts:
             rows = chunk.to(device=acc.device, dtype=dtype)
             if y is None:
                 self._add_symmetric(acc, rows)
-            else:  # a cross product has no symmetry to exploit
+            elif self.bf16_matmul:  # a cross product has no symmetry to exploit
+                acc += rows.T @ other.to(device=acc.device, dtype=dtype)
+            else:
                 acc.addmm_(rows.T, other.to(device=acc.device, dtype=dtype))
         self._tokens += flat.shape[0]
 

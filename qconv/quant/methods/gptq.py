@@ -129,15 +129,17 @@ class GPTQ(Quantizer):
                 result.update(self._quantize_group(ctx, schemes, todo_of[g], a.hessian))
         return result
 
-    def _accumulator(self, ctx: LayerContext, group: GroupSpec) -> HessianAccumulator:
-        # default (None): Hessian products in bfloat16 exactly when the calibration pass runs in
-        # it — its inputs are then bf16 values already, and the products are ~2x cheaper
+    def _bf16_products(self, ctx: LayerContext) -> bool:
+        # default (None): Hessian and cross products in bfloat16 exactly when the calibration
+        # pass runs in it — its inputs are then bf16 values already, and the products are ~2x
+        # cheaper
         bf16 = self.config["bf16_hessian"]
-        if bf16 is None:
-            bf16 = ctx.pipeline.compute_dtype == torch.bfloat16
+        return bool(ctx.pipeline.compute_dtype == torch.bfloat16 if bf16 is None else bf16)
+
+    def _accumulator(self, ctx: LayerContext, group: GroupSpec) -> HessianAccumulator:
         p = ctx.pipeline
         return HessianAccumulator(ctx.layer.get_submodule(group.linears[0]).in_features, device=p.device,
-                                  bf16_matmul=bool(bf16), span=p.span, parallel=p.parallel)
+                                  bf16_matmul=self._bf16_products(ctx), span=p.span, parallel=p.parallel)
 
     def _hessian(self, ctx: LayerContext, group: GroupSpec, inputs: GroupInputs) -> torch.Tensor:
         acc = self._accumulator(ctx, group)
@@ -149,8 +151,8 @@ class GPTQ(Quantizer):
         """The fp-target cross products, summed per bucket like the Hessian (so data-parallel
         ranks reproduce one process)."""
         p = ctx.pipeline
-        acc = CrossAccumulator(ctx.layer.get_submodule(group.linears[0]).in_features, device=p.device, span=p.span,
-                               parallel=p.parallel)
+        acc = CrossAccumulator(ctx.layer.get_submodule(group.linears[0]).in_features, device=p.device,
+                               bf16_matmul=self._bf16_products(ctx), span=p.span, parallel=p.parallel)
         for (bucket, x), (fp_bucket, y) in zip(inputs.batches(), fp_inputs.batches(), strict=True):
             assert bucket == fp_bucket, "the quantized and fp streams are batched alike"
             acc.add(x, y, bucket)
