@@ -35,9 +35,12 @@ from pathlib import Path
 
 import torch
 
+from qconv.quant.gptq import HessianAccumulator
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from example_model import example_model  # noqa: E402
+from gptq_speed import hessian_flops  # noqa: E402
 from heldout import calibration_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,8 +91,8 @@ def flops(config: dict, recipe: dict, samples: int, seqlen: int) -> dict[str, fl
     def attention(n: int, length: int) -> float:  # QKᵀ and PV, causal half
         return 2 * 2 * n * length * length * h / 2
 
-    def hessians(width_tokens: float) -> float:  # 4 lower column blocks of 5/8 the full product
-        return 2 * width_tokens * (3 * h * h + f * f) * 5 / 8
+    def hessians(n: int) -> float:  # the lower block triangle the accumulator computes
+        return 3 * hessian_flops(HessianAccumulator(h), n) + hessian_flops(HessianAccumulator(f), n)
 
     out: dict[str, float] = {}
     stages = {s["method"]: s for s in recipe["stages"]}
